@@ -1,0 +1,60 @@
+"""Packaging entry point for fednipype."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+version: dict[str, str] = {}
+exec((HERE / "fednipype" / "_version.py").read_text(), version)
+
+INSTALL_REQUIRES = [
+    "nipype>=1.8",
+    "nibabel>=5.0",
+    "pybids>=0.16",
+    "numpy>=1.26",
+    "scipy>=1.11",
+    "pandas>=2.0",
+    "scikit-learn>=1.3",
+    "flwr>=1.42,<2",
+    "opendp>=0.12",
+    "dp-accounting>=0.4",
+    "matplotlib>=3.7",
+    "nilearn>=0.10,<0.14",
+    "statsmodels>=0.14",
+    "jsonschema>=4.18",
+]
+
+EXTRAS_REQUIRE = {
+    "test": ["pytest>=7.4"],
+    "dev": ["pytest>=7.4", "ruff>=0.5"],
+}
+
+setup(
+    name="fednipype",
+    version=version["__version__"],
+    description=(
+        "Privacy-preserving multi-site neuroimaging: Nipype nodes for BIDS data, "
+        "differentially private releases, meta-analysis and federated training."
+    ),
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.11",
+    packages=find_packages(include=["fednipype", "fednipype.*"]),
+    package_data={"fednipype": ["data/*", "data/*/*"]},
+    include_package_data=True,
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+    entry_points={
+        "console_scripts": [
+            "fednipype=fednipype.cli.run:main",
+            "fednipype-demo=fednipype.cli.demo:main",
+        ]
+    },
+    classifiers=[
+        "Programming Language :: Python :: 3.11",
+        "Intended Audience :: Science/Research",
+        "Topic :: Scientific/Engineering :: Medical Science Apps.",
+    ],
+)
