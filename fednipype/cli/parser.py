@@ -1,0 +1,66 @@
+"""Command-line parser of the ``fednipype`` BIDS-App (``bids_dir output_dir analysis_level``)."""
+
+from __future__ import annotations
+
+import argparse
+from functools import partial
+from pathlib import Path
+
+from fednipype import __version__
+
+
+def _path_exists(path: str, parser: argparse.ArgumentParser, *, kind: str) -> Path:
+    resolved = Path(path).expanduser().resolve()
+    if not resolved.exists():
+        parser.error(f"{kind} does not exist: {path}")
+    return resolved
+
+
+def _label(value: str) -> str:
+    value = value.strip()
+    return value[4:] if value.startswith("sub-") else value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the BIDS-App argument parser.
+
+    Returns
+    -------
+    argparse.ArgumentParser
+
+    Examples
+    --------
+    >>> args = build_parser().parse_args(
+    ...     ["bids_examples/siteA", "out", "participant", "--participant-label", "sub-01", "02"]
+    ... )
+    >>> args.participant_label
+    ['01', '02']
+    """
+    parser = argparse.ArgumentParser(
+        prog="fednipype",
+        description=(
+            "fednipype: regional features from BIDS datasets, released under differential "
+            "privacy for multi-site analysis."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    exists = partial(_path_exists, parser=parser, kind="BIDS folder")
+    parser.add_argument("bids_dir", type=exists, help="root of the input BIDS dataset")
+    parser.add_argument("output_dir", type=Path, help="folder for the derivatives")
+    parser.add_argument(
+        "analysis_level",
+        choices=["participant", "group"],
+        help="'participant': per-subject work; 'group': the site-level step",
+    )
+    parser.add_argument("--version", action="version", version=f"fednipype {__version__}")
+
+    bids = parser.add_argument_group("BIDS filtering")
+    bids.add_argument(
+        "--participant-label",
+        "--participant_label",
+        nargs="+",
+        type=_label,
+        metavar="LABEL",
+        help="subjects to process, with or without 'sub-' (default: all)",
+    )
+    return parser
