@@ -200,8 +200,6 @@ def generate(out_dir: Path) -> list[Path]:
     list of pathlib.Path
         Every file written, sorted.
     """
-    from fednipype import __version__
-
     out_dir = Path(out_dir)
     gm, gm_affine, t1, t1_affine, labels, table = _templates()
     effects = _region_effects(table)
@@ -284,7 +282,12 @@ def generate(out_dir: Path) -> list[Path]:
                 rng = np.random.default_rng([SEED, s_idx, int(i), k])
                 prefix = f"{sub}_ses-{ses}" if ses else sub
                 anat = Path(sub, f"ses-{ses}", "anat") if ses else Path(sub, "anat")
-                p = gm * BASE * factor_lut[labels] * (1.0 + rng.normal(0.0, site["noise"], gm.shape))
+                p = (
+                    gm
+                    * BASE
+                    * factor_lut[labels]
+                    * (1.0 + rng.normal(0.0, site["noise"], gm.shape))
+                )
                 q = np.round(np.clip(p, 0.0, 1.0) * 255.0).astype(np.uint8)
                 img = nb.Nifti1Image(q, gm_affine)
                 img.header.set_slope_inter(1.0 / 255.0, 0.0)
@@ -310,7 +313,6 @@ def generate(out_dir: Path) -> list[Path]:
             "patient * [group == patient] + male * [sex == M] + site offset, plus noise."
         ),
         "generator_version": VERSION,
-        "software_version": __version__,
         "seed": SEED,
         "atlas": "fednipype default atlas (fednipype.atlas.default_atlas)",
         "center_age": CENTER_AGE,

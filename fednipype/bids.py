@@ -277,9 +277,7 @@ def collect_images(
     else:
         raise ValueError(f"kind: expected 'probseg' or 'T1w', got {kind!r}")
     wanted = [_normalise_label(s) for s in subjects]
-    found = layout.get(
-        subject=wanted, extension=IMAGE_EXTENSIONS, return_type="object", **filters
-    )
+    found = layout.get(subject=wanted, extension=IMAGE_EXTENSIONS, return_type="object", **filters)
     records = sorted(
         ImageRecord(f.entities["subject"], f.entities.get("session"), f.path) for f in found
     )
@@ -343,9 +341,7 @@ def read_participants(bids_dir: str | Path) -> pd.DataFrame:
     if not path.is_file():
         raise BIDSError(f"{path}: participants.tsv not found")
     try:
-        raw = pd.read_csv(
-            path, sep="\t", dtype=str, keep_default_na=False, encoding="utf-8-sig"
-        )
+        raw = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError, pd.errors.ParserError) as err:
         raise BIDSError(f"{path}: cannot be read as a tab-separated table ({err})") from err
     raw.columns = [str(c).strip() for c in raw.columns]
@@ -420,8 +416,7 @@ def _to_float(values: pd.Series, path: Path, column: str, ids: pd.Series) -> pd.
     if bad.any():
         row = bad.idxmax()
         raise BIDSError(
-            f"{path}: column '{column}' expects numbers or n/a; "
-            f"{ids[row]} has {values[row]!r}"
+            f"{path}: column '{column}' expects numbers or n/a; {ids[row]} has {values[row]!r}"
         )
     return numbers.astype(float)
 

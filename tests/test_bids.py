@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from bids import BIDSLayout
-from conftest import BIDS_EXAMPLES, BUNDLED, COMMUNITY_DATASETS, SITES
+from conftest import BUNDLED, COMMUNITY_DATASETS, SITES
 
 from fednipype import bids as fbids
 from fednipype.exceptions import BIDSError
@@ -17,13 +17,17 @@ from fednipype.exceptions import BIDSError
 def _walk_subjects(root: Path) -> list[str]:
     """Independent reference: subject folders that contain at least one file."""
     return sorted(
-        p.name[4:] for p in root.glob("sub-*") if p.is_dir() and any(f.is_file() for f in p.rglob("*"))
+        p.name[4:]
+        for p in root.glob("sub-*")
+        if p.is_dir() and any(f.is_file() for f in p.rglob("*"))
     )
 
 
 def _walk_t1w(root: Path) -> list[str]:
     return sorted(
-        str(p) for p in root.glob("sub-*/**/anat/*_T1w.nii*") if p.name.endswith((".nii", ".nii.gz"))
+        str(p)
+        for p in root.glob("sub-*/**/anat/*_T1w.nii*")
+        if p.name.endswith((".nii", ".nii.gz"))
     )
 
 
@@ -37,7 +41,9 @@ def _check_enumeration(root: Path) -> None:
     assert subjects == sorted(reference.get_subjects())
     assert subjects == _walk_subjects(root)
     for subject in subjects:
-        assert fbids.get_sessions(layout, subject) == sorted(reference.get_sessions(subject=subject))
+        assert fbids.get_sessions(layout, subject) == sorted(
+            reference.get_sessions(subject=subject)
+        )
     t1w = [r.path for r in fbids.collect_images(layout, subjects, kind="T1w")]
     expected = reference.get(suffix="T1w", extension=[".nii", ".nii.gz"], return_type="filename")
     if reference.get_dataset_description().get("DatasetType") != "derivative":
@@ -54,7 +60,8 @@ def test_bundled_sites_enumerate_like_pybids(site):
     # the per-subject query agrees with the bulk one
     first = fbids.get_subjects(layout)[0]
     per_subject = [
-        f for ses in fbids.get_sessions(layout, first) or [None]
+        f
+        for ses in fbids.get_sessions(layout, first) or [None]
         for f in fbids.get_probseg(layout, first, ses)
     ]
     assert per_subject == [m for m in maps if f"sub-{first}_" in m]
@@ -165,7 +172,9 @@ def test_participants_malformed_id(tmp_path):
 
 def test_participants_quirks_bom_crlf_aliases_and_na(tmp_path):
     text = "\ufeffparticipant_id\tAge\tGender\tGroup\tscanner\r\n"
-    text += "sub-01\t31\tmale\tpatient\tA\r\nsub-02\tn/a\tF\tn/a\tB\r\nsub-03\t89+\tn/a\tcontrol\tA\r\n"
+    text += "sub-01\t31\tmale\tpatient\tA\r\n"
+    text += "sub-02\tn/a\tF\tn/a\tB\r\n"
+    text += "sub-03\t89+\tn/a\tcontrol\tA\r\n"
     root = _make_dataset(tmp_path / "ds", text)
     table = fbids.read_participants(root)
     assert list(table.columns) == ["age", "sex", "group", "scanner"]
@@ -231,7 +240,9 @@ def test_derivative_path_and_description(tmp_path):
 
 def test_derivative_description_refuses_foreign_folder(tmp_path):
     (tmp_path / "dataset_description.json").write_text(
-        json.dumps({"Name": "x", "DatasetType": "derivative", "GeneratedBy": [{"Name": "fmriprep"}]})
+        json.dumps(
+            {"Name": "x", "DatasetType": "derivative", "GeneratedBy": [{"Name": "fmriprep"}]}
+        )
     )
     with pytest.raises(BIDSError, match="belongs to another dataset"):
         fbids.write_derivative_description(tmp_path)
