@@ -1,0 +1,66 @@
+"""The command-line entry points: exit codes, messages and outputs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import BUNDLED, SITES
+
+from fednipype.cli import demo, run
+
+
+def test_participant_level_enumerates_and_writes_description(tmp_path, capsys):
+    assert run.main([str(BUNDLED / "siteA"), str(tmp_path), "participant"]) == 0
+    out = capsys.readouterr().out
+    assert "siteA" in out and " 24 " in out
+    description = json.loads((tmp_path / "dataset_description.json").read_text())
+    assert description["DatasetType"] == "derivative"
+
+
+def test_missing_bids_dir_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run.main([str(tmp_path / "nope"), str(tmp_path / "out"), "participant"])
+    assert exit_info.value.code == 2
+    assert "BIDS folder does not exist" in capsys.readouterr().err
+
+
+def test_invalid_dataset_exits_non_zero_naming_the_file(tmp_path, capsys):
+    (tmp_path / "ds" / "sub-01" / "anat").mkdir(parents=True)
+    assert run.main([str(tmp_path / "ds"), str(tmp_path / "out"), "participant"]) == 1
+    err = capsys.readouterr().err
+    assert "dataset_description.json" in err and str(tmp_path / "ds") in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_participant_label_exits_non_zero(tmp_path, capsys):
+    code = run.main(
+        [str(BUNDLED / "siteB"), str(tmp_path), "participant", "--participant-label", "sub-77"]
+    )
+    assert code == 1
+    assert "sub-77 match no subject" in capsys.readouterr().err
+
+
+def test_demo_prints_one_row_per_site_with_counts_from_disk(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "fednipype.cli.demo", str(BUNDLED), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1 + len(SITES)
+    for site, line in zip(SITES, lines[1:], strict=True):
+        fields = line.split()
+        subjects = len(list((BUNDLED / site).glob("sub-*")))
+        images = len(list((BUNDLED / site).glob("sub-*/**/*_T1w.nii.gz")))
+        assert fields[0] == site
+        assert [int(f) for f in fields[1:4]] == [subjects, images, images]
+
+
+def test_demo_without_sites_fails_clearly(tmp_path, capsys):
+    assert demo.main([str(tmp_path), str(tmp_path / "out")]) == 1
+    assert "no BIDS dataset below" in capsys.readouterr().err
