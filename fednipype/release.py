@@ -1,0 +1,241 @@
+"""The release document: the only thing that leaves a site — build, validate, read, write.
+
+A release is versioned JSON (``schema_version``) validated against the JSON Schema shipped in
+``fednipype/data/release.schema.json`` when written and when read.  The schema admits no
+property it does not name, restricts every string (no path separators, nothing shaped like a
+participant label) and sizes every array by regions or model terms; :func:`validate` adds the
+checks a schema cannot express (array shapes agree with the declared terms and regions, the
+budget split sums to the declared total).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from datetime import UTC, datetime
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from fednipype import __version__
+from fednipype.exceptions import ReleaseValidationError
+from fednipype.io import atomic_write_text
+
+SCHEMA_VERSION = "1.0"
+SCHEMA_FILE = "release.schema.json"
+RELEASE_SUFFIX = "_release.json"
+
+
+@lru_cache(maxsize=1)
+def schema() -> dict[str, Any]:
+    """The release JSON Schema (draft 2020-12) shipped with the package."""
+    text = (resources.files("fednipype") / "data" / SCHEMA_FILE).read_text(encoding="utf-8")
+    return json.loads(text)
+
+
+def _validator():
+    import jsonschema
+
+    return jsonschema.Draft202012Validator(schema())
+
+
+def canonical_json(doc: dict[str, Any]) -> str:
+    """The document serialised canonically (sorted keys, no spaces): what gets hashed."""
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def content_hash(doc: dict[str, Any]) -> str:
+    """SHA-256 of :func:`canonical_json` — recorded in the privacy ledger's audit trail."""
+    return hashlib.sha256(canonical_json(doc).encode("utf-8")).hexdigest()
+
+
+def validate(doc: Any, source: str = "<release>") -> dict[str, Any]:
+    """Check a release against the schema and the cross-field rules.
+
+    Parameters
+    ----------
+    doc : object
+        The parsed document.
+    source : str
+        Where it came from, for error messages (a file name).
+
+    Returns
+    -------
+    dict
+        ``doc`` itself, for chaining.
+
+    Raises
+    ------
+    ReleaseValidationError
+        Naming ``source``, the JSON path of the offending field and what was expected.
+    """
+    if isinstance(doc, dict) and doc.get("schema_version") not in (None, SCHEMA_VERSION):
+        raise ReleaseValidationError(
+            f"{source}: schema_version {doc.get('schema_version')!r} is not supported "
+            f"(this fednipype reads {SCHEMA_VERSION!r})"
+        )
+    errors = sorted(_validator().iter_errors(doc), key=lambda e: list(e.absolute_path))
+    if errors:
+        first = errors[0]
+        where = "/".join(str(p) for p in first.absolute_path) or "(top level)"
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise ReleaseValidationError(f"{source}: field {where}: {first.message}{more}")
+    _check_numbers(doc, source, "")
+    _check_shapes(doc, source)
+    return doc
+
+
+def _check_numbers(obj: Any, source: str, path: str) -> None:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        raise ReleaseValidationError(f"{source}: field {path}: expected a finite number")
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            _check_numbers(value, source, f"{path}/{key}" if path else key)
+    elif isinstance(obj, list):
+        for i, value in enumerate(obj):
+            _check_numbers(value, source, f"{path}/{i}")
+
+
+def _check_shapes(doc: dict[str, Any], source: str) -> None:
+    regions = doc["atlas"]["regions"]
+    terms = doc["model"]["terms"]
+    stats = doc["statistics"]
+    split = doc["privacy"]["budget_split"]
+    eps = sum(v["epsilon"] for v in split.values())
+    delta = sum(v["delta"] for v in split.values())
+    if not math.isclose(eps, doc["privacy"]["epsilon"], rel_tol=1e-9) or delta > doc["privacy"][
+        "delta"
+    ] * (1 + 1e-9):
+        raise ReleaseValidationError(
+            f"{source}: field privacy/budget_split: parts sum to (ε={eps}, δ={delta}), "
+            f"not the declared (ε={doc['privacy']['epsilon']}, δ={doc['privacy']['delta']})"
+        )
+    if set(split) != set(stats):
+        raise ReleaseValidationError(
+            f"{source}: field privacy/budget_split: names {sorted(split)} must match the "
+            f"statistics {sorted(stats)}"
+        )
+    for name, stat in stats.items():
+        part = split[name]
+        if not (
+            math.isclose(stat["epsilon"], part["epsilon"], rel_tol=1e-9)
+            and math.isclose(stat["delta"], part["delta"], rel_tol=1e-9, abs_tol=1e-300)
+        ):
+            raise ReleaseValidationError(
+                f"{source}: field statistics/{name}: (ε, δ) differ from privacy/budget_split"
+            )
+    model = stats.get("linear_model")
+    if model is not None:
+        p, r = len(model["terms"]), len(model["regions"])
+        if model["terms"] != terms or model["regions"] != regions:
+            raise ReleaseValidationError(
+                f"{source}: field statistics/linear_model: terms/regions differ from "
+                "model/terms and atlas/regions"
+            )
+        if len(model["ztz"]) != p or any(len(row) != p for row in model["ztz"]):
+            raise ReleaseValidationError(
+                f"{source}: field statistics/linear_model/ztz: expected {p}×{p} (terms)"
+            )
+        if len(model["zty"]) != p or any(len(row) != r for row in model["zty"]):
+            raise ReleaseValidationError(
+                f"{source}: field statistics/linear_model/zty: expected {p}×{r} (terms×regions)"
+            )
+        if len(model["yty"]) != r:
+            raise ReleaseValidationError(
+                f"{source}: field statistics/linear_model/yty: expected {r} values (regions)"
+            )
+    means = stats.get("group_means")
+    if means is not None:
+        if means["regions"] != regions:
+            raise ReleaseValidationError(
+                f"{source}: field statistics/group_means/regions: differ from atlas/regions"
+            )
+        for group, values in means["groups"].items():
+            if len(values["means"]) != len(regions):
+                raise ReleaseValidationError(
+                    f"{source}: field statistics/group_means/groups/{group}/means: expected "
+                    f"{len(regions)} values (regions)"
+                )
+
+
+def new_release(
+    *,
+    dataset: str,
+    site: str,
+    atlas: dict[str, Any],
+    feature: str,
+    model: dict[str, Any],
+    privacy: dict[str, Any],
+    statistics: dict[str, Any],
+) -> dict[str, Any]:
+    """Assemble a release document (not yet validated; :func:`write_release` validates).
+
+    Parameters
+    ----------
+    dataset, site : str
+        Dataset name and site label.
+    atlas : dict
+        ``name``, ``space``, ``sha256`` of the atlas image, ``regions`` (names, in order).
+    feature : str
+        The feature column released (e.g. ``volume_mm3``).
+    model : dict
+        ``response``, ``terms`` and ``reference_levels`` of the linear model.
+    privacy : dict
+        ``epsilon``, ``delta``, ``min_cohort``, ``budget_split``, ``bounds``, ``ledger_charge``.
+    statistics : dict
+        Statistic name → its noisy values and mechanism description.
+
+    Returns
+    -------
+    dict
+    """
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "kind": "fednipype-release",
+        "dataset": dataset,
+        "site": site,
+        "software": {"name": "fednipype", "version": __version__},
+        "created": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "atlas": atlas,
+        "feature": feature,
+        "model": model,
+        "privacy": {
+            "unit": "participant",
+            "neighbouring": "add or remove one participant",
+            **privacy,
+        },
+        "statistics": statistics,
+    }
+
+
+def write_release(doc: dict[str, Any], path: str | Path) -> Path:
+    """Validate ``doc`` and write it atomically (temporary file, then rename).
+
+    Raises
+    ------
+    ReleaseValidationError
+        The document does not conform; nothing is written.
+    """
+    path = Path(path)
+    validate(doc, source=str(path))
+    return atomic_write_text(path, json.dumps(doc, indent=1, allow_nan=False) + "\n")
+
+
+def read_release(path: str | Path) -> dict[str, Any]:
+    """Read and validate a release file.
+
+    Raises
+    ------
+    ReleaseValidationError
+        Unreadable file, invalid JSON, or a document that does not conform (naming the file).
+    """
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as err:
+        raise ReleaseValidationError(f"{path}: release file not found") from err
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ReleaseValidationError(f"{path}: not a readable JSON release ({err})") from err
+    return validate(doc, source=str(path))
