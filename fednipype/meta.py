@@ -1,0 +1,979 @@
+"""Coordinator maths: fixed/random-effects meta-analysis and pooled regression on site statistics.
+
+Two ways to pool what the sites release:
+
+* :func:`fixed_effect` and :func:`random_effects` combine one estimate and its sampling variance
+  per site, following R's ``metafor::rma()`` conventions to the digit: the same τ² estimators
+  (DerSimonian–Laird, REML, Paule–Mandel), standard errors, Wald or Knapp–Hartung tests,
+  Cochran's Q and metafor's I² and H².
+* :func:`pooled_regression` sums per-site sufficient statistics of a linear model (ZᵀZ, Zᵀy,
+  yᵀy, n) and solves the pooled least-squares problem; :func:`site_estimates` solves each site's
+  own model so its coefficients can be fed to :func:`random_effects`. Both carry the variance
+  the differential-privacy noise adds into every standard error.
+
+Why the τ² estimators are written here rather than taken from a library
+-------------------------------------------------------------------------
+``statsmodels.stats.meta_analysis.combine_effects`` agrees with metafor on the fixed-effect
+estimate, its standard error, Q and, when Q ≥ k − 1, the DerSimonian–Laird fit. It does not
+follow metafor elsewhere: its DL τ² is not truncated at zero (so weights, estimate and standard
+error differ whenever Q < k − 1), it has no REML, its Paule–Mandel Newton loop drops the
+convergence flag and resets τ² to 0 if an iterate overshoots, and its I²/H² are the Q-based pair,
+which metafor reports only for FE and DL. PyMARE 0.0.13 has no Paule–Mandel and profiles REML
+to ``xtol=1e-6`` (its own metafor-alignment tests allow 1e-4 relative on τ²). The estimators
+below are therefore the textbook formulas metafor uses, solved to machine precision, and
+``tests/test_meta.py`` checks them against statsmodels where the two should agree and against
+published metafor output everywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import special
+from scipy.optimize import brentq
+
+from fednipype.exceptions import MetaAnalysisError
+
+LOGGER = logging.getLogger(__name__)
+
+__all__ = [
+    "MetaResult",
+    "SufficientStatistics",
+    "fixed_effect",
+    "pooled_regression",
+    "random_effects",
+    "site_estimates",
+]
+
+RE_METHODS = ("DL", "REML", "PM")
+TESTS = ("z", "knha")
+
+#: metafor's tolerance for its "is the restricted likelihood higher at τ² = 0?" check.
+REML_LL0_TOL = np.finfo(float).eps ** 0.25
+
+#: Columns of the tables returned by :func:`pooled_regression` and :func:`site_estimates`.
+REGRESSION_COLUMNS = (
+    "region",
+    "term",
+    "estimate",
+    "se",
+    "t",
+    "df",
+    "p",
+    "ci_low",
+    "ci_high",
+    "n",
+    "resid_df",
+    "sigma2",
+    "estimable",
+    "psd_projected",
+    "sigma2_floored",
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Meta-analysis of one estimate per site
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MetaResult:
+    """The result of :func:`fixed_effect` or :func:`random_effects`, named as in metafor.
+
+    Attributes
+    ----------
+    estimate, se : float
+        Pooled estimate and its standard error (Knapp–Hartung-scaled when ``test="knha"``).
+    statistic : float
+        ``estimate / se``; a z statistic when ``dist == "z"``, a t statistic when ``"t"``.
+    dist : {"z", "t"}
+        Reference distribution of ``statistic``.
+    df : float or None
+        Degrees of freedom of the t distribution (k − 1), ``None`` for z.
+    p : float
+        Two-sided p-value.
+    ci_low, ci_high : float
+        Confidence interval at ``level``.
+    level : float
+        Confidence level as a fraction (0.95).
+    tau2 : float
+        Between-site variance τ² (0 for the fixed-effect model).
+    q, q_df, q_p : float, int, float
+        Cochran's Q (inverse-variance weights 1/v), its degrees of freedom k − 1 and p-value.
+    i2 : float
+        I² **in percent**, as metafor prints it: the Q-based (Q − df)/Q for the fixed-effect
+        model, τ²/(τ² + ṽ) with metafor's "typical" within-site variance
+        ṽ = (k − 1)/(Σw − Σw²/Σw), w = 1/v, for random-effects models.
+    h2 : float
+        H²: Q/(k − 1) for the fixed-effect model, 1 + τ²/ṽ for random-effects models.
+    k : int
+        Number of estimates pooled.
+    method : {"FE", "DL", "REML", "PM"}
+        Model / τ² estimator.
+    test : {"z", "knha"}
+        Inference: Wald z or Knapp–Hartung t.
+    weights : tuple of float
+        Inverse-variance weights 1/(v + τ²) used for the pooled estimate.
+    note : str or None
+        Anything the caller should know about this fit (e.g. k = 1).
+    """
+
+    estimate: float
+    se: float
+    statistic: float
+    dist: str
+    df: float | None
+    p: float
+    ci_low: float
+    ci_high: float
+    level: float
+    tau2: float
+    q: float
+    q_df: int
+    q_p: float
+    i2: float
+    h2: float
+    k: int
+    method: str
+    test: str
+    weights: tuple[float, ...]
+    note: str | None = None
+
+    @property
+    def z(self) -> float | None:
+        """The z statistic, or ``None`` when the test is Knapp–Hartung's t."""
+        return self.statistic if self.dist == "z" else None
+
+    @property
+    def t(self) -> float | None:
+        """The t statistic, or ``None`` when the test is a z test."""
+        return self.statistic if self.dist == "t" else None
+
+    @property
+    def tau(self) -> float:
+        """√τ²."""
+        return math.sqrt(self.tau2)
+
+    @property
+    def weights_percent(self) -> tuple[float, ...]:
+        """Weights as percentages of their sum, as metafor's ``weights()`` reports them."""
+        total = math.fsum(self.weights)
+        return tuple(100.0 * w / total for w in self.weights)
+
+
+def fixed_effect(y: Any, v: Any, *, test: str = "z", level: float = 0.95) -> MetaResult:
+    """Fixed-effect (inverse-variance) meta-analysis, as ``metafor::rma(yi, vi, method="FE")``.
+
+    Parameters
+    ----------
+    y : array_like of float
+        One estimate per site (finite).
+    v : array_like of float
+        Their sampling variances (finite, > 0).
+    test : {"z", "knha"}
+        Wald z test (default) or Knapp–Hartung t test with k − 1 df. metafor allows the latter
+        for FE models with a warning that the method is meant for random-effects models.
+    level : float
+        Confidence level as a fraction, default 0.95.
+
+    Returns
+    -------
+    MetaResult
+
+    Examples
+    --------
+    >>> res = fixed_effect([0.1, 0.3, 0.2], [0.01, 0.02, 0.04])
+    >>> round(res.estimate, 4), round(res.se, 4), round(res.q, 4)
+    (0.1714, 0.0756, 1.3571)
+    """
+    y_arr, v_arr = _check_effects(y, v)
+    test = _check_choice(test, TESTS, "test")
+    level = _check_level(level)
+    return _fit_meta(y_arr, v_arr, tau2=0.0, method="FE", test=test, level=level)
+
+
+def random_effects(
+    y: Any, v: Any, method: str = "REML", test: str = "z", level: float = 0.95
+) -> MetaResult:
+    """Random-effects meta-analysis, as ``metafor::rma(yi, vi, method=..., test=...)``.
+
+    Parameters
+    ----------
+    y : array_like of float
+        One estimate per site (finite).
+    v : array_like of float
+        Their sampling variances (finite, > 0).
+    method : {"REML", "DL", "PM"}
+        τ² estimator: restricted maximum likelihood (root of the REML score equation), DerSimonian–
+        Laird, or Paule–Mandel (root of the generalised Q = k − 1). Roots are solved to machine
+        precision; all estimates are truncated at τ² = 0, as in metafor.
+    test : {"z", "knha"}
+        Wald z test or Knapp–Hartung: the variance is scaled by Σw(y − μ̂)²/(k − 1) with no
+        truncation of the factor (metafor's ``test="knha"``, not ``"adhoc"``) and the test and
+        interval use a t distribution with k − 1 df.
+    level : float
+        Confidence level as a fraction, default 0.95.
+
+    Returns
+    -------
+    MetaResult
+
+    Notes
+    -----
+    With k = 1, metafor fits the model with τ² set to 0, Q = 0, p(Q) = 1, I² = 0 and H² = 1;
+    this function does the same and records it in ``MetaResult.note``. Knapp–Hartung with
+    k = 1 would be a t test with 0 df (metafor returns NA for its p-value and interval); this
+    function raises :class:`~fednipype.exceptions.MetaAnalysisError` instead.
+
+    Examples
+    --------
+    >>> res = random_effects([0.1, 0.5, -0.2, 0.3], [0.01, 0.02, 0.04, 0.02], method="DL")
+    >>> round(res.tau2, 4), round(res.estimate, 4), round(res.i2, 2)
+    (0.045, 0.1939, 70.0)
+    """
+    y_arr, v_arr = _check_effects(y, v)
+    method = _check_choice(method, RE_METHODS, "method", upper=True)
+    test = _check_choice(test, TESTS, "test")
+    level = _check_level(level)
+    if y_arr.size == 1:
+        tau2 = 0.0
+    elif method == "DL":
+        tau2 = _tau2_dl(y_arr, v_arr)
+    elif method == "PM":
+        tau2 = _tau2_pm(y_arr, v_arr)
+    else:
+        tau2 = _tau2_reml(y_arr, v_arr)
+    return _fit_meta(y_arr, v_arr, tau2=tau2, method=method, test=test, level=level)
+
+
+def _fit_meta(
+    y: np.ndarray, v: np.ndarray, *, tau2: float, method: str, test: str, level: float
+) -> MetaResult:
+    """Pool ``y`` with weights 1/(v + τ²) and add the heterogeneity statistics."""
+    k = y.size
+    note = None
+    if k == 1:
+        if test == "knha":
+            raise MetaAnalysisError(
+                "test='knha' needs at least 2 estimates (its t test has k - 1 degrees of "
+                "freedom); y has 1. Use test='z' for a single site."
+            )
+        note = "k = 1: tau2 set to 0, Q = 0 (p = 1), I2 = 0 and H2 = 1, as metafor does"
+        LOGGER.info("meta-analysis of a single estimate: %s", note)
+
+    w = 1.0 / (v + tau2)
+    w_sum = w.sum()
+    estimate = float(w @ y / w_sum)
+    variance = 1.0 / w_sum
+    alpha = 1.0 - level
+    if test == "knha":
+        rss = float(w @ (y - estimate) ** 2)
+        # metafor sets the scale to 0 when all estimates coincide (RSS at rounding level).
+        s2w = rss / (k - 1) if rss > np.finfo(float).eps else 0.0
+        variance *= s2w
+        df: float | None = float(k - 1)
+        crit = float(special.stdtrit(df, 1.0 - alpha / 2.0))
+    else:
+        df = None
+        crit = float(special.ndtri(1.0 - alpha / 2.0))
+    se = math.sqrt(variance)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        statistic = float(np.float64(estimate) / np.float64(se))
+    if df is None:
+        p = float(2.0 * special.ndtr(-abs(statistic)))
+    else:
+        p = float(2.0 * special.stdtr(df, -abs(statistic)))
+
+    q, q_p, i2, h2 = _heterogeneity(y, v, tau2, fixed=method == "FE")
+    return MetaResult(
+        estimate=estimate,
+        se=se,
+        statistic=statistic,
+        dist="t" if test == "knha" else "z",
+        df=df,
+        p=p,
+        ci_low=estimate - crit * se,
+        ci_high=estimate + crit * se,
+        level=level,
+        tau2=float(tau2),
+        q=q,
+        q_df=k - 1,
+        q_p=q_p,
+        i2=i2,
+        h2=h2,
+        k=k,
+        method=method,
+        test=test,
+        weights=tuple(float(x) for x in w),
+        note=note,
+    )
+
+
+def _cochran_q(y: np.ndarray, v: np.ndarray) -> tuple[float, float]:
+    """Cochran's Q with weights w = 1/v, and tr P = Σw − Σw²/Σw (its expectation's slope in τ²)."""
+    w = 1.0 / v
+    w_sum = w.sum()
+    q = float(w @ (y - w @ y / w_sum) ** 2)
+    return max(0.0, q), float(w_sum - (w @ w) / w_sum)
+
+
+def _heterogeneity(
+    y: np.ndarray, v: np.ndarray, tau2: float, *, fixed: bool
+) -> tuple[float, float, float, float]:
+    """Cochran's Q, its p-value, I² (percent) and H², with metafor's definitions."""
+    k = y.size
+    if k == 1:
+        return 0.0, 1.0, 0.0, 1.0
+    q, trace_p = _cochran_q(y, v)
+    q_p = float(special.chdtrc(k - 1, q))
+    if fixed:
+        i2 = max(0.0, 100.0 * (q - (k - 1)) / q) if q > 0 else 0.0
+        h2 = q / (k - 1)
+    else:
+        typical_v = (k - 1) / trace_p  # metafor's "typical" within-site variance
+        i2 = 100.0 * tau2 / (typical_v + tau2)
+        h2 = tau2 / typical_v + 1.0
+    return q, q_p, i2, h2
+
+
+def _tau2_dl(y: np.ndarray, v: np.ndarray) -> float:
+    """DerSimonian–Laird moment estimator (Q − (k − 1)) / tr P, truncated at 0."""
+    q, trace_p = _cochran_q(y, v)
+    return max(0.0, (q - (y.size - 1)) / trace_p)
+
+
+def _generalised_q(tau2: float, y: np.ndarray, v: np.ndarray) -> float:
+    w = 1.0 / (v + tau2)
+    return float(w @ (y - w @ y / w.sum()) ** 2)
+
+
+def _tau2_pm(y: np.ndarray, v: np.ndarray) -> float:
+    """Paule–Mandel: the τ² ≥ 0 at which the generalised Q equals k − 1.
+
+    The generalised Q decreases in τ² and tends to 0, so a root exists whenever Q(0) > k − 1;
+    it is bracketed by doubling and solved with Brent's method to machine precision
+    (metafor uses ``uniroot`` with tolerance ``.Machine$double.eps^0.25`` by default).
+    """
+    target = y.size - 1
+
+    def excess(tau2: float) -> float:
+        return _generalised_q(tau2, y, v) - target
+
+    if excess(0.0) <= 0.0:
+        return 0.0
+    upper = max(float(np.var(y)), float(v.max()), np.finfo(float).tiny)
+    while excess(upper) > 0.0:
+        upper *= 2.0
+        if not math.isfinite(upper):
+            raise MetaAnalysisError("Paule-Mandel: could not bracket tau2 (y has extreme values)")
+    return float(brentq(excess, 0.0, upper, xtol=1e-300, rtol=4 * np.finfo(float).eps))
+
+
+def _reml_loglik(tau2: float, y: np.ndarray, v: np.ndarray) -> float:
+    """Restricted log-likelihood of the intercept-only model, up to a constant."""
+    w = 1.0 / (v + tau2)
+    w_sum = w.sum()
+    resid = y - w @ y / w_sum
+    return float(-0.5 * (np.log(v + tau2).sum() + math.log(w_sum) + w @ resid**2))
+
+
+def _reml_score(tau2: float, y: np.ndarray, v: np.ndarray) -> float:
+    """Twice the derivative of the restricted log-likelihood in τ²: yᵀPPy − tr P.
+
+    With P = W − wwᵀ/Σw (intercept-only), Py = w(y − μ̂), so yᵀPPy = Σw²(y − μ̂)² and
+    tr P = Σw − Σw²/Σw.
+    """
+    w = 1.0 / (v + tau2)
+    w_sum = w.sum()
+    resid = y - w @ y / w_sum
+    return float((w * w) @ resid**2 - (w_sum - (w @ w) / w_sum))
+
+
+def _tau2_reml(y: np.ndarray, v: np.ndarray) -> float:
+    """REML: the root of the restricted-likelihood score in τ² ≥ 0, to machine precision.
+
+    metafor maximises the same likelihood by Fisher scoring from the Hedges estimate (to a
+    change below 1e-5). Fisher scoring can oscillate and fail — metafor then stops with an
+    error — so the score equation is solved here with Brent's method on a bracket instead:
+    where Fisher scoring converges, both reach the same root. If the score is not positive at
+    τ² = 0 the maximum is on the boundary and τ² = 0. As metafor's ``ll0check``, τ² = 0 is kept
+    if the restricted likelihood is higher there.
+    """
+    if _reml_score(0.0, y, v) <= 0.0:
+        return 0.0
+    upper = max(float(np.var(y)), float(v.max()), np.finfo(float).tiny)
+    while _reml_score(upper, y, v) > 0.0:
+        upper *= 2.0
+        if not math.isfinite(upper):
+            raise MetaAnalysisError("REML: could not bracket tau2 (y has extreme values)")
+    tau2 = float(
+        brentq(_reml_score, 0.0, upper, args=(y, v), xtol=1e-300, rtol=4 * np.finfo(float).eps)
+    )
+    if _reml_loglik(0.0, y, v) - _reml_loglik(tau2, y, v) > REML_LL0_TOL:
+        LOGGER.warning("REML: the restricted likelihood is higher at tau2 = 0; using tau2 = 0")
+        tau2 = 0.0
+    return tau2
+
+
+# --------------------------------------------------------------------------------------------
+# Input checks
+# --------------------------------------------------------------------------------------------
+
+
+def _as_float_vector(values: Any, name: str) -> np.ndarray:
+    try:
+        arr = np.asarray(values, dtype=float)
+    except (TypeError, ValueError) as err:
+        raise MetaAnalysisError(f"{name} must be a sequence of numbers; got {values!r}") from err
+    if arr.ndim != 1:
+        raise MetaAnalysisError(
+            f"{name} must be a one-dimensional sequence of numbers; got shape {arr.shape}"
+        )
+    return arr
+
+
+def _check_effects(y: Any, v: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Validate estimates ``y`` and sampling variances ``v``; return float copies."""
+    y_arr = _as_float_vector(y, "y")
+    v_arr = _as_float_vector(v, "v")
+    if y_arr.size == 0:
+        raise MetaAnalysisError("y is empty: need at least one estimate to pool")
+    if y_arr.size != v_arr.size:
+        raise MetaAnalysisError(
+            f"y and v must have the same length (one sampling variance per estimate); "
+            f"got len(y) = {y_arr.size}, len(v) = {v_arr.size}"
+        )
+    bad = np.flatnonzero(~np.isfinite(y_arr))
+    if bad.size:
+        raise MetaAnalysisError(
+            f"y must be finite; y[{bad[0]}] = {y_arr[bad[0]]} ({bad.size} non-finite value(s))"
+        )
+    bad = np.flatnonzero(~np.isfinite(v_arr))
+    if bad.size:
+        raise MetaAnalysisError(
+            f"v must be finite sampling variances; v[{bad[0]}] = {v_arr[bad[0]]} "
+            f"({bad.size} non-finite value(s))"
+        )
+    bad = np.flatnonzero(v_arr <= 0.0)
+    if bad.size:
+        raise MetaAnalysisError(
+            f"v must be positive sampling variances; v[{bad[0]}] = {v_arr[bad[0]]} "
+            f"({bad.size} value(s) <= 0)"
+        )
+    return y_arr, v_arr
+
+
+def _check_choice(value: Any, choices: tuple[str, ...], name: str, *, upper: bool = False) -> str:
+    if isinstance(value, str):
+        normalised = value.upper() if upper else value.lower()
+        if normalised in choices:
+            return normalised
+    hint = " (for the fixed-effect model use fixed_effect())" if value in ("FE", "EE") else ""
+    raise MetaAnalysisError(f"{name} must be one of {', '.join(choices)}; got {value!r}{hint}")
+
+
+def _check_level(level: Any) -> float:
+    try:
+        value = float(level)
+    except (TypeError, ValueError) as err:
+        raise MetaAnalysisError(f"level must be a number in (0, 1); got {level!r}") from err
+    if not 0.0 < value < 1.0:
+        raise MetaAnalysisError(
+            f"level must be a confidence level in (0, 1), e.g. 0.95; got {level!r}"
+        )
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# Pooled regression on (noisy) sufficient statistics
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class SufficientStatistics:
+    """One site's sufficient statistics of the linear models Y[:, r] = Z β_r + ε (r = regions).
+
+    Attributes
+    ----------
+    terms : tuple of str
+        Names of the columns of Z; the first is ``"intercept"``.
+    regions : tuple of str
+        Names of the outcome columns of Y.
+    ztz : ndarray, shape (p, p)
+        ZᵀZ (symmetric).
+    zty : ndarray, shape (p, R)
+        ZᵀY.
+    yty : ndarray, shape (R,)
+        The diagonal of YᵀY: Σ y_r² per region.
+    n : float
+        Number of rows (subjects). May be a noisy value such as ``ztz[0, 0]``.
+    ztz_noise_var : float
+        Variance of the independent Gaussian noise added to each entry of the upper triangle of
+        ZᵀZ (diagonal included), mirrored to the lower triangle. 0.0 for noise-free statistics.
+    zty_noise_var, yty_noise_var : float
+        Variance of the independent Gaussian noise added to each entry of ZᵀY and of yᵀy.
+
+    Notes
+    -----
+    Arrays are copied to read-only float arrays; a malformed field raises
+    :class:`~fednipype.exceptions.MetaAnalysisError` naming it.
+    """
+
+    terms: tuple[str, ...]
+    regions: tuple[str, ...]
+    ztz: np.ndarray
+    zty: np.ndarray
+    yty: np.ndarray
+    n: float
+    ztz_noise_var: float = 0.0
+    zty_noise_var: float = 0.0
+    yty_noise_var: float = 0.0
+
+    def __post_init__(self) -> None:
+        terms = _check_names(self.terms, "terms")
+        if terms[0] != "intercept":
+            raise MetaAnalysisError(
+                f"SufficientStatistics.terms must start with 'intercept'; got {terms!r}"
+            )
+        regions = _check_names(self.regions, "regions")
+        p, r = len(terms), len(regions)
+        ztz = _frozen_array(self.ztz, "ztz", (p, p), f"{p}x{p}, one row and column per term")
+        scale = float(np.abs(ztz).max())
+        if not np.allclose(ztz, ztz.T, rtol=0.0, atol=1e-10 * max(scale, 1.0)):
+            raise MetaAnalysisError("SufficientStatistics.ztz must be symmetric (ZᵀZ)")
+        ztz = _read_only((ztz + ztz.T) / 2.0)
+        zty = _frozen_array(
+            self.zty, "zty", (p, r), f"{p}x{r}, one row per term, column per region"
+        )
+        yty = _frozen_array(self.yty, "yty", (r,), f"length {r}, one value per region")
+        n = _finite_number(self.n, "n")
+        if n <= 0:
+            raise MetaAnalysisError(f"SufficientStatistics.n must be positive; got {self.n!r}")
+        object.__setattr__(self, "terms", terms)
+        object.__setattr__(self, "regions", regions)
+        object.__setattr__(self, "ztz", ztz)
+        object.__setattr__(self, "zty", zty)
+        object.__setattr__(self, "yty", yty)
+        object.__setattr__(self, "n", n)
+        for name in ("ztz_noise_var", "zty_noise_var", "yty_noise_var"):
+            value = _finite_number(getattr(self, name), name)
+            if value < 0:
+                raise MetaAnalysisError(
+                    f"SufficientStatistics.{name} must be a variance >= 0; got {value!r}"
+                )
+            object.__setattr__(self, name, value)
+
+    @property
+    def noisy(self) -> bool:
+        """Whether any block carries DP noise."""
+        return (self.ztz_noise_var + self.zty_noise_var + self.yty_noise_var) > 0.0
+
+
+def _check_names(names: Any, field: str) -> tuple[str, ...]:
+    if isinstance(names, str) or not isinstance(names, Iterable):
+        raise MetaAnalysisError(
+            f"SufficientStatistics.{field} must be a sequence of names; got {names!r}"
+        )
+    out = tuple(names)
+    if not out or not all(isinstance(x, str) and x for x in out):
+        raise MetaAnalysisError(
+            f"SufficientStatistics.{field} must be a non-empty sequence of non-empty strings; "
+            f"got {out!r}"
+        )
+    if len(set(out)) != len(out):
+        raise MetaAnalysisError(f"SufficientStatistics.{field} has duplicate names: {out!r}")
+    return out
+
+
+def _read_only(arr: np.ndarray) -> np.ndarray:
+    arr.setflags(write=False)
+    return arr
+
+
+def _frozen_array(value: Any, field: str, shape: tuple[int, ...], expected: str) -> np.ndarray:
+    try:
+        arr = np.array(value, dtype=float)
+    except (TypeError, ValueError) as err:
+        raise MetaAnalysisError(f"SufficientStatistics.{field} must be numeric") from err
+    if arr.shape != shape:
+        raise MetaAnalysisError(
+            f"SufficientStatistics.{field} must have shape {expected}; got {arr.shape}"
+        )
+    if not np.isfinite(arr).all():
+        raise MetaAnalysisError(f"SufficientStatistics.{field} contains NaN or inf")
+    return _read_only(arr)
+
+
+def _finite_number(value: Any, field: str) -> float:
+    try:
+        out = float(value)
+    except (TypeError, ValueError) as err:
+        raise MetaAnalysisError(
+            f"SufficientStatistics.{field} must be a number; got {value!r}"
+        ) from err
+    if not math.isfinite(out):
+        raise MetaAnalysisError(f"SufficientStatistics.{field} must be finite; got {value!r}")
+    return out
+
+
+def _site_list(stats: Any) -> list[tuple[Any, SufficientStatistics]]:
+    """``stats`` as (label, SufficientStatistics) pairs, all with the same terms and regions."""
+    if isinstance(stats, SufficientStatistics):
+        items: list[tuple[Any, Any]] = [(0, stats)]
+    elif isinstance(stats, Mapping):
+        items = list(stats.items())
+    elif isinstance(stats, Iterable) and not isinstance(stats, (str, bytes)):
+        items = list(enumerate(stats))
+    else:
+        raise MetaAnalysisError(
+            f"stats must be SufficientStatistics or a sequence/mapping of them; got {stats!r}"
+        )
+    if not items:
+        raise MetaAnalysisError("stats is empty: need at least one site's SufficientStatistics")
+    first_label, first = items[0]
+    for label, site in items:
+        if not isinstance(site, SufficientStatistics):
+            raise MetaAnalysisError(
+                f"stats[{label!r}] must be SufficientStatistics; got {type(site).__name__}"
+            )
+        for field in ("terms", "regions"):
+            if getattr(site, field) != getattr(first, field):
+                raise MetaAnalysisError(
+                    f"stats[{label!r}].{field} {getattr(site, field)!r} differ from "
+                    f"stats[{first_label!r}].{field} {getattr(first, field)!r}"
+                )
+    return items
+
+
+def pooled_regression(stats: Any, *, level: float = 0.95) -> pd.DataFrame:
+    """Fit the pooled (mega-analysis) linear model from the sites' summed statistics.
+
+    Sums ZᵀZ, ZᵀY, yᵀy, n and the noise variances over sites (independent noise adds up) and
+    solves the normal equations per region. Without DP noise the result is ordinary least
+    squares on the pooled rows: same coefficients, standard errors, t statistics with n − p
+    df, p-values and intervals.
+
+    With DP noise the standard error includes what the noise adds. Writing the released
+    statistics as Ã = A + E, b̃ = b + F, c̃ = c + g, the estimate satisfies exactly
+    β̂ − β = Ã⁻¹ (Zᵀε + F − Eβ), so its variance is, to first order (delta method),
+    Ã⁻¹ [σ²Ã + σ_F² I + σ_E² (‖β‖² I + ββᵀ − diag(β²))] Ã⁻¹; the last term is Var(Eβ) for a
+    symmetric noise matrix whose upper-triangle entries are independent. The unknown ββᵀ is
+    estimated by the positive semi-definite part of β̂β̂ᵀ − Cov(β̂) (the plug-in β̂β̂ᵀ would
+    over-state it by Cov(β̂), which DP noise can make larger than ββᵀ). The residual sum of
+    squares c̃ − b̃ᵀÃ⁻¹b̃ is de-biased for the noise it contains (+σ_F² tr Ã⁻¹ +
+    σ_E² βᵀ(tr(Ã⁻¹) I + Ã⁻¹ − diag Ã⁻¹)β) and floored at one standard deviation of its own DP
+    noise, which keeps σ̂² positive and errs on the conservative side (``sigma2_floored``
+    marks it). The t reference distribution takes Satterthwaite degrees of freedom from the
+    variance of σ̂² (sampling plus noise): n − p without noise, growing towards a z test as the
+    known DP noise dominates the standard error.
+
+    If the noisy Ã is not positive definite beyond the noise level (smallest eigenvalue below
+    σ_E), its eigenvalues are floored at σ_E, ``psd_projected`` is set and a warning is logged.
+
+    Parameters
+    ----------
+    stats : SufficientStatistics, or a sequence or mapping of them
+        One per site; all must share ``terms`` and ``regions``.
+    level : float
+        Confidence level as a fraction, default 0.95.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per region and term with columns ``region, term, estimate, se, t, df, p,
+        ci_low, ci_high, n, resid_df, sigma2, estimable, psd_projected, sigma2_floored``.
+        ``t`` is referred to a t distribution with ``df`` degrees of freedom (``inf`` = z).
+        Terms not identified by the data (exact collinearity without noise) get NaN and
+        ``estimable = False``.
+
+    Examples
+    --------
+    >>> z = np.column_stack([np.ones(4), [0.0, 1.0, 2.0, 3.0]])
+    >>> y = np.array([[1.0], [2.9], [5.1], [7.0]])
+    >>> site = SufficientStatistics(("intercept", "x"), ("roi",), z.T @ z, z.T @ y,
+    ...                             (y * y).sum(0), n=4)
+    >>> pooled_regression([site])[["term", "estimate", "se"]].round(4).to_numpy().tolist()
+    [['intercept', 0.97, 0.0794], ['x', 2.02, 0.0424]]
+    """
+    items = _site_list(stats)
+    level = _check_level(level)
+    first = items[0][1]
+    total = _Block.stack([site for _, site in items]).total()
+    solution = _solve(total, first.terms, [f"pooled fit of {len(items)} site(s)"])
+    second = _beta_second_moment(total, solution)
+    fit = _inference(
+        total, solution, second, level, first, [f"pooled fit of {len(items)} site(s)"]
+    )
+    return pd.DataFrame(fit, columns=list(REGRESSION_COLUMNS))
+
+
+def site_estimates(stats: Any, *, level: float = 0.95) -> pd.DataFrame:
+    """Fit each site's own linear model, with the same noise handling as :func:`pooled_regression`.
+
+    The rows can be pooled across sites per region and term with :func:`random_effects`, using
+    ``estimate`` as ``y`` and ``se ** 2`` as ``v`` (drop rows with ``estimable == False``).
+
+    The one term of the standard error that depends on the true β (the ZᵀZ noise, Var(Eβ)) is
+    evaluated at the pooled fit's β rather than at the site's own β̂: the site's estimate is
+    too noisy for it and, worse, correlated with its own error, which would make large errors
+    look precise and small ones uncertain.
+
+    Parameters
+    ----------
+    stats : SufficientStatistics, or a sequence or mapping of them
+        One per site; a mapping's keys become the ``site`` labels, otherwise positions are used.
+    level : float
+        Confidence level as a fraction, default 0.95.
+
+    Returns
+    -------
+    pandas.DataFrame
+        The columns of :func:`pooled_regression` preceded by ``site``, one row per site, region
+        and term.
+    """
+    items = _site_list(stats)
+    level = _check_level(level)
+    first = items[0][1]
+    sites = _Block.stack([site for _, site in items])
+    total = sites.total()
+    second = _beta_second_moment(total, _solve(total, first.terms, None))
+    where = [f"site {label!r}" for label, _ in items]
+    fit = _inference(sites, _solve(sites, first.terms, where), second, level, first, where)
+    per_site = len(first.terms) * len(first.regions)
+    fit = {"site": [label for label, _ in items for _ in range(per_site)], **fit}
+    return pd.DataFrame(fit, columns=["site", *REGRESSION_COLUMNS])
+
+
+@dataclass(frozen=True)
+class _Block:
+    """A stack of S sites' statistics (or S = 1 sum of sites) with their noise variances."""
+
+    ztz: np.ndarray  # (S, p, p)
+    zty: np.ndarray  # (S, p, R)
+    yty: np.ndarray  # (S, R)
+    n: np.ndarray  # (S,)
+    ztz_var: np.ndarray  # (S,)
+    zty_var: np.ndarray  # (S,)
+    yty_var: np.ndarray  # (S,)
+
+    @classmethod
+    def stack(cls, sites: list[SufficientStatistics]) -> _Block:
+        return cls(
+            ztz=np.stack([s.ztz for s in sites]),
+            zty=np.stack([s.zty for s in sites]),
+            yty=np.stack([s.yty for s in sites]),
+            n=np.array([s.n for s in sites]),
+            ztz_var=np.array([s.ztz_noise_var for s in sites]),
+            zty_var=np.array([s.zty_noise_var for s in sites]),
+            yty_var=np.array([s.yty_noise_var for s in sites]),
+        )
+
+    def total(self) -> _Block:
+        """The sum over sites (independent noise: the variances add up)."""
+        return _Block(
+            *(np.sum(x, axis=0, keepdims=True) for x in (self.ztz, self.zty, self.yty)),
+            *(
+                np.array([math.fsum(x)])
+                for x in (self.n, self.ztz_var, self.zty_var, self.yty_var)
+            ),
+        )
+
+    @property
+    def noisy(self) -> np.ndarray:
+        return (self.ztz_var + self.zty_var + self.yty_var) > 0.0
+
+
+@dataclass(frozen=True)
+class _Solution:
+    """Least-squares solutions of a stack of normal equations, all regions at once."""
+
+    inv: np.ndarray  # (S, p, p) (pseudo-)inverse of the (eigenvalue-floored) ZᵀZ
+    beta: np.ndarray  # (S, p, R)
+    rss: np.ndarray  # (S, R) c̃ − b̃ᵀÃ⁻¹b̃, not yet de-biased
+    resid_df: np.ndarray  # (S,)
+    estimable: np.ndarray  # (S, p) bool
+    psd_projected: np.ndarray  # (S,) bool
+
+
+def _solve(block: _Block, terms: tuple[str, ...], where: list[str] | None) -> _Solution:
+    """Solve ZᵀZ β = Zᵀy for each block; floor the eigenvalues of a noisy ZᵀZ at the noise sd.
+
+    Without noise, a singular ZᵀZ is solved with its pseudo-inverse and the terms that load on
+    its null space are marked not estimable. ``where`` names each block in warnings and errors
+    (``None`` silences the warnings).
+    """
+    p = block.ztz.shape[1]
+    ztz = block.ztz
+    floor = np.sqrt(block.ztz_var)
+    noisy_design = block.ztz_var > 0.0
+    evals, evecs = np.linalg.eigh(ztz)
+    psd_projected = noisy_design & (evals[:, 0] < floor)
+    if psd_projected.any():
+        projected = np.einsum("sik,sk,sjk->sij", evecs, np.maximum(evals, floor[:, None]), evecs)
+        ztz = np.where(psd_projected[:, None, None], projected, ztz)
+    # Solve in equilibrated coordinates D ZᵀZ D, D = diag(ZᵀZ)^(-1/2): covariates on very
+    # different scales (age in years next to 0/1 codes) then cost no accuracy.
+    diag = np.diagonal(ztz, axis1=1, axis2=2)
+    scale = np.where(diag > 0.0, 1.0 / np.sqrt(np.where(diag > 0.0, diag, 1.0)), 1.0)
+    evals, evecs = np.linalg.eigh(ztz * scale[:, :, None] * scale[:, None, :])
+    rank_tol = np.maximum(evals[:, -1], 0.0) * p * np.finfo(float).eps
+    keep = noisy_design[:, None] | (evals > rank_tol[:, None])
+    rank = keep.sum(axis=1)
+    resid_df = block.n - rank
+    estimable = np.sqrt(np.einsum("sik,sk->si", evecs**2, ~keep)) < 1e-6
+    names = where or ["pooled fit"] * len(rank)
+    for i, name in enumerate(names):
+        if rank[i] == 0:
+            raise MetaAnalysisError(f"{name}: ZᵀZ is zero; no term can be estimated")
+        if resid_df[i] <= 0:
+            raise MetaAnalysisError(
+                f"{name}: n = {block.n[i]:g} must exceed the number of estimable terms "
+                f"({rank[i]}) to estimate the residual variance"
+            )
+        if where is None:
+            continue
+        if psd_projected[i]:
+            LOGGER.warning(
+                "%s: noisy ZᵀZ has smallest eigenvalue below the DP noise sd %.4g; eigenvalues "
+                "floored at the noise sd (psd_projected=True)",
+                name,
+                floor[i],
+            )
+        if not estimable[i].all():
+            LOGGER.warning(
+                "%s: ZᵀZ is singular; terms %s are not identified and are reported as NaN",
+                name,
+                [t for t, ok in zip(terms, estimable[i], strict=True) if not ok],
+            )
+    inv = np.einsum("sik,sk,sjk->sij", evecs, np.where(keep, 1.0 / evals, 0.0), evecs)
+    inv = inv * scale[:, :, None] * scale[:, None, :]
+    beta = inv @ block.zty
+    rss = block.yty - np.einsum("sir,sir->sr", beta, block.zty)
+    return _Solution(inv, beta, rss, resid_df, estimable, psd_projected)
+
+
+def _beta_second_moment(block: _Block, solution: _Solution) -> np.ndarray:
+    """Estimate ββᵀ per block and region, shape (S, R, p, p): PSD part of β̂β̂ᵀ − Cov₀(β̂).
+
+    Cov₀ is the sampling and Zᵀy-noise covariance σ̂²Ã⁻¹ + σ_F²Ã⁻² (the parts that do not
+    depend on β). Without noise nothing downstream uses the result.
+    """
+    beta, inv = solution.beta, solution.inv
+    second = np.einsum("sir,sjr->srij", beta, beta)
+    if not block.noisy.any():
+        return second
+    var_f = block.zty_var[:, None, None, None]
+    trace_inv = np.trace(inv, axis1=1, axis2=2)
+    sigma2 = np.maximum(solution.rss + block.zty_var[:, None] * trace_inv[:, None], 0.0)
+    sigma2 = sigma2 / solution.resid_df[:, None]
+    second = second - sigma2[:, :, None, None] * inv[:, None] - var_f * (inv @ inv)[:, None]
+    evals, evecs = np.linalg.eigh(second)
+    return np.einsum("srij,srj,srkj->srik", evecs, np.maximum(evals, 0.0), evecs)
+
+
+def _inference(
+    block: _Block,
+    solution: _Solution,
+    second: np.ndarray,
+    level: float,
+    names: SufficientStatistics,
+    where: list[str],
+) -> dict[str, Any]:
+    """Standard errors, t statistics, p-values and intervals with the DP noise included.
+
+    ``second`` estimates ββᵀ per region, shape (S or 1, R, p, p), for the terms the ZᵀZ noise
+    adds. ``names`` supplies the terms and regions, ``where`` names each block in warnings.
+    Returns the table's columns, rows ordered by block, region, term.
+    """
+    inv, beta = solution.inv, solution.beta
+    n_blocks, p, n_regions = beta.shape
+    resid_df = solution.resid_df[:, None]  # (S, 1)
+    var_e, var_f, var_g = (x[:, None] for x in (block.ztz_var, block.zty_var, block.yty_var))
+    noisy = block.noisy[:, None]
+    inv_diag = np.diagonal(inv, axis1=1, axis2=2)  # (S, p)
+    inv_sq = inv @ inv
+    trace_inv = np.trace(inv, axis1=1, axis2=2)[:, None]  # (S, 1)
+    trace_b = np.trace(second, axis1=2, axis2=3)  # ‖β‖², (S, R)
+    diag_b = np.diagonal(second, axis1=2, axis2=3)  # β_j², (S, R, p)
+
+    # De-bias the residual sum of squares for the noise in Zᵀy and ZᵀZ:
+    # E[b̃ᵀÃ⁻¹b̃] ≈ bᵀA⁻¹b + σ_F² tr A⁻¹ + σ_E² βᵀ(tr(A⁻¹) I + A⁻¹ − diag A⁻¹)β.
+    rss = solution.rss + var_f * trace_inv
+    rss = rss + var_e * (
+        trace_b * trace_inv
+        + np.einsum("sij,srji->sr", inv, second)
+        - np.einsum("srj,sj->sr", diag_b, inv_diag)
+    )
+    # Variance the noise adds to it: Var(g) + Var(2βᵀF + FᵀÃ⁻¹F) + Var(βᵀEβ).
+    rss_noise_var = (
+        var_g
+        + 4.0 * var_f * trace_b
+        + 2.0 * var_f**2 * np.trace(inv_sq, axis1=1, axis2=2)[:, None]
+        + var_e * (2.0 * trace_b**2 - (diag_b**2).sum(axis=2))
+    )
+    sigma2 = rss / resid_df
+    sigma2_floor = np.sqrt(rss_noise_var) / resid_df
+    sigma2_floored = (sigma2 < sigma2_floor) & noisy
+    for i in np.flatnonzero(sigma2_floored.any(axis=1)):
+        LOGGER.warning(
+            "%s: residual variance of %s fell below the DP noise level; floored at one noise "
+            "standard deviation (sigma2_floored=True)",
+            where[i],
+            [r for r, f in zip(names.regions, sigma2_floored[i], strict=True) if f],
+        )
+    sigma2 = np.maximum(sigma2, sigma2_floor)
+    sigma2_var = (2.0 * sigma2**2 * resid_df + rss_noise_var) / resid_df**2
+
+    # Var(β̂_j) = σ² [Ã⁻¹]_jj + σ_F² [Ã⁻²]_jj + σ_E² [Ã⁻¹ (‖β‖² I + ββᵀ − diag β²) Ã⁻¹]_jj,
+    # all of shape (S, R, p).
+    inv_sq_diag = np.diagonal(inv_sq, axis1=1, axis2=2)[:, None, :]
+    var_beta = (
+        sigma2[:, :, None] * inv_diag[:, None, :]
+        + var_f[:, :, None] * inv_sq_diag
+        + var_e[:, :, None]
+        * (
+            trace_b[:, :, None] * inv_sq_diag
+            + np.einsum("sij,srjk,ski->sri", inv, second, inv)
+            - np.einsum("sij,srj->sri", inv**2, diag_b)
+        )
+    )
+    estimate = beta.transpose(0, 2, 1)  # (S, R, p)
+    se = np.sqrt(var_beta)
+    # Satterthwaite: only the σ̂² part of the variance is estimated with error; without noise
+    # this is exactly the residual df.
+    denom = inv_diag[:, None, :] ** 2 * sigma2_var[:, :, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        df = np.where(denom > 0.0, 2.0 * var_beta**2 / denom, np.inf)
+        t = estimate / se
+    df = np.where(noisy[:, :, None], df, resid_df[:, :, None])
+    crit = special.stdtrit(df, 1.0 - (1.0 - level) / 2.0)
+    per_coefficient = {
+        "estimate": estimate,
+        "se": se,
+        "t": t,
+        "df": df,
+        "p": 2.0 * special.stdtr(df, -np.abs(t)),
+        "ci_low": estimate - crit * se,
+        "ci_high": estimate + crit * se,
+    }
+    missing = ~solution.estimable[:, None, :]
+    shape = (n_blocks, n_regions, p)
+    out: dict[str, Any] = {
+        "region": [r for _ in range(n_blocks) for r in names.regions for _ in names.terms],
+        "term": [t_ for _ in range(n_blocks * n_regions) for t_ in names.terms],
+    }
+    for name, values in per_coefficient.items():
+        out[name] = np.where(missing, np.nan, values).ravel()
+    out["n"] = np.broadcast_to(block.n[:, None, None], shape).ravel()
+    out["resid_df"] = np.broadcast_to(resid_df[:, :, None], shape).ravel()
+    out["sigma2"] = np.broadcast_to(sigma2[:, :, None], shape).ravel()
+    out["estimable"] = np.broadcast_to(solution.estimable[:, None, :], shape).ravel()
+    out["psd_projected"] = np.broadcast_to(solution.psd_projected[:, None, None], shape).ravel()
+    out["sigma2_floored"] = np.broadcast_to(sigma2_floored[:, :, None], shape).ravel()
+    return out
