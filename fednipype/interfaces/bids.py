@@ -1,0 +1,176 @@
+"""Nipype interfaces that move files in and out of BIDS trees (selection, derivatives sink)."""
+
+from __future__ import annotations
+
+from nipype.interfaces.base import (
+    BaseInterfaceInputSpec,
+    Directory,
+    File,
+    SimpleInterface,
+    Str,
+    TraitedSpec,
+    isdefined,
+    traits,
+)
+
+
+class _SelectImageInputSpec(BaseInterfaceInputSpec):
+    key = Str(mandatory=True, desc="key of the image to select, e.g. 'sub-01_ses-1'")
+    images = traits.Dict(
+        key_trait=Str,
+        value_trait=traits.List(Str, minlen=3, maxlen=3),
+        mandatory=True,
+        desc="key -> [file, subject, session] ('' when the dataset has no sessions)",
+    )
+
+
+class _SelectImageOutputSpec(TraitedSpec):
+    in_file = Str(desc="path of the selected image")
+    subject = Str(desc="subject label, without 'sub-'")
+    session = Str(desc="session label without 'ses-', '' when there is none")
+
+
+class SelectImage(SimpleInterface):
+    """Pick one image (and its subject and session) out of a table, by key.
+
+    Lets a workflow iterate over short, readable keys (``sub-01_ses-1``) so that its working
+    directories are named after the subject, while the image paths travel as data.
+
+    Examples
+    --------
+    >>> select = SelectImage(key="sub-01", images={"sub-01": ["a.nii.gz", "01", ""]})
+    >>> select.run().outputs.subject
+    '01'
+    """
+
+    input_spec = _SelectImageInputSpec
+    output_spec = _SelectImageOutputSpec
+
+    def _run_interface(self, runtime):
+        from fednipype.exceptions import BIDSError
+
+        try:
+            in_file, subject, session = self.inputs.images[self.inputs.key]
+        except KeyError as exc:
+            raise BIDSError(f"no image recorded for key {self.inputs.key!r}") from exc
+        self._results.update(in_file=in_file, subject=subject, session=session)
+        return runtime
+
+
+class _DerivativesDataSinkInputSpec(BaseInterfaceInputSpec):
+    base_directory = Directory(
+        mandatory=True, desc="root of the derivative dataset (the output directory)"
+    )
+    in_file = File(exists=True, mandatory=True, desc="file to store as a BIDS derivative")
+    meta_file = File(
+        exists=True, desc="JSON file whose content becomes (part of) the sidecar of the output"
+    )
+    meta_dict = traits.Dict(
+        key_trait=Str, desc="extra keys written into the sidecar (override meta_file's)"
+    )
+    subject = Str(mandatory=True, desc="subject label, with or without 'sub-'")
+    session = Str(desc="session label without 'ses-'; empty or undefined when there is none")
+    desc = Str(mandatory=True, desc="value of the 'desc-' entity")
+    suffix = Str(mandatory=True, desc="BIDS suffix of the output, e.g. 'features'")
+    space = Str(desc="value of the 'space-' entity, if any")
+    datatype = Str("anat", usedefault=True, desc="BIDS datatype folder")
+    extension = Str(desc="extension with its dot; by default that of in_file")
+
+
+class _DerivativesDataSinkOutputSpec(TraitedSpec):
+    out_file = File(desc="the stored derivative")
+    out_meta = File(desc="its JSON sidecar (when meta_file or meta_dict was given)")
+
+
+class DerivativesDataSink(SimpleInterface):
+    """Store a file under ``base_directory`` with a BIDS-derivative name, plus a sidecar.
+
+    The path comes from :func:`fednipype.bids.derivative_path`, e.g.
+    ``sub-01/ses-1/anat/sub-01_ses-1_desc-regional_features.tsv``.  Files are written
+    atomically, and only when their content changed, so re-running a workflow leaves
+    unchanged outputs untouched.  The sink always runs (it is cheap), so deleted outputs are
+    restored from the cache on the next run.
+
+    Examples
+    --------
+    >>> sink = DerivativesDataSink(desc="regional", suffix="features", subject="01")
+    >>> sink.inputs.datatype
+    'anat'
+    """
+
+    input_spec = _DerivativesDataSinkInputSpec
+    output_spec = _DerivativesDataSinkOutputSpec
+    _always_run = True
+
+    def _run_interface(self, runtime):
+        import json
+        from pathlib import Path
+
+        from fednipype.bids import derivative_path
+
+        in_file = Path(self.inputs.in_file)
+        extension = self.inputs.extension if isdefined(self.inputs.extension) else None
+        if not extension:
+            name = in_file.name
+            extension = ".nii.gz" if name.endswith(".nii.gz") else in_file.suffix
+        session = self.inputs.session if isdefined(self.inputs.session) else None
+        space = self.inputs.space if isdefined(self.inputs.space) else None
+        out_file = derivative_path(
+            self.inputs.subject,
+            session or None,
+            desc=self.inputs.desc,
+            suffix=self.inputs.suffix,
+            extension=extension,
+            datatype=self.inputs.datatype,
+            space=space or None,
+            output_dir=self.inputs.base_directory,
+        )
+        _write_if_changed(out_file, in_file.read_bytes())
+        self._results["out_file"] = str(out_file)
+
+        meta: dict = {}
+        if isdefined(self.inputs.meta_file):
+            meta.update(json.loads(Path(self.inputs.meta_file).read_text(encoding="utf-8")))
+        if isdefined(self.inputs.meta_dict):
+            meta.update(self.inputs.meta_dict)
+        if meta:
+            out_meta = out_file.with_name(out_file.name.removesuffix(extension) + ".json")
+            text = json.dumps(meta, indent=2) + "\n"
+            _write_if_changed(out_meta, text.encode("utf-8"))
+            self._results["out_meta"] = str(out_meta)
+        return runtime
+
+
+def _write_if_changed(path, data: bytes) -> None:
+    """Write atomically unless the file already holds exactly ``data`` (keeps mtimes)."""
+    from fednipype.io import atomic_write_bytes
+
+    if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
+        return
+    atomic_write_bytes(path, data)
+
+
+class _DerivativeDescriptionInputSpec(BaseInterfaceInputSpec):
+    output_dir = Directory(mandatory=True, desc="root of the derivative dataset")
+    source_datasets = traits.List(Str, desc="URLs or DOIs of the input datasets (SourceDatasets)")
+
+
+class _DerivativeDescriptionOutputSpec(TraitedSpec):
+    out_file = File(exists=True, desc="the dataset_description.json written")
+
+
+class DerivativeDescription(SimpleInterface):
+    """Write the derivative dataset's ``dataset_description.json`` (always runs)."""
+
+    input_spec = _DerivativeDescriptionInputSpec
+    output_spec = _DerivativeDescriptionOutputSpec
+    _always_run = True
+
+    def _run_interface(self, runtime):
+        from fednipype.bids import write_derivative_description
+
+        sources = self.inputs.source_datasets if isdefined(self.inputs.source_datasets) else []
+        self._results["out_file"] = str(
+            write_derivative_description(self.inputs.output_dir, source_datasets=sources)
+        )
+        return runtime

@@ -1,0 +1,522 @@
+"""The participant-level workflow: regional features of every subject/session of a BIDS site.
+
+One branch per subject and session (Nipype iterables), so a subject whose image is broken
+fails alone: the others still finish and are written, and :func:`run_participant_wf` reports
+each failure with its subject, session, file and error.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import re
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fednipype.exceptions import BIDSError, ImageError
+
+if TYPE_CHECKING:
+    from nipype.pipeline import engine as pe
+
+    from fednipype.atlas import Atlas
+
+LOGGER = logging.getLogger(__name__)
+
+DESC = "regional"
+SUFFIX = "features"
+#: Seconds between MultiProc's checks of its workers (Nipype's default, 2 s, would dominate).
+POLL_SLEEP_DURATION = 0.1
+
+
+@dataclass(frozen=True)
+class ImageJob:
+    """One subject/session image the workflow processes."""
+
+    key: str
+    subject: str
+    session: str | None
+    in_file: str
+
+
+@dataclass
+class Failure:
+    """A subject/session whose features could not be computed."""
+
+    subject: str
+    session: str | None
+    in_file: str
+    node: str
+    error: str
+    crash_file: str | None = None
+
+
+@dataclass
+class ParticipantRunResult:
+    """What :func:`run_participant_wf` did.
+
+    Attributes
+    ----------
+    outputs : list of dict
+        One entry per subject/session written: ``subject``, ``session``, ``in_file``,
+        ``out_tsv``, ``out_json``.
+    failures : list of Failure
+        Subjects/sessions that failed, with the error message.
+    n_jobs : int
+        Subject/session images scheduled.
+    output_dir, work_dir : pathlib.Path
+        Where the derivatives and Nipype's working files are.
+    elapsed_s : float
+        Wall-clock time of the run.
+    """
+
+    outputs: list[dict[str, Any]] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)
+    n_jobs: int = 0
+    output_dir: Path | None = None
+    work_dir: Path | None = None
+    elapsed_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        """Whether every subject/session succeeded."""
+        return not self.failures
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-friendly summary."""
+        return {
+            "n_jobs": self.n_jobs,
+            "n_outputs": len(self.outputs),
+            "outputs": self.outputs,
+            "failures": [asdict(f) for f in self.failures],
+            "output_dir": str(self.output_dir),
+            "work_dir": str(self.work_dir),
+            "elapsed_s": self.elapsed_s,
+        }
+
+
+def collect_jobs(
+    bids_dir: str | os.PathLike[str],
+    *,
+    participant_label: list[str] | None = None,
+    space: str = "MNI152NLin2009cAsym",
+    label: str = "GM",
+) -> list[ImageJob]:
+    """List the probability maps to process, one per subject/session.
+
+    Parameters
+    ----------
+    bids_dir : path-like
+        BIDS dataset whose ``derivatives/`` hold ``…_space-<space>_label-<label>_probseg``.
+    participant_label : list of str, optional
+        Subjects to keep (with or without ``sub-``); all by default.
+    space, label : str
+        Entities of the probability maps.
+
+    Returns
+    -------
+    list of ImageJob
+        Sorted by subject and session.
+
+    Raises
+    ------
+    BIDSError
+        If no map is found at all, or a subject/session has more than one.
+    """
+    from fednipype import bids
+
+    layout = bids.load_layout(bids_dir, derivatives=True)
+    jobs = []
+    for subject in bids.get_subjects(layout, participant_label):
+        sessions: list[str | None] = list(bids.get_sessions(layout, subject)) or [None]
+        for session in sessions:
+            files = bids.get_probseg(layout, subject, session, label=label, space=space)
+            where = f"sub-{subject}" + (f" ses-{session}" if session else "")
+            if not files:
+                LOGGER.warning("%s: no space-%s label-%s probseg found", where, space, label)
+                continue
+            if len(files) > 1:
+                raise BIDSError(
+                    f"{where}: {len(files)} space-{space} label-{label} probseg images match "
+                    f"({', '.join(Path(f).name for f in files)}); expected one"
+                )
+            key = f"sub-{subject}" + (f"_ses-{session}" if session else "")
+            jobs.append(ImageJob(key, subject, session, str(files[0])))
+    if not jobs:
+        raise BIDSError(
+            f"{bids_dir}: no space-{space} label-{label} probseg image found in its derivatives"
+        )
+    return jobs
+
+
+def default_work_dir(output_dir: str | os.PathLike[str]) -> Path:
+    """Nipype's working directory when none is given: a ``work`` folder beside the outputs.
+
+    >>> str(default_work_dir("/data/derivatives/fednipype"))
+    '/data/derivatives/work'
+    """
+    return Path(output_dir).absolute().parent / "work"
+
+
+def init_participant_wf(
+    *,
+    bids_dir: str | os.PathLike[str],
+    output_dir: str | os.PathLike[str],
+    participant_label: list[str] | None = None,
+    atlas: Atlas | None = None,
+    space: str = "MNI152NLin2009cAsym",
+    label: str = "GM",
+    work_dir: str | os.PathLike[str] | None = None,
+    name: str = "participant_wf",
+) -> pe.Workflow:
+    """Build the participant-level workflow: regional features of each subject/session.
+
+    The BIDS dataset is queried when the workflow is built (:func:`collect_jobs`); each
+    subject/session becomes one branch of the graph (Nipype iterables over ``sub-X[_ses-Y]``
+    keys), so branches run in parallel and fail independently.
+
+    Parameters
+    ----------
+    bids_dir : path-like
+        Root of the BIDS dataset; tissue probability maps are read from its derivatives.
+    output_dir : path-like
+        Root of the derivative dataset written (``dataset_description.json`` and
+        ``sub-X/[ses-Y/]anat/sub-X[_ses-Y]_desc-regional_features.tsv`` + ``.json``).
+    participant_label : list of str, optional
+        Subjects to process, with or without ``sub-``; all by default.
+    atlas : fednipype.atlas.Atlas, optional
+        Label atlas; by default fednipype's 2 mm default atlas (resampled by nearest
+        neighbour to each image's grid).
+    space : str
+        Template space of the probability maps (their ``space-`` entity); must agree with the
+        atlas's space when the atlas declares one.
+    label : str
+        Tissue of the probability maps (``label-`` entity), e.g. ``GM``.
+    work_dir : path-like, optional
+        Nipype's working directory (its cache: re-running with the same one skips finished
+        nodes).  Default: :func:`default_work_dir`, a ``work`` folder beside ``output_dir``.
+    name : str
+        Name of the workflow (and of its folder under ``work_dir``).
+
+    Inputs
+    ------
+    key
+        Iterated: one ``sub-X[_ses-Y]`` key per image found.
+
+    Outputs
+    -------
+    out_tsv, out_json
+        Per branch, the stored features table and sidecar (in ``output_dir``).
+
+    Returns
+    -------
+    nipype.pipeline.engine.Workflow
+
+    Raises
+    ------
+    BIDSError
+        If the dataset cannot be read or holds no matching probability map.
+    ImageError
+        If the atlas's space differs from ``space``.
+
+    Examples
+    --------
+    >>> wf = init_participant_wf(bids_dir="bids_examples/siteA", output_dir="derivatives")
+    >>> sorted(wf.list_node_names())  # doctest: +NORMALIZE_WHITESPACE
+    ['ds_description', 'ds_features', 'features', 'inputnode', 'outputnode', 'select_image']
+    >>> len(wf.get_node("inputnode").iterables[1])  # 24 subjects x 2 sessions
+    48
+    """
+    workflow, _ = _build_participant_wf(
+        bids_dir=bids_dir,
+        output_dir=output_dir,
+        participant_label=participant_label,
+        atlas=atlas,
+        space=space,
+        label=label,
+        work_dir=work_dir,
+        name=name,
+    )
+    return workflow
+
+
+def _build_participant_wf(
+    *,
+    bids_dir: str | os.PathLike[str],
+    output_dir: str | os.PathLike[str],
+    participant_label: list[str] | None,
+    atlas: Atlas | None,
+    space: str,
+    label: str,
+    work_dir: str | os.PathLike[str] | None,
+    name: str,
+) -> tuple[pe.Workflow, list[ImageJob]]:
+    """The workflow of :func:`init_participant_wf` and the jobs it iterates over."""
+    from nipype.interfaces import utility as niu
+    from nipype.pipeline import engine as pe
+
+    from fednipype.atlas import default_atlas
+    from fednipype.interfaces.bids import DerivativeDescription, DerivativesDataSink, SelectImage
+    from fednipype.interfaces.features import RegionalFeatures
+
+    atlas = atlas or default_atlas(2)
+    if atlas.space and space and atlas.space != space:
+        raise ImageError(
+            f"{atlas.image}: the atlas is in space '{atlas.space}' but the images requested are "
+            f"in space '{space}'"
+        )
+    bids_dir = Path(bids_dir).absolute()
+    output_dir = Path(output_dir).absolute()
+    jobs = collect_jobs(bids_dir, participant_label=participant_label, space=space, label=label)
+
+    workflow = pe.Workflow(name=name, base_dir=str(Path(work_dir or default_work_dir(output_dir))))
+    workflow.config["execution"] = {
+        "stop_on_first_crash": "false",
+        "poll_sleep_duration": str(POLL_SLEEP_DURATION),
+        "remove_unnecessary_outputs": "false",
+    }
+
+    inputnode = pe.Node(niu.IdentityInterface(fields=["key"]), name="inputnode")
+    inputnode.iterables = ("key", [job.key for job in jobs])
+    select_image = pe.Node(
+        SelectImage(
+            images={job.key: [job.in_file, job.subject, job.session or ""] for job in jobs}
+        ),
+        name="select_image",
+        run_without_submitting=True,
+    )
+    features = pe.Node(
+        RegionalFeatures(
+            atlas_file=str(atlas.image),
+            atlas_labels=str(atlas.labels),
+            atlas_name=atlas.name,
+            image_kind="probseg",
+            image_space=space,
+            **({"atlas_space": atlas.space} if atlas.space else {}),
+        ),
+        name="features",
+    )
+    ds_features = pe.Node(
+        DerivativesDataSink(base_directory=str(output_dir), desc=DESC, suffix=SUFFIX),
+        name="ds_features",
+        run_without_submitting=True,
+    )
+    ds_description = pe.Node(
+        DerivativeDescription(output_dir=str(output_dir), source_datasets=[bids_dir.as_uri()]),
+        name="ds_description",
+        run_without_submitting=True,
+    )
+    outputnode = pe.Node(niu.IdentityInterface(fields=["out_tsv", "out_json"]), name="outputnode")
+    # fmt: off
+    workflow.connect([
+        (inputnode, select_image, [("key", "key")]),
+        (select_image, features, [("in_file", "in_file")]),
+        (select_image, ds_features, [("subject", "subject"), ("session", "session")]),
+        (features, ds_features, [("out_tsv", "in_file"), ("out_json", "meta_file")]),
+        (ds_features, outputnode, [("out_file", "out_tsv"), ("out_meta", "out_json")]),
+    ])
+    # fmt: on
+    workflow.add_nodes([ds_description])
+    return workflow, jobs
+
+
+def _error_line(traceback_lines: list[str]) -> str:
+    """The most informative line of a Nipype crash traceback: the original exception."""
+    text = "".join(traceback_lines)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    pattern = re.compile(r"^([A-Za-z_][\w.]*(Error|Exception|Exceeded|Warning)): (.+)$")
+    matches = [line for line in lines if pattern.match(line)]
+    # Nipype re-raises node errors as 'RuntimeError/NodeExecutionError: … Traceback …': the
+    # first matching line that is not Nipype's wrapper carries the user-facing message.
+    for line in matches:
+        if not line.startswith(("nipype.", "RuntimeError: Exception raised while executing")):
+            if "NodeExecutionError" not in line:
+                return line
+    return matches[-1] if matches else (lines[-1] if lines else "unknown error")
+
+
+def _read_crash(path: Path) -> tuple[Any, str]:
+    from nipype.utils.filemanip import loadcrash
+
+    try:
+        crash = loadcrash(str(path))
+    except Exception as exc:  # a crash file we cannot unpickle still tells us a node failed
+        return None, f"unreadable crash file ({type(exc).__name__}: {exc})"
+    return crash.get("node"), _error_line(list(crash.get("traceback") or []))
+
+
+def run_participant_wf(
+    *,
+    bids_dir: str | os.PathLike[str],
+    output_dir: str | os.PathLike[str],
+    participant_label: list[str] | None = None,
+    atlas: Atlas | None = None,
+    space: str = "MNI152NLin2009cAsym",
+    label: str = "GM",
+    work_dir: str | os.PathLike[str] | None = None,
+    plugin: str = "MultiProc",
+    plugin_args: dict[str, Any] | None = None,
+    name: str = "participant_wf",
+) -> ParticipantRunResult:
+    """Build and run the participant-level workflow; one failing subject does not stop others.
+
+    Nipype runs with ``stop_on_first_crash`` off; when some branches fail, Nipype's final
+    ``RuntimeError`` is caught, the successful subjects' outputs stay written, and each
+    failure is read back from this run's crash files and reported (logged as an error and
+    returned).
+
+    Parameters
+    ----------
+    bids_dir, output_dir, participant_label, atlas, space, label, work_dir, name
+        As for :func:`init_participant_wf`.
+    plugin : str
+        Any Nipype execution plugin: ``Linear``, ``MultiProc`` (default), ``SLURM``,
+        ``SGE``, ``PBS`` …
+    plugin_args : dict, optional
+        Passed to the plugin, e.g. ``{"n_procs": 2}`` for MultiProc or
+        ``{"sbatch_args": "--mem=4G"}`` for SLURM.
+
+    Returns
+    -------
+    ParticipantRunResult
+        Outputs written and failures (subject, session, file, node, error, crash file).
+
+    Raises
+    ------
+    BIDSError
+        If the dataset holds no image to process (nothing runs then).
+    """
+    started = time.perf_counter()
+    workflow, jobs = _build_participant_wf(
+        bids_dir=bids_dir,
+        output_dir=output_dir,
+        participant_label=participant_label,
+        atlas=atlas,
+        space=space,
+        label=label,
+        work_dir=work_dir,
+        name=name,
+    )
+    output_dir = Path(output_dir).absolute()
+    work_root = Path(workflow.base_dir)
+    # A fresh crash folder per run: only this run's failures are reported.
+    (work_root / "crash").mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    crash_dir = Path(tempfile.mkdtemp(prefix=f"run-{stamp}-", dir=work_root / "crash"))
+    workflow.config["execution"].update(
+        {"crashdump_dir": str(crash_dir), "crashfile_format": "pklz"}
+    )
+
+    plugin_args = dict(plugin_args or {})
+    LOGGER.info(
+        "participant workflow: %d image(s) from %s with %s; outputs in %s, work in %s",
+        len(jobs),
+        bids_dir,
+        plugin,
+        output_dir,
+        work_root,
+    )
+    crashed = False
+    # Nipype's MultiProc calls gc.collect() around every node it runs in this process; a full
+    # collection walks every live object (pybids, pandas, nipype's graph: ~10^5 objects, about
+    # 0.1 s each time), which would dominate the per-subject cost.  Freezing the objects that
+    # exist now moves them out of the collector's reach for the run (CPython's gc.freeze).
+    gc.collect()
+    gc.freeze()
+    try:
+        workflow.run(plugin=plugin, plugin_args=plugin_args)
+    except RuntimeError as exc:  # Nipype: "Workflow did not execute cleanly"
+        crashed = True
+        LOGGER.debug("Nipype reported failed nodes: %s", exc)
+    finally:
+        gc.unfreeze()
+
+    result = ParticipantRunResult(
+        n_jobs=len(jobs),
+        output_dir=output_dir,
+        work_dir=work_root,
+        elapsed_s=time.perf_counter() - started,
+    )
+    failures = _collect_failures(crash_dir, jobs)
+    failed_keys = {f.subject + "\0" + (f.session or "") for f in failures}
+    from fednipype.bids import derivative_path
+
+    for job in jobs:
+        out_tsv = derivative_path(
+            job.subject, job.session, desc=DESC, suffix=SUFFIX, extension=".tsv",
+            output_dir=output_dir,
+        )  # fmt: skip
+        job_id = job.subject + "\0" + (job.session or "")
+        if job_id in failed_keys:
+            if out_tsv.exists():
+                LOGGER.warning(
+                    "%s: failed in this run; %s is left over from an earlier run", job.key, out_tsv
+                )
+            continue
+        if out_tsv.is_file():
+            result.outputs.append(
+                {
+                    "subject": job.subject,
+                    "session": job.session,
+                    "in_file": job.in_file,
+                    "out_tsv": str(out_tsv),
+                    "out_json": str(out_tsv.with_suffix(".json")),
+                }
+            )
+        else:  # no crash file but no output either: report rather than lose it
+            failures.append(
+                Failure(job.subject, job.session, job.in_file, "", "no output was written")
+            )
+    if crashed and not failures:
+        failures.append(Failure("", None, "", "", "Nipype reported a failure (see its log)"))
+    result.failures = failures
+    for failure in failures:
+        LOGGER.error(
+            "sub-%s%s failed (%s): %s [%s]",
+            failure.subject,
+            f" ses-{failure.session}" if failure.session else "",
+            failure.in_file,
+            failure.error,
+            failure.crash_file or "no crash file",
+        )
+    LOGGER.info(
+        "participant workflow: %d of %d image(s) done, %d failed, in %.1f s",
+        len(result.outputs),
+        len(jobs),
+        len(failures),
+        result.elapsed_s,
+    )
+    if not any(crash_dir.iterdir()):
+        crash_dir.rmdir()
+    return result
+
+
+def _collect_failures(crash_dir: Path, jobs: list[ImageJob]) -> list[Failure]:
+    """Map this run's crash files back to subjects/sessions."""
+    by_file = {job.in_file: job for job in jobs}
+    by_key = {job.key: job for job in jobs}
+    failures: dict[str, Failure] = {}
+    for crash_file in sorted(crash_dir.glob("crash-*")):
+        node, error = _read_crash(crash_file)
+        job = None
+        node_name = getattr(node, "fullname", "") or ""
+        if node is not None:
+            in_file = getattr(node.inputs, "in_file", None)
+            job = by_file.get(str(in_file)) if isinstance(in_file, str) else None
+            if job is None:  # a sink or selection node: find the key in its parameterization
+                where = " ".join(getattr(node, "parameterization", []) or [])
+                where += " " + str(getattr(node, "base_dir", "") or "")
+                job = next((j for k, j in by_key.items() if f"key_{k}" in where), None)
+        if job is None:
+            failures[str(crash_file)] = Failure(
+                "", None, "", node_name, error, crash_file=str(crash_file)
+            )
+            continue
+        if job.key not in failures:  # the first node to fail in a branch is the cause
+            failures[job.key] = Failure(
+                job.subject, job.session, job.in_file, node_name, error, str(crash_file)
+            )
+    return list(failures.values())
