@@ -1,0 +1,787 @@
+"""The privacy ledger: a dataset's budget, spent atomically and fail-closed, with an audit log.
+
+The ledger is one SQLite file that belongs to a dataset (not to an output folder). Every
+release or training run is *charged* to it before its result exists: a charge either fits in
+the dataset's total (epsilon, delta) and is recorded together with its audit row in one
+transaction, or it is refused with :class:`~fednipype.exceptions.PrivacyBudgetExceeded`.
+Budgets compose by basic composition (sums of epsilon and of delta).
+
+Guarantees and how they are obtained:
+
+* **Atomic spend across processes.** Each charge runs in one ``BEGIN IMMEDIATE`` transaction
+  (SQLite's write lock is taken before the spent budget is read), so concurrent processes on
+  one machine are serialised and can never jointly overspend. WAL journal mode lets readers
+  proceed during a charge; ``synchronous=FULL`` makes a committed charge survive a power cut.
+  WAL needs a local file system: do not put a ledger on a network share.
+* **Fail-closed.** A charge is committed before any noise is drawn; a process that dies
+  afterwards leaves the charge (and its audit row) in place, so budget is lost, never
+  over-spent. A refused or invalid charge records nothing.
+* **Append-only.** SQLite triggers abort any UPDATE or DELETE of charges, audit rows, the
+  dataset identity and the budget history; the only permitted update fills an audit row's
+  release hash once. (Triggers protect against code paths and accidental edits; protecting
+  the file itself - permissions, backups - is the data owner's job.)
+* **Fixed budget.** The ledger stores the dataset identity and its total budget at creation.
+  Opening it for another dataset, or with other totals, raises
+  :class:`~fednipype.exceptions.PolicyError`: a budget cannot be changed by editing a call.
+  A data owner who decides to change the budget does so explicitly with
+  :meth:`PrivacyLedger.amend_budget`, which appends a dated, reasoned row to the budget
+  history (kept in the ledger), and then updates the site policy to the same totals.
+
+Floating point: spent amounts are summed with :func:`math.fsum` (correctly rounded), and a
+charge is admitted when ``spent + requested <= total * (1 + 1e-12)``. The relative tolerance
+absorbs the binary rounding of decimal budgets (ten charges of 0.1 fit a total of 1.0) and
+never lets the total be exceeded by more than 1e-12 relative.
+
+Examples
+--------
+>>> import tempfile, pathlib
+>>> path = pathlib.Path(tempfile.mkdtemp()) / "ledger.sqlite"
+>>> ledger = PrivacyLedger(path, "demo-dataset", total_epsilon=1.0, total_delta=1e-6)
+>>> charge_id = ledger.charge(0.4, 0.0, purpose="mean", parameters={"regions": 3})
+>>> ledger.spent()
+Budget(epsilon=0.4, delta=0.0)
+>>> ledger.remaining().epsilon
+0.6
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import sqlite3
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any, NamedTuple
+
+from fednipype._version import __version__
+from fednipype.exceptions import FednipypeError, PolicyError, PrivacyBudgetExceeded
+from fednipype.privacy.policy import SitePolicy, check_delta, check_epsilon
+
+LOGGER = logging.getLogger(__name__)
+
+#: Version of the ledger's table layout, stored in the file.
+SCHEMA_VERSION = "1"
+#: Relative slack allowed over the total budget, for binary rounding of decimal budgets only.
+RELATIVE_TOLERANCE = 1e-12
+#: Seconds a process waits for another one's charge to finish before giving up.
+BUSY_TIMEOUT_SECONDS = 300.0
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS budget_history (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    time TEXT NOT NULL,
+    total_epsilon REAL NOT NULL CHECK (total_epsilon > 0),
+    total_delta REAL NOT NULL CHECK (total_delta >= 0 AND total_delta < 1),
+    reason TEXT NOT NULL,
+    software_version TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS charge (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    epsilon REAL NOT NULL CHECK (epsilon > 0),
+    delta REAL NOT NULL CHECK (delta >= 0 AND delta < 1)
+);
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    charge_id INTEGER NOT NULL UNIQUE REFERENCES charge(id),
+    time TEXT NOT NULL,
+    purpose TEXT NOT NULL,
+    parameters TEXT NOT NULL,
+    epsilon REAL NOT NULL,
+    delta REAL NOT NULL,
+    software_version TEXT NOT NULL,
+    content_sha256 TEXT CHECK (
+        content_sha256 IS NULL
+        OR (length(content_sha256) = 64 AND content_sha256 NOT GLOB '*[^0-9a-f]*')
+    ),
+    released_time TEXT
+);
+CREATE TRIGGER IF NOT EXISTS meta_no_update BEFORE UPDATE ON meta
+BEGIN SELECT RAISE(ABORT, 'privacy ledger is append-only: meta cannot be changed'); END;
+CREATE TRIGGER IF NOT EXISTS meta_no_delete BEFORE DELETE ON meta
+BEGIN SELECT RAISE(ABORT, 'privacy ledger is append-only: meta cannot be deleted'); END;
+CREATE TRIGGER IF NOT EXISTS budget_no_update BEFORE UPDATE ON budget_history
+BEGIN SELECT RAISE(ABORT, 'privacy ledger is append-only: budget history cannot be changed');
+END;
+CREATE TRIGGER IF NOT EXISTS budget_no_delete BEFORE DELETE ON budget_history
+BEGIN SELECT RAISE(ABORT, 'privacy ledger is append-only: budget history cannot be deleted');
+END;
+CREATE TRIGGER IF NOT EXISTS charge_no_update BEFORE UPDATE ON charge
+BEGIN SELECT RAISE(ABORT, 'privacy ledger is append-only: charges cannot be changed'); END;
+CREATE TRIGGER IF NOT EXISTS charge_no_delete BEFORE DELETE ON charge
+BEGIN SELECT RAISE(ABORT, 'privacy ledger is append-only: charges cannot be deleted'); END;
+CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
+BEGIN SELECT RAISE(ABORT, 'privacy ledger is append-only: audit rows cannot be deleted'); END;
+CREATE TRIGGER IF NOT EXISTS audit_hash_once BEFORE UPDATE ON audit
+WHEN NOT (
+    OLD.content_sha256 IS NULL AND NEW.content_sha256 IS NOT NULL
+    AND OLD.released_time IS NULL AND NEW.released_time IS NOT NULL
+    AND NEW.id IS OLD.id AND NEW.charge_id IS OLD.charge_id AND NEW.time IS OLD.time
+    AND NEW.purpose IS OLD.purpose AND NEW.parameters IS OLD.parameters
+    AND NEW.epsilon IS OLD.epsilon AND NEW.delta IS OLD.delta
+    AND NEW.software_version IS OLD.software_version
+)
+BEGIN SELECT RAISE(ABORT,
+    'privacy ledger is append-only: an audit row only gets its release hash, once'); END;
+"""
+
+
+def _schema_statements() -> list[str]:
+    # executescript() would commit the open transaction first, so run statement by statement;
+    # sqlite3.complete_statement tells where a statement (a trigger body included) ends.
+    statements, current = [], ""
+    for line in _SCHEMA.splitlines(keepends=True):
+        current += line
+        if sqlite3.complete_statement(current):
+            statements.append(current.strip())
+            current = ""
+    return statements
+
+
+class Budget(NamedTuple):
+    """An (epsilon, delta) pair: a total, an amount spent or an amount remaining."""
+
+    epsilon: float
+    delta: float
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    """One row of the audit trail: one charge and what it paid for.
+
+    Attributes
+    ----------
+    charge_id : int
+        The charge this row documents.
+    time : str
+        When the charge was made (UTC, ISO 8601).
+    purpose : str
+        What the budget was spent on.
+    parameters : dict
+        The statistic/model specification and DP parameters (stored as JSON).
+    epsilon, delta : float
+        The amount charged.
+    software_version : str
+        fednipype version that made the charge.
+    content_sha256 : str or None
+        SHA-256 of the released content, once recorded.
+    released_time : str or None
+        When the release hash was recorded (UTC, ISO 8601).
+    """
+
+    charge_id: int
+    time: str
+    purpose: str
+    parameters: dict[str, Any]
+    epsilon: float
+    delta: float
+    software_version: str
+    content_sha256: str | None
+    released_time: str | None
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
+def _fits(spent: float, request: float, total: float) -> bool:
+    return math.fsum([spent, request]) <= total * (1.0 + RELATIVE_TOLERANCE)
+
+
+class PrivacyLedger:
+    """The privacy budget ledger of one dataset, on a SQLite file.
+
+    Creating the object creates the file (and its tables) if it does not exist, or opens it and
+    checks it belongs to ``dataset_id`` with the same total budget.
+
+    Parameters
+    ----------
+    path : str or Path
+        The ledger file. Its folder must exist.
+    dataset_id : str
+        Identity of the dataset whose budget this is.
+    total_epsilon : float
+        Total epsilon of the dataset (finite, > 0).
+    total_delta : float
+        Total delta of the dataset (0 <= delta < 1).
+
+    Raises
+    ------
+    PolicyError
+        If the totals are invalid, the folder does not exist, the file is not a ledger, or it
+        belongs to another dataset or holds other totals.
+    """
+
+    def __init__(
+        self, path: str | Path, dataset_id: str, total_epsilon: float, total_delta: float
+    ) -> None:
+        self.path = Path(path).expanduser().absolute()
+        where = f"privacy ledger {self.path}"
+        self._total = Budget(
+            check_epsilon(total_epsilon, f"{where}: total_epsilon"),
+            check_delta(total_delta, f"{where}: total_delta"),
+        )
+        if not isinstance(dataset_id, str) or not dataset_id.strip():
+            raise PolicyError(f"{where}: dataset_id must be a non-empty string")
+        self.dataset_id = dataset_id
+        if not self.path.parent.is_dir():
+            raise PolicyError(
+                f"{where}: folder {self.path.parent} does not exist (a ledger is never created "
+                "in a folder made on the fly: a mistyped path would start a fresh budget)"
+            )
+        self._open_or_create()
+
+    @classmethod
+    def from_policy(cls, policy: SitePolicy) -> PrivacyLedger:
+        """Open the ledger a site policy names, with the policy's dataset and totals.
+
+        Parameters
+        ----------
+        policy : SitePolicy
+            The data owner's policy.
+
+        Returns
+        -------
+        PrivacyLedger
+        """
+        return cls(policy.ledger_path, policy.dataset_id, policy.epsilon, policy.delta)
+
+    # -- connection ----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        # One short-lived connection per operation: safe across fork and many processes.
+        try:
+            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None)
+        except sqlite3.Error as err:
+            raise PolicyError(f"privacy ledger {self.path}: cannot open ({err})") from err
+        try:
+            conn.execute("PRAGMA foreign_keys = ON")
+            conn.execute("PRAGMA synchronous = FULL")
+            yield conn
+        finally:
+            conn.close()
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction holding SQLite's write lock from its first statement."""
+        with self._connect() as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    def _open_or_create(self) -> None:
+        where = f"privacy ledger {self.path}"
+        try:
+            with self._connect() as conn:
+                mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                if str(mode).lower() != "wal":
+                    raise PolicyError(f"{where}: cannot switch to WAL journal mode ({mode})")
+            with self._write() as conn:
+                for statement in _schema_statements():
+                    conn.execute(statement)
+                meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+                if not meta:
+                    conn.executemany(
+                        "INSERT INTO meta (key, value) VALUES (?, ?)",
+                        [
+                            ("schema_version", SCHEMA_VERSION),
+                            ("dataset_id", self.dataset_id),
+                            ("created", _now()),
+                            ("created_by", f"fednipype {__version__}"),
+                        ],
+                    )
+                    conn.execute(
+                        "INSERT INTO budget_history (time, total_epsilon, total_delta, reason, "
+                        "software_version) VALUES (?, ?, ?, ?, ?)",
+                        (_now(), *self._total, "ledger created", __version__),
+                    )
+                    LOGGER.info(
+                        "created privacy ledger %s for dataset %r with budget epsilon=%g, "
+                        "delta=%g",
+                        self.path,
+                        self.dataset_id,
+                        *self._total,
+                    )
+                    return
+        except sqlite3.DatabaseError as err:
+            raise PolicyError(f"{where}: not a usable privacy ledger ({err})") from err
+        if meta.get("schema_version") != SCHEMA_VERSION:
+            raise PolicyError(
+                f"{where}: ledger layout version {meta.get('schema_version')!r}, this "
+                f"fednipype reads version {SCHEMA_VERSION!r}"
+            )
+        if meta.get("dataset_id") != self.dataset_id:
+            raise PolicyError(
+                f"{where}: belongs to dataset {meta.get('dataset_id')!r}, not "
+                f"{self.dataset_id!r}; each dataset has its own ledger"
+            )
+        stored = self._stored_total()
+        if stored != self._total:
+            raise PolicyError(
+                f"{where}: the dataset's total budget is epsilon={stored.epsilon!r}, "
+                f"delta={stored.delta!r}, but epsilon={self._total.epsilon!r}, "
+                f"delta={self._total.delta!r} was asked for; a budget is changed only with "
+                "PrivacyLedger.amend_budget (recorded in the ledger), then in the site policy"
+            )
+
+    def _stored_total(self, conn: sqlite3.Connection | None = None) -> Budget:
+        query = "SELECT total_epsilon, total_delta FROM budget_history ORDER BY id DESC LIMIT 1"
+        if conn is not None:
+            row = conn.execute(query).fetchone()
+        else:
+            with self._connect() as own:
+                row = own.execute(query).fetchone()
+        if row is None:
+            raise PolicyError(f"privacy ledger {self.path}: has no budget recorded")
+        return Budget(float(row[0]), float(row[1]))
+
+    # -- budget ----------------------------------------------------------------------------
+
+    @property
+    def total(self) -> Budget:
+        """The dataset's total budget."""
+        return self._total
+
+    @staticmethod
+    def _sum(conn: sqlite3.Connection) -> Budget:
+        rows = conn.execute("SELECT epsilon, delta FROM charge").fetchall()
+        return Budget(math.fsum(r[0] for r in rows), math.fsum(r[1] for r in rows))
+
+    def spent(self) -> Budget:
+        """Budget spent so far, over every process that used this ledger.
+
+        Returns
+        -------
+        Budget
+            ``(epsilon, delta)`` summed over all charges (:func:`math.fsum`).
+        """
+        with self._connect() as conn:
+            return self._sum(conn)
+
+    def remaining(self) -> Budget:
+        """Budget still available (never negative).
+
+        Returns
+        -------
+        Budget
+            ``(epsilon, delta)``.
+        """
+        spent = self.spent()
+        return Budget(
+            max(0.0, self._total.epsilon - spent.epsilon),
+            max(0.0, self._total.delta - spent.delta),
+        )
+
+    def charge(
+        self,
+        epsilon: float,
+        delta: float,
+        purpose: str,
+        parameters: Mapping[str, Any],
+    ) -> int:
+        """Spend budget atomically, before the result it pays for is computed.
+
+        The check against the total and the recording of the charge and of its audit row
+        happen in one transaction holding the write lock, so concurrent processes cannot
+        overspend. Invalid arguments raise before the ledger is touched.
+
+        Parameters
+        ----------
+        epsilon : float
+            Epsilon to spend (finite, > 0).
+        delta : float
+            Delta to spend (0 <= delta < 1).
+        purpose : str
+            What the budget pays for (e.g. ``"release: sufficient statistics"``).
+        parameters : Mapping
+            The specification and DP parameters, stored as JSON in the audit row
+            (JSON-serialisable, no NaN).
+
+        Returns
+        -------
+        int
+            The charge id, to pass to :meth:`record_release`.
+
+        Raises
+        ------
+        PrivacyBudgetExceeded
+            If the charge does not fit in the remaining budget; nothing is recorded.
+        PolicyError
+            If epsilon or delta are invalid.
+        FednipypeError
+            If purpose is empty or parameters are not JSON-serialisable.
+        """
+        where = f"privacy ledger {self.path}: charge"
+        epsilon = check_epsilon(epsilon, f"{where} epsilon")
+        delta = check_delta(delta, f"{where} delta")
+        if not isinstance(purpose, str) or not purpose.strip():
+            raise FednipypeError(f"{where}: purpose must be a non-empty string")
+        try:
+            params_json = json.dumps(dict(parameters), sort_keys=True, allow_nan=False)
+        except (TypeError, ValueError) as err:
+            raise FednipypeError(
+                f"{where}: parameters must be a JSON-serialisable mapping without NaN ({err})"
+            ) from err
+
+        with self._write() as conn:
+            total = self._stored_total(conn)
+            spent = self._sum(conn)
+            if not (
+                _fits(spent.epsilon, epsilon, total.epsilon)
+                and _fits(spent.delta, delta, total.delta)
+            ):
+                remaining = Budget(
+                    max(0.0, total.epsilon - spent.epsilon), max(0.0, total.delta - spent.delta)
+                )
+                raise PrivacyBudgetExceeded(
+                    f"privacy ledger {self.path} (dataset {self.dataset_id!r}): refused "
+                    f"'{purpose}': requested epsilon={epsilon:g}, delta={delta:g}; spent "
+                    f"epsilon={spent.epsilon:g}, delta={spent.delta:g} of epsilon="
+                    f"{total.epsilon:g}, delta={total.delta:g}; remaining epsilon="
+                    f"{remaining.epsilon:g}, delta={remaining.delta:g}"
+                )
+            charge_id = conn.execute(
+                "INSERT INTO charge (epsilon, delta) VALUES (?, ?)", (epsilon, delta)
+            ).lastrowid
+            conn.execute(
+                "INSERT INTO audit (charge_id, time, purpose, parameters, epsilon, delta, "
+                "software_version) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (charge_id, _now(), purpose, params_json, epsilon, delta, __version__),
+            )
+        LOGGER.info(
+            "privacy ledger %s: charge %d epsilon=%g delta=%g for %s",
+            self.path,
+            charge_id,
+            epsilon,
+            delta,
+            purpose,
+        )
+        return int(charge_id)
+
+    def record_release(self, charge_id: int, content_sha256: str) -> None:
+        """Attach the SHA-256 of the released content to a charge's audit row (once).
+
+        Parameters
+        ----------
+        charge_id : int
+            The id :meth:`charge` returned.
+        content_sha256 : str
+            Lower-case hexadecimal SHA-256 of the released bytes.
+
+        Raises
+        ------
+        FednipypeError
+            If the hash is malformed, the charge does not exist or already has a hash.
+        """
+        where = f"privacy ledger {self.path}: charge {charge_id}"
+        if not isinstance(content_sha256, str) or not _SHA256.fullmatch(content_sha256):
+            raise FednipypeError(
+                f"{where}: content_sha256 must be 64 lower-case hex digits, got {content_sha256!r}"
+            )
+        try:
+            with self._write() as conn:
+                cur = conn.execute(
+                    "UPDATE audit SET content_sha256 = ?, released_time = ? WHERE charge_id = ?",
+                    (content_sha256, _now(), int(charge_id)),
+                )
+                if cur.rowcount != 1:
+                    raise FednipypeError(f"{where}: no such charge")
+        except sqlite3.IntegrityError as err:
+            raise FednipypeError(f"{where}: release hash already recorded ({err})") from err
+
+    def amend_budget(self, total_epsilon: float, total_delta: float, reason: str) -> None:
+        """Change the dataset's total budget: the data owner's explicit, recorded decision.
+
+        The new totals and the reason are appended to the ledger's budget history; spending
+        already recorded stays. Afterwards, set the same totals in the site policy, otherwise
+        opening the ledger from the policy is refused.
+
+        Parameters
+        ----------
+        total_epsilon : float
+            New total epsilon (finite, > 0).
+        total_delta : float
+            New total delta (0 <= delta < 1).
+        reason : str
+            Why, and on whose authority (kept in the ledger).
+
+        Raises
+        ------
+        PolicyError
+            If the totals are invalid or no reason is given.
+        """
+        where = f"privacy ledger {self.path}: amend_budget"
+        new = Budget(
+            check_epsilon(total_epsilon, f"{where} total_epsilon"),
+            check_delta(total_delta, f"{where} total_delta"),
+        )
+        if not isinstance(reason, str) or not reason.strip():
+            raise PolicyError(f"{where}: a reason (who decided, and why) is required")
+        with self._write() as conn:
+            conn.execute(
+                "INSERT INTO budget_history (time, total_epsilon, total_delta, reason, "
+                "software_version) VALUES (?, ?, ?, ?, ?)",
+                (_now(), *new, reason, __version__),
+            )
+        LOGGER.warning(
+            "privacy ledger %s: total budget changed from epsilon=%g, delta=%g to "
+            "epsilon=%g, delta=%g (%s)",
+            self.path,
+            *self._total,
+            *new,
+            reason,
+        )
+        self._total = new
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def audit_trail(self) -> list[AuditRecord]:
+        """Every charge with what it paid for, oldest first.
+
+        Returns
+        -------
+        list of AuditRecord
+        """
+        with self._connect() as conn:
+            rows = conn.execute(
+                "SELECT charge_id, time, purpose, parameters, epsilon, delta, software_version, "
+                "content_sha256, released_time FROM audit ORDER BY id"
+            ).fetchall()
+        return [
+            AuditRecord(
+                charge_id=r[0],
+                time=r[1],
+                purpose=r[2],
+                parameters=json.loads(r[3]),
+                epsilon=r[4],
+                delta=r[5],
+                software_version=r[6],
+                content_sha256=r[7],
+                released_time=r[8],
+            )
+            for r in rows
+        ]
+
+    def budget_history(self) -> list[tuple[str, float, float, str]]:
+        """The total budget over time: ``(time, total_epsilon, total_delta, reason)`` rows."""
+        with self._connect() as conn:
+            rows = conn.execute(
+                "SELECT time, total_epsilon, total_delta, reason FROM budget_history ORDER BY id"
+            ).fetchall()
+        return [tuple(r) for r in rows]
+
+    def verify(self) -> None:
+        """Check the ledger file is intact and consistent.
+
+        Checks SQLite's ``integrity_check`` and foreign keys, that every charge has exactly
+        one audit row with the same amounts, and that the spent budget is within the total.
+
+        Raises
+        ------
+        FednipypeError
+            Naming the first problem found.
+        """
+        where = f"privacy ledger {self.path}"
+        with self._connect() as conn:
+            status = conn.execute("PRAGMA integrity_check").fetchone()[0]
+            if status != "ok":
+                raise FednipypeError(f"{where}: integrity_check failed: {status}")
+            if conn.execute("PRAGMA foreign_key_check").fetchall():
+                raise FednipypeError(f"{where}: foreign_key_check failed")
+            orphans = conn.execute(
+                "SELECT count(*) FROM charge c LEFT JOIN audit a ON a.charge_id = c.id "
+                "WHERE a.id IS NULL OR a.epsilon != c.epsilon OR a.delta != c.delta"
+            ).fetchone()[0]
+            if orphans:
+                raise FednipypeError(f"{where}: {orphans} charge(s) without a matching audit row")
+            spent = self._sum(conn)
+            total = self._stored_total(conn)
+        if not (_fits(spent.epsilon, 0.0, total.epsilon) and _fits(spent.delta, 0.0, total.delta)):
+            raise FednipypeError(f"{where}: spent {spent} exceeds the total {total}")
+
+    # -- spend, compute, release -----------------------------------------------------------
+
+    @contextlib.contextmanager
+    def reserve(
+        self,
+        epsilon: float,
+        delta: float,
+        purpose: str,
+        parameters: Mapping[str, Any],
+    ) -> Iterator[Spend]:
+        """Charge, then let the caller compute and write its release atomically.
+
+        The charge is made on entering the block (refused before anything is computed if it
+        does not fit). Inside the block the caller computes the noisy result and writes it
+        with :meth:`Spend.write_release` or :meth:`Spend.open_release`, which write a hidden
+        temporary file, record its SHA-256 in the audit row and only then move it into place.
+        If the block fails, or the process dies, the charge stays (fail-closed) and no partial
+        release file appears.
+
+        Parameters
+        ----------
+        epsilon, delta : float
+            The amount to charge.
+        purpose : str
+            What the budget pays for.
+        parameters : Mapping
+            Specification and DP parameters, recorded in the audit row.
+
+        Yields
+        ------
+        Spend
+            The charge, with methods to write the release.
+
+        Examples
+        --------
+        >>> import tempfile, pathlib
+        >>> folder = pathlib.Path(tempfile.mkdtemp())
+        >>> ledger = PrivacyLedger(folder / "ledger.sqlite", "demo", 1.0, 0.0)
+        >>> with ledger.reserve(0.5, 0.0, "count", {"statistic": "count"}) as spend:
+        ...     content = b'{"count": 41.7}'   # computed after the charge
+        ...     _ = spend.write_release(folder / "site_release.json", content)
+        >>> ledger.audit_trail()[0].content_sha256 == hashlib.sha256(content).hexdigest()
+        True
+        """
+        spend = Spend(self, self.charge(epsilon, delta, purpose, parameters))
+        try:
+            yield spend
+        except BaseException:
+            LOGGER.warning(
+                "privacy ledger %s: charge %d stays spent, its release failed",
+                self.path,
+                spend.charge_id,
+            )
+            raise
+        if not spend.released:
+            LOGGER.warning(
+                "privacy ledger %s: charge %d was spent without a release file",
+                self.path,
+                spend.charge_id,
+            )
+
+
+class Spend:
+    """A charge made by :meth:`PrivacyLedger.reserve`, and the writing of its release."""
+
+    def __init__(self, ledger: PrivacyLedger, charge_id: int) -> None:
+        self.ledger = ledger
+        self.charge_id = charge_id
+        self.released = False
+
+    @contextlib.contextmanager
+    def open_release(self, path: str | Path) -> Iterator[IO[bytes]]:
+        """Write the release through a binary file object, atomically.
+
+        Parameters
+        ----------
+        path : str or Path
+            Final path of the release file.
+
+        Yields
+        ------
+        file object
+            Write the content into it; on success it is hashed, recorded, then moved into
+            place.
+        """
+        if self.released:
+            raise FednipypeError(
+                f"privacy ledger {self.ledger.path}: charge {self.charge_id} already has its "
+                "release; each release needs its own charge"
+            )
+        with atomic_write(path) as (handle, tmp_path):
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+            digest = _sha256_file(tmp_path)
+            # The hash is recorded before the file is moved into place, so any release file
+            # that exists has its hash in the ledger.
+            self.ledger.record_release(self.charge_id, digest)
+        self.released = True
+
+    def write_release(self, path: str | Path, content: bytes | str) -> str:
+        """Write the release content atomically and record its hash.
+
+        Parameters
+        ----------
+        path : str or Path
+            Final path of the release file.
+        content : bytes or str
+            The release (str is encoded as UTF-8).
+
+        Returns
+        -------
+        str
+            The SHA-256 of the content.
+        """
+        data = content.encode("utf-8") if isinstance(content, str) else bytes(content)
+        with self.open_release(path) as handle:
+            handle.write(data)
+        return hashlib.sha256(data).hexdigest()
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | Path) -> Iterator[tuple[IO[bytes], Path]]:
+    """Write a file so that it appears complete or not at all.
+
+    Content goes to a hidden temporary file (``.<name>.<random>.tmp``) in the same folder,
+    which replaces ``path`` with :func:`os.replace` only when the block succeeds; on failure
+    it is removed. A process killed mid-write leaves at most the hidden temporary file.
+
+    Parameters
+    ----------
+    path : str or Path
+        Final path.
+
+    Yields
+    ------
+    tuple
+        ``(binary file object, temporary path)``.
+    """
+    final = Path(path)
+    handle = tempfile.NamedTemporaryFile(
+        mode="wb", dir=final.parent, prefix=f".{final.name}.", suffix=".tmp", delete=False
+    )
+    tmp_path = Path(handle.name)
+    try:
+        yield handle, tmp_path
+        handle.flush()
+        os.fsync(handle.fileno())
+        handle.close()
+        os.replace(tmp_path, final)
+    except BaseException:
+        handle.close()
+        tmp_path.unlink(missing_ok=True)
+        raise
+    # Make the rename itself durable.
+    dir_fd = os.open(final.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

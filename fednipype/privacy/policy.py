@@ -1,0 +1,400 @@
+"""The site policy: a data owner's privacy budget, disclosure limit, public bounds and ledger.
+
+A site policy is a TOML file written and owned by the data owner. Every privacy-relevant choice
+is declared in it explicitly; only ``min_cohort`` has a default (10). Nothing is ever read off
+the data: bounds are public numbers chosen before the data are looked at.
+
+Layout::
+
+    min_cohort = 10                 # optional, default 10; top-level keys precede the tables
+
+    [budget]                        # the dataset's total privacy budget, all releases together
+    epsilon = 4.0
+    delta = 1e-6
+
+    [ledger]
+    path = "privacy_ledger.sqlite"  # relative paths are resolved against this file's folder
+    dataset = "site-a-study-x"      # identity of the dataset the budget belongs to
+
+    [bounds]                        # public bounds of released quantities, [lo, hi]
+    age = [18.0, 95.0]              # covariates by name
+    sex = [0, 1]
+
+    [bounds.features]               # regional features
+    default = [0.0, 1.0]            # any region without its own entry
+    "Left-Hippocampus" = [0.0, 0.8] # per-region overrides, by region name
+
+``features`` is therefore a reserved name in ``[bounds]``, and ``default`` in
+``[bounds.features]``. Unknown keys are refused, so a typo cannot silently drop a setting.
+
+Examples
+--------
+>>> import tempfile, pathlib
+>>> folder = pathlib.Path(tempfile.mkdtemp())
+>>> _ = (folder / "policy.toml").write_text('''
+... [budget]
+... epsilon = 2.0
+... delta = 1e-6
+... [ledger]
+... path = "ledger.sqlite"
+... dataset = "demo"
+... [bounds]
+... age = [18, 90]
+... [bounds.features]
+... default = [0.0, 1.0]
+... ''')
+>>> policy = SitePolicy.from_toml(folder / "policy.toml")
+>>> policy.epsilon, policy.delta, policy.min_cohort
+(2.0, 1e-06, 10)
+>>> policy.covariate_bounds("age")
+(18.0, 90.0)
+>>> policy.feature_bounds("Left-Hippocampus")
+(0.0, 1.0)
+>>> policy.ledger_path == folder / "ledger.sqlite"
+True
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from fednipype.exceptions import PolicyError
+
+LOGGER = logging.getLogger(__name__)
+
+#: Smallest cohort a statistic may be computed over, unless the policy says otherwise.
+DEFAULT_MIN_COHORT = 10
+
+_TOP_KEYS = {"min_cohort", "budget", "ledger", "bounds"}
+_BUDGET_KEYS = {"epsilon", "delta"}
+_LEDGER_KEYS = {"path", "dataset"}
+
+Bounds = tuple[float, float]
+
+
+def _is_number(value: Any) -> bool:
+    # bool is a subclass of int in Python; `true` is never a valid privacy parameter.
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _where(source: Path | None, key: str) -> str:
+    return f"{source}: '{key}'" if source is not None else f"site policy: '{key}'"
+
+
+def check_epsilon(value: Any, where: str) -> float:
+    """Return ``value`` as a float if it is a valid epsilon (finite, > 0).
+
+    Parameters
+    ----------
+    value : Any
+        The candidate epsilon.
+    where : str
+        Where the value comes from (file and key, or argument name), used in the error.
+
+    Returns
+    -------
+    float
+        The validated epsilon.
+
+    Raises
+    ------
+    PolicyError
+        If ``value`` is not a finite number greater than 0.
+    """
+    if not _is_number(value) or not math.isfinite(value) or value <= 0:
+        raise PolicyError(f"{where}: epsilon must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def check_delta(value: Any, where: str) -> float:
+    """Return ``value`` as a float if it is a valid delta (0 <= delta < 1).
+
+    Parameters
+    ----------
+    value : Any
+        The candidate delta.
+    where : str
+        Where the value comes from, used in the error.
+
+    Returns
+    -------
+    float
+        The validated delta.
+
+    Raises
+    ------
+    PolicyError
+        If ``value`` is not a number in [0, 1).
+    """
+    if not _is_number(value) or not math.isfinite(value) or not 0 <= value < 1:
+        raise PolicyError(f"{where}: delta must be a number with 0 <= delta < 1, got {value!r}")
+    return float(value)
+
+
+def check_bounds(value: Any, where: str) -> Bounds:
+    """Return ``value`` as ``(lo, hi)`` if it is a pair of finite numbers with lo < hi.
+
+    Parameters
+    ----------
+    value : Any
+        The candidate bounds, a sequence of two numbers.
+    where : str
+        Where the value comes from, used in the error.
+
+    Returns
+    -------
+    tuple of float
+        ``(lo, hi)``.
+
+    Raises
+    ------
+    PolicyError
+        If ``value`` is not two finite numbers, or if lo >= hi.
+    """
+    if (
+        isinstance(value, str | bytes)
+        or not isinstance(value, Sequence)
+        or len(value) != 2
+        or not all(_is_number(v) for v in value)
+    ):
+        raise PolicyError(f"{where}: bounds must be a pair of numbers [lo, hi], got {value!r}")
+    lo, hi = float(value[0]), float(value[1])
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise PolicyError(f"{where}: bounds must be finite, got [{lo}, {hi}]")
+    if not lo < hi:
+        raise PolicyError(f"{where}: bounds must satisfy lo < hi, got [{lo}, {hi}]")
+    return lo, hi
+
+
+def _table(data: Mapping[str, Any], key: str, source: Path) -> Mapping[str, Any]:
+    if key not in data:
+        raise PolicyError(f"{_where(source, key)}: missing table [{key}]")
+    value = data[key]
+    if not isinstance(value, Mapping):
+        raise PolicyError(f"{_where(source, key)}: expected a table [{key}], got {value!r}")
+    return value
+
+
+def _refuse_unknown(table: Mapping[str, Any], allowed: set[str], prefix: str, source: Path):
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        names = ", ".join(f"{prefix}{k}" for k in unknown)
+        raise PolicyError(
+            f"{source}: unknown key(s) {names}; expected only {sorted(allowed)} here"
+        )
+
+
+def _required(table: Mapping[str, Any], key: str, dotted: str, source: Path) -> Any:
+    if key not in table:
+        raise PolicyError(f"{_where(source, dotted)}: missing (no default for this setting)")
+    return table[key]
+
+
+@dataclass(frozen=True)
+class SitePolicy:
+    """A data owner's privacy policy for one dataset.
+
+    Build it with :meth:`from_toml`; direct construction validates the same way.
+
+    Parameters
+    ----------
+    epsilon : float
+        Total privacy budget epsilon of the dataset (all releases together), finite and > 0.
+    delta : float
+        Total privacy budget delta, 0 <= delta < 1.
+    ledger_path : Path
+        The SQLite privacy ledger of the dataset (absolute).
+    dataset_id : str
+        Identity of the dataset; the ledger is keyed to it.
+    feature_bounds_map : Mapping[str, tuple of float]
+        Public bounds of regional features by region name (``"default"`` for all others).
+    covariate_bounds_map : Mapping[str, tuple of float]
+        Public bounds of covariates by name.
+    min_cohort : int
+        Smallest number of participants any statistic may be computed over (default 10).
+    source : Path or None
+        The policy file, named in error messages.
+    """
+
+    epsilon: float
+    delta: float
+    ledger_path: Path
+    dataset_id: str
+    feature_bounds_map: Mapping[str, Bounds] = field(hash=False)
+    covariate_bounds_map: Mapping[str, Bounds] = field(hash=False)
+    min_cohort: int = DEFAULT_MIN_COHORT
+    source: Path | None = None
+
+    def __post_init__(self) -> None:
+        src = self.source
+        object.__setattr__(
+            self, "epsilon", check_epsilon(self.epsilon, _where(src, "budget.epsilon"))
+        )
+        object.__setattr__(self, "delta", check_delta(self.delta, _where(src, "budget.delta")))
+        mc = self.min_cohort
+        if not isinstance(mc, int) or isinstance(mc, bool) or mc < 1:
+            raise PolicyError(f"{_where(src, 'min_cohort')}: must be an integer >= 1, got {mc!r}")
+        if not isinstance(self.dataset_id, str) or not self.dataset_id.strip():
+            raise PolicyError(
+                f"{_where(src, 'ledger.dataset')}: must be a non-empty string naming the "
+                f"dataset, got {self.dataset_id!r}"
+            )
+        object.__setattr__(self, "ledger_path", Path(self.ledger_path))
+        features = {
+            str(name): check_bounds(b, _where(src, f"bounds.features.{name}"))
+            for name, b in self.feature_bounds_map.items()
+        }
+        covariates = {
+            str(name): check_bounds(b, _where(src, f"bounds.{name}"))
+            for name, b in self.covariate_bounds_map.items()
+        }
+        if not features and not covariates:
+            raise PolicyError(f"{_where(src, 'bounds')}: no bounds declared")
+        object.__setattr__(self, "feature_bounds_map", MappingProxyType(features))
+        object.__setattr__(self, "covariate_bounds_map", MappingProxyType(covariates))
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> SitePolicy:
+        """Read and validate a site policy file.
+
+        Parameters
+        ----------
+        path : str or Path
+            The TOML policy file.
+
+        Returns
+        -------
+        SitePolicy
+            The validated policy; ``ledger_path`` is absolute.
+
+        Raises
+        ------
+        PolicyError
+            If the file cannot be read, is not valid TOML, or any key is missing, unknown or
+            invalid. The message names the file and the key.
+        """
+        source = Path(path).expanduser().absolute()
+        try:
+            with source.open("rb") as handle:
+                data = tomllib.load(handle)
+        except OSError as err:
+            raise PolicyError(f"{source}: cannot read site policy ({err.strerror})") from err
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+            raise PolicyError(f"{source}: not a valid TOML file ({err})") from err
+
+        _refuse_unknown(data, _TOP_KEYS, "", source)
+        budget = _table(data, "budget", source)
+        _refuse_unknown(budget, _BUDGET_KEYS, "budget.", source)
+        epsilon = _required(budget, "epsilon", "budget.epsilon", source)
+        delta = _required(budget, "delta", "budget.delta", source)
+
+        ledger = _table(data, "ledger", source)
+        _refuse_unknown(ledger, _LEDGER_KEYS, "ledger.", source)
+        ledger_path = _required(ledger, "path", "ledger.path", source)
+        if not isinstance(ledger_path, str) or not ledger_path.strip():
+            raise PolicyError(
+                f"{_where(source, 'ledger.path')}: must be a non-empty path string, "
+                f"got {ledger_path!r}"
+            )
+        resolved = Path(ledger_path).expanduser()
+        if not resolved.is_absolute():
+            resolved = source.parent / resolved
+        dataset = _required(ledger, "dataset", "ledger.dataset", source)
+
+        bounds = _table(data, "bounds", source)
+        features: Mapping[str, Any] = {}
+        if "features" in bounds:
+            features = bounds["features"]
+            if not isinstance(features, Mapping):
+                raise PolicyError(
+                    f"{_where(source, 'bounds.features')}: expected a table of region bounds, "
+                    f"got {features!r}"
+                )
+        covariates = {k: v for k, v in bounds.items() if k != "features"}
+
+        return cls(
+            epsilon=epsilon,
+            delta=delta,
+            ledger_path=resolved,
+            dataset_id=dataset,
+            feature_bounds_map=dict(features),
+            covariate_bounds_map=covariates,
+            min_cohort=data.get("min_cohort", DEFAULT_MIN_COHORT),
+            source=source,
+        )
+
+    def feature_bounds(self, region: str) -> Bounds:
+        """Public bounds of a regional feature: its own entry, else ``default``.
+
+        Parameters
+        ----------
+        region : str
+            The region name (as in the atlas's label table).
+
+        Returns
+        -------
+        tuple of float
+            ``(lo, hi)``.
+
+        Raises
+        ------
+        PolicyError
+            If neither the region nor a ``default`` is declared in ``[bounds.features]``.
+        """
+        if region in self.feature_bounds_map:
+            return self.feature_bounds_map[region]
+        if "default" in self.feature_bounds_map:
+            return self.feature_bounds_map["default"]
+        raise PolicyError(
+            f"{_where(self.source, f'bounds.features.{region}')}: no bounds declared for "
+            f"region '{region}' and no [bounds.features] default; bounds are never derived "
+            "from the data"
+        )
+
+    def covariate_bounds(self, name: str) -> Bounds:
+        """Public bounds of a covariate declared in ``[bounds]``.
+
+        Parameters
+        ----------
+        name : str
+            The covariate name (e.g. ``"age"``).
+
+        Returns
+        -------
+        tuple of float
+            ``(lo, hi)``.
+
+        Raises
+        ------
+        PolicyError
+            If the covariate has no declared bounds.
+        """
+        if name in self.covariate_bounds_map:
+            return self.covariate_bounds_map[name]
+        raise PolicyError(
+            f"{_where(self.source, f'bounds.{name}')}: no bounds declared for covariate "
+            f"'{name}'; bounds are never derived from the data"
+        )
+
+    def feature_bounds_arrays(self, regions: Sequence[str]) -> tuple[list[float], list[float]]:
+        """Lower and upper bounds for several regions, in order.
+
+        Parameters
+        ----------
+        regions : sequence of str
+            Region names.
+
+        Returns
+        -------
+        tuple of list of float
+            ``(lows, highs)``, one entry per region.
+        """
+        pairs = [self.feature_bounds(r) for r in regions]
+        return [p[0] for p in pairs], [p[1] for p in pairs]
