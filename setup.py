@@ -50,6 +50,8 @@ setup(
         "console_scripts": [
             "fednipype=fednipype.cli.run:main",
             "fednipype-demo=fednipype.cli.demo:main",
+            "fednipype-meta=fednipype.cli.meta:main",
+            "fednipype-budget=fednipype.cli.budget:main",
         ]
     },
     classifiers=[

@@ -239,3 +239,77 @@ def read_release(path: str | Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ReleaseValidationError(f"{path}: not a readable JSON release ({err})") from err
     return validate(doc, source=str(path))
+
+
+def sufficient_statistics(doc: dict[str, Any]):
+    """The release's linear-model statistics, in the scaled units they were released in.
+
+    Parameters
+    ----------
+    doc : dict
+        A validated release holding ``statistics/linear_model``.
+
+    Returns
+    -------
+    fednipype.meta.SufficientStatistics
+    """
+    from fednipype.meta import SufficientStatistics
+
+    model = doc["statistics"].get("linear_model")
+    if model is None:
+        raise ReleaseValidationError(
+            f"release of site {doc.get('site')!r}: no statistics/linear_model to pool"
+        )
+    noise = model["noise_variances"]
+    return SufficientStatistics(
+        terms=tuple(model["terms"]),
+        regions=tuple(model["regions"]),
+        ztz=model["ztz"],
+        zty=model["zty"],
+        yty=model["yty"],
+        n=model["n"],
+        ztz_noise_var=noise["ztz"],
+        zty_noise_var=noise["zty"],
+        yty_noise_var=noise["yty"],
+    )
+
+
+def unscale_coefficients(table, scaling: dict[str, dict[str, float]]):
+    """Convert regression results from the released scaled units back to original units.
+
+    Released statistics use ``x_s = (x − center) / scale`` for every covariate and for each
+    region's response, with centers and scales fixed by the public bounds.  A slope becomes
+    ``β = β_s · scale_y / scale_x``; the intercept becomes the expected response at the
+    covariates' centers, ``center_y + scale_y · β_s``.  Standard errors and confidence limits
+    scale the same way (the maps are affine and increasing).
+
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        Output of :func:`fednipype.meta.pooled_regression` or
+        :func:`fednipype.meta.site_estimates` (columns ``region``, ``term``, ``estimate``,
+        ``se``, ``ci_low``, ``ci_high``).
+    scaling : dict
+        The release's ``statistics/linear_model/scaling``.
+
+    Returns
+    -------
+    pandas.DataFrame
+        A copy in original units.
+    """
+    out = table.copy()
+    factor = []
+    shift = []
+    for region, term in zip(out["region"], out["term"], strict=True):
+        y = scaling[region]
+        if term == "intercept":
+            factor.append(y["scale"])
+            shift.append(y["center"])
+        else:
+            factor.append(y["scale"] / scaling[term]["scale"])
+            shift.append(0.0)
+    factor_arr = [float(f) for f in factor]
+    for column in ("estimate", "ci_low", "ci_high"):
+        out[column] = out[column] * factor_arr + shift
+    out["se"] = out["se"] * factor_arr
+    return out
