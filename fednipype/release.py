@@ -570,6 +570,7 @@ def make_release(
         "mechanisms": {k: v.audit_parameters() for k, v in prepared.items()},
         "release_file": out_path.name,
     }
+    out_path.parent.mkdir(parents=True, exist_ok=True)  # a missing folder must not waste a charge
     ledger = PrivacyLedger.from_policy(policy)
     with ledger.reserve(epsilon, delta, f"release {site}", parameters) as spend:
         results = {name: prep.release() for name, prep in prepared.items()}
