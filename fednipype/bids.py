@@ -577,3 +577,41 @@ def summarize(bids_dir: str | Path, participant_label: Iterable[str] | None = No
         row["phenotypes"] = list(table.columns)
         row["without_phenotypes"] = match_participants(subjects, table)
     return row
+
+
+def find_feature_files(
+    derivatives_dir: str | Path, participant_label: Iterable[str] | None = None
+) -> list[Path]:
+    """Regional-feature tables of a fednipype derivative dataset (one per subject/session).
+
+    Parameters
+    ----------
+    derivatives_dir : path-like
+        Output folder of the participant level (holds fednipype's
+        ``dataset_description.json``).
+    participant_label : iterable of str, optional
+        Subjects to keep, with or without ``sub-``.
+
+    Returns
+    -------
+    list of pathlib.Path
+        Sorted ``sub-X[_ses-Y]_desc-regional_features.tsv`` files.
+
+    Raises
+    ------
+    BIDSError
+        The folder is not a derivative dataset, or holds no feature table.
+    """
+    layout = load_layout(derivatives_dir, derivatives=False)
+    subjects = get_subjects(layout, participant_label)
+    files = layout.get(
+        subject=subjects,
+        desc="regional",
+        suffix="features",
+        extension=".tsv",
+        return_type="filename",
+        invalid_filters="allow",
+    )
+    if not files:
+        raise BIDSError(f"{derivatives_dir}: no *_desc-regional_features.tsv files found")
+    return sorted(Path(f) for f in files)
