@@ -228,7 +228,7 @@ class PrivacyLedger:
     def __init__(
         self, path: str | Path, dataset_id: str, total_epsilon: float, total_delta: float
     ) -> None:
-        self.path = Path(path).expanduser().absolute()
+        self.path = Path(path).expanduser().resolve()
         where = f"privacy ledger {self.path}"
         self._total = Budget(
             check_epsilon(total_epsilon, f"{where}: total_epsilon"),

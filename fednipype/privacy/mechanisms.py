@@ -47,6 +47,7 @@ analytical calibration and optimal denoising. ICML. arXiv:1805.06530.
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import logging
 import math
@@ -177,6 +178,7 @@ def _laplace_scale(epsilon: float, l1_sensitivity: float) -> float:
 # -- noise (OpenDP only) ---------------------------------------------------------------------
 
 
+@functools.cache
 def _opendp():
     import opendp.prelude as dp
 
@@ -251,6 +253,7 @@ def add_laplace_noise(values: Any, scale: float) -> np.ndarray:
 # -- mechanism description -------------------------------------------------------------------
 
 
+@functools.cache
 def _opendp_version() -> str:
     try:
         return importlib.metadata.version("opendp")
@@ -428,8 +431,9 @@ class DPSufficientStatistics:
         (r,) noisy diagonal of Y^T Y (sum of squares per region).
     n : float
         Noisy number of participants.
-    ztz_noise_var, zty_noise_var, yty_noise_var : numpy.ndarray
-        Noise variance of each entry (all equal to sigma^2: one vector mechanism).
+    ztz_noise_var, zty_noise_var, yty_noise_var : float
+        Variance of the noise on each entry of the upper triangle of Z^T Z, of Z^T Y and of
+        y^T y (all sigma^2: one vector mechanism, independent noise per released entry).
     n_noise_var : float
         Noise variance of ``n``.
     mechanism : Mechanism
@@ -442,17 +446,20 @@ class DPSufficientStatistics:
     zty: np.ndarray
     yty: np.ndarray
     n: float
-    ztz_noise_var: np.ndarray
-    zty_noise_var: np.ndarray
-    yty_noise_var: np.ndarray
+    ztz_noise_var: float
+    zty_noise_var: float
+    yty_noise_var: float
     n_noise_var: float
     mechanism: Mechanism
 
     def meta_fields(self) -> dict[str, Any]:
-        """The fields ``fednipype.meta.SufficientStatistics`` is built from."""
-        names = ("terms", "regions", "ztz", "zty", "yty", "n")
-        names += ("ztz_noise_var", "zty_noise_var", "yty_noise_var")
-        return {name: getattr(self, name) for name in names}
+        """The fields ``fednipype.meta.SufficientStatistics`` is built from.
+
+        That class wants the first term named ``"intercept"``: pass ``terms`` accordingly.
+        """
+        names = ("ztz", "zty", "yty", "n", "ztz_noise_var", "zty_noise_var", "yty_noise_var")
+        fields = {name: getattr(self, name) for name in names}
+        return {"terms": tuple(self.terms), "regions": tuple(self.regions), **fields}
 
 
 class PreparedStatistic:
@@ -1037,9 +1044,9 @@ def _prepare_sufficient_statistics(
             zty=noisy_zty.copy(),
             yty=noisy_yty.copy(),
             n=float(noisy[0]),
-            ztz_noise_var=np.full((p, p), v),
-            zty_noise_var=np.full((p, r), v),
-            yty_noise_var=np.full(r, v),
+            ztz_noise_var=v,
+            zty_noise_var=v,
+            yty_noise_var=v,
             n_noise_var=v,
             mechanism=mech,
         )

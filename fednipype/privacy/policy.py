@@ -280,7 +280,7 @@ class SitePolicy:
             If the file cannot be read, is not valid TOML, or any key is missing, unknown or
             invalid. The message names the file and the key.
         """
-        source = Path(path).expanduser().absolute()
+        source = Path(path).expanduser().resolve()
         try:
             with source.open("rb") as handle:
                 data = tomllib.load(handle)
@@ -303,9 +303,8 @@ class SitePolicy:
                 f"{_where(source, 'ledger.path')}: must be a non-empty path string, "
                 f"got {ledger_path!r}"
             )
-        resolved = Path(ledger_path).expanduser()
-        if not resolved.is_absolute():
-            resolved = source.parent / resolved
+        # Relative to the policy's folder; resolved so that one file has one name.
+        resolved = (source.parent / Path(ledger_path).expanduser()).resolve()
         dataset = _required(ledger, "dataset", "ledger.dataset", source)
 
         bounds = _table(data, "bounds", source)
