@@ -1,0 +1,495 @@
+"""Coordinator: poolability checks on release files, and pooling checked against statsmodels.
+
+The release documents are built here from simulated raw rows (numpy), so every pooled number
+has an independent reference: statsmodels OLS on the pooled raw rows for the pooled regression,
+statsmodels OLS per site fed to :func:`fednipype.meta.random_effects` for the meta-analysis.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import statsmodels.api as sm
+
+from fednipype.coordinator import RESULT_COLUMNS, load_releases, pool
+from fednipype.exceptions import MetaAnalysisError, ReleaseValidationError
+from fednipype.meta import fixed_effect, random_effects
+from fednipype.release import new_release, write_release
+
+REGIONS = ("L_P01", "R_P01", "L_P12")
+TERMS = ("intercept", "age", "sex[M]", "group[patient]")
+COVARIATES = TERMS[1:]
+#: Public scaling (from bounds age [10, 90], sex dummy [0, 1], volumes [2000, 10000]).
+SCALING = {
+    "age": {"center": 50.0, "scale": 40.0},
+    "sex[M]": {"center": 0.5, "scale": 0.5},
+    "group[patient]": {"center": 0.0, "scale": 1.0},
+    **{region: {"center": 6000.0, "scale": 4000.0} for region in REGIONS},
+}
+#: Planted effects per region: baseline at age 50, age slope, male, patient.
+EFFECTS = {
+    "L_P01": (6900.0, -17.0, 207.0, 0.0),
+    "R_P01": (6700.0, -15.0, 200.0, 0.0),
+    "L_P12": (7960.0, -23.7, 239.0, -637.0),
+}
+SITE_DESIGN = {
+    # site: (n, age range, offset, residual sd)
+    "siteA": (40, (20.0, 45.0), 0.0, 140.0),
+    "siteB": (55, (45.0, 80.0), 140.0, 160.0),
+    "siteC": (70, (25.0, 85.0), -200.0, 150.0),
+}
+
+
+def simulate_site(site: str, seed: int = 7, *, patients: bool = True) -> pd.DataFrame:
+    """Raw rows of one site: covariates in original units and one volume per region."""
+    n, (lo, hi), offset, sd = SITE_DESIGN[site]
+    rng = np.random.default_rng([seed, sorted(SITE_DESIGN).index(site)])
+    rows = pd.DataFrame(
+        {
+            "age": rng.uniform(lo, hi, n),
+            "sex[M]": (rng.random(n) < 0.5).astype(float),
+            "group[patient]": (np.arange(n) % 2 == 0).astype(float) if patients else 0.0,
+        }
+    )
+    for region, (base, age, male, patient) in EFFECTS.items():
+        rows[region] = (
+            base
+            + age * (rows["age"] - 50.0)
+            + male * rows["sex[M]"]
+            + patient * rows["group[patient]"]
+            + offset
+            + rng.normal(0.0, sd, n)
+        )
+    return rows
+
+
+def scaled_statistics(rows: pd.DataFrame) -> dict:
+    """ZᵀZ, Zᵀy, yᵀy, n of the rows in the released (scaled) units, computed with numpy."""
+    z = np.column_stack(
+        [np.ones(len(rows))]
+        + [(rows[t] - SCALING[t]["center"]) / SCALING[t]["scale"] for t in COVARIATES]
+    )
+    y = np.column_stack([(rows[r] - SCALING[r]["center"]) / SCALING[r]["scale"] for r in REGIONS])
+    return {"ztz": z.T @ z, "zty": z.T @ y, "yty": (y * y).sum(axis=0), "n": float(len(rows))}
+
+
+def release_doc(
+    site: str,
+    rows: pd.DataFrame,
+    *,
+    noise_sd: float = 0.0,
+    seed: int = 0,
+    epsilon: float = 1.0,
+    delta: float = 1e-5,
+) -> dict:
+    """A schema-valid release of ``rows``; DP-like Gaussian noise of sd ``noise_sd`` if > 0.
+
+    The schema requires the mechanism's nominal ``scale``/``noise_variance`` to be > 0; a
+    noise-free document declares nominal values there and zero ``noise_variances``, which is
+    what the coordinator uses.
+    """
+    stats = scaled_statistics(rows)
+    p, r = len(TERMS), len(REGIONS)
+    if noise_sd > 0.0:
+        rng = np.random.default_rng(seed)
+        upper = np.triu(rng.normal(0.0, noise_sd, (p, p)))
+        stats["ztz"] = stats["ztz"] + upper + np.triu(upper, 1).T
+        stats["zty"] = stats["zty"] + rng.normal(0.0, noise_sd, (p, r))
+        stats["yty"] = stats["yty"] + rng.normal(0.0, noise_sd, r)
+        stats["n"] = stats["n"] + rng.normal(0.0, noise_sd)
+    var = noise_sd**2
+    mechanism = {
+        "mechanism": "gaussian",
+        "calibration": "analytic Gaussian (Balle and Wang 2018)",
+        "epsilon": epsilon,
+        "delta": delta,
+        "sensitivity": 3.0,
+        "sensitivity_norm": "l2",
+        "scale": noise_sd if noise_sd > 0 else 1.0,
+        "noise_variance": var if var > 0 else 1.0,
+    }
+    doc = new_release(
+        dataset=f"example {site}",
+        site=site,
+        atlas={
+            "name": "fednipype",
+            "space": "MNI152NLin2009cAsym",
+            "sha256": "a" * 64,
+            "regions": list(REGIONS),
+        },
+        feature="volume_mm3",
+        model={
+            "response": "volume_mm3",
+            "terms": list(TERMS),
+            "reference_levels": {"sex": "F", "group": "control"},
+        },
+        privacy={
+            "epsilon": epsilon,
+            "delta": delta,
+            "min_cohort": 10,
+            "budget_split": {"linear_model": {"epsilon": epsilon, "delta": delta}},
+            "bounds": {"age": [10.0, 90.0], "volume_mm3": [2000.0, 10000.0]},
+            "ledger_charge": 1,
+        },
+        statistics={
+            "linear_model": {
+                **mechanism,
+                "terms": list(TERMS),
+                "regions": list(REGIONS),
+                "ztz": stats["ztz"].tolist(),
+                "zty": stats["zty"].tolist(),
+                "yty": stats["yty"].tolist(),
+                "n": float(stats["n"]),
+                "noise_variances": {"ztz": var, "zty": var, "yty": var},
+                "scaling": copy.deepcopy(SCALING),
+            }
+        },
+    )
+    return copy.deepcopy(doc)
+
+
+def write_sites(
+    folder: Path, sites=tuple(SITE_DESIGN), *, seed: int = 7, noise_sd: float = 0.0, **kwargs
+) -> tuple[list[Path], dict[str, pd.DataFrame]]:
+    """Simulate the sites, write one release file each; return the paths and the raw rows."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths, raw = [], {}
+    for i, site in enumerate(sites):
+        raw[site] = simulate_site(site, seed, **kwargs)
+        doc = release_doc(site, raw[site], noise_sd=noise_sd, seed=seed * 100 + i)
+        paths.append(write_release(doc, folder / f"{site}_release.json"))
+    return paths, raw
+
+
+def ols(rows: pd.DataFrame, region: str):
+    """statsmodels OLS of one region on the covariates, original units."""
+    return sm.OLS(rows[region], sm.add_constant(rows[list(COVARIATES)])).fit()
+
+
+def _rel(a, b) -> float:
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    return float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-300)))
+
+
+@pytest.fixture(scope="module")
+def three_sites(tmp_path_factory):
+    return write_sites(tmp_path_factory.mktemp("releases"))
+
+
+def _row(results: pd.DataFrame, region: str, term: str, method: str) -> pd.Series:
+    rows = results[
+        (results["region"] == region) & (results["term"] == term) & (results["method"] == method)
+    ]
+    assert len(rows) == 1, (region, term, method)
+    return rows.iloc[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Pooling without noise: exact references
+# --------------------------------------------------------------------------------------------
+
+
+def test_pooled_regression_equals_statsmodels_ols_on_pooled_rows(three_sites):
+    paths, raw = three_sites
+    result = pool(load_releases(paths))
+    assert list(result.results.columns) == list(RESULT_COLUMNS)
+    pooled_rows = pd.concat(raw.values(), ignore_index=True)
+    for region in REGIONS:
+        fit = ols(pooled_rows, region)
+        ci = fit.conf_int()
+        for term in COVARIATES:
+            row = _row(result.results, region, term, "pooled_regression")
+            assert _rel(row["estimate"], fit.params[term]) < 1e-9
+            assert _rel(row["se"], fit.bse[term]) < 1e-9
+            assert _rel([row["ci_low"], row["ci_high"]], ci.loc[term]) < 1e-9
+            assert _rel(row["statistic"], fit.tvalues[term]) < 1e-9
+            assert row["p"] == pytest.approx(fit.pvalues[term], rel=1e-7, abs=1e-300)
+            assert row["df"] == fit.df_resid and row["k"] == 3 and row["n"] == len(pooled_rows)
+        # The intercept in original units is the expected value at the covariate centers.
+        centers = [1.0] + [SCALING[t]["center"] for t in COVARIATES]
+        prediction = fit.get_prediction(np.array([centers])).summary_frame(alpha=0.05)
+        row = _row(result.results, region, "intercept", "pooled_regression")
+        assert _rel(row["estimate"], prediction["mean"].iloc[0]) < 1e-9
+        assert _rel(row["se"], prediction["mean_se"].iloc[0]) < 1e-9
+        assert _rel(row["ci_low"], prediction["mean_ci_lower"].iloc[0]) < 1e-9
+    assert not result.results["psd_projected"].any() and not result.notes
+
+
+def test_site_table_equals_statsmodels_ols_per_site(three_sites):
+    paths, raw = three_sites
+    result = pool(paths)
+    for site, rows in raw.items():
+        for region in REGIONS:
+            fit = ols(rows, region)
+            sites = result.sites
+            cell = sites[(sites["site"] == site) & (sites["region"] == region)].set_index("term")
+            for term in COVARIATES:
+                assert _rel(cell.loc[term, "estimate"], fit.params[term]) < 1e-9
+                assert _rel(cell.loc[term, "se"], fit.bse[term]) < 1e-9
+                assert _rel(cell.loc[term, "ci_high"], fit.conf_int().loc[term, 1]) < 1e-9
+    assert result.sites["included"].all()
+    weights = result.sites.groupby(["region", "term"])["weight_re"].sum()
+    assert np.allclose(weights, 100.0)
+
+
+@pytest.mark.parametrize(("method", "test"), [("REML", "z"), ("DL", "knha"), ("PM", "z")])
+def test_meta_analysis_equals_random_effects_on_per_site_ols(three_sites, method, test):
+    paths, raw = three_sites
+    result = pool(paths, method=method, test=test)
+    for region in REGIONS:
+        for term in COVARIATES:
+            fits = [ols(rows, region) for rows in raw.values()]
+            y = [f.params[term] for f in fits]
+            v = [f.bse[term] ** 2 for f in fits]
+            direct = random_effects(y, v, method=method, test=test)
+            row = _row(result.results, region, term, f"random_effects_{method}")
+            assert _rel(row["estimate"], direct.estimate) < 1e-9
+            assert _rel(row["se"], direct.se) < 1e-9
+            assert _rel(row["ci_low"], direct.ci_low) < 1e-9
+            assert row["tau2"] == pytest.approx(direct.tau2, rel=1e-6, abs=1e-9 * direct.se**2)
+            assert row["i2"] == pytest.approx(direct.i2, rel=1e-6, abs=1e-6)
+            assert _rel(row["q"], direct.q) < 1e-9
+            assert row["k"] == 3 and row["test"] == test
+            fe = fixed_effect(y, v)
+            row = _row(result.results, region, term, "fixed_effect")
+            assert _rel([row["estimate"], row["se"], row["q"]], [fe.estimate, fe.se, fe.q]) < 1e-9
+            assert row["test"] == "z"
+
+
+def test_site_that_cannot_estimate_a_term_is_left_out_of_the_meta_analysis(tmp_path):
+    """siteB has no patients: without noise its group effect is not identified (NaN)."""
+    paths, raw = write_sites(tmp_path, ("siteA", "siteC"))
+    raw["siteB"] = simulate_site("siteB", patients=False)
+    paths.append(write_release(release_doc("siteB", raw["siteB"]), tmp_path / "b_release.json"))
+    result = pool(paths)
+    term = "group[patient]"
+    row = _row(result.results, "L_P12", term, "random_effects_REML")
+    assert row["k"] == 2
+    direct = random_effects(
+        [ols(raw[s], "L_P12").params[term] for s in ("siteA", "siteC")],
+        [ols(raw[s], "L_P12").bse[term] ** 2 for s in ("siteA", "siteC")],
+    )
+    assert _rel(row["estimate"], direct.estimate) < 1e-9
+    site_b = result.sites[(result.sites["site"] == "siteB") & (result.sites["term"] == term)]
+    assert not site_b["included"].any() and site_b["estimate"].isna().all()
+    assert any("only 2 of 3 sites" in note for note in result.notes)
+    # The pooled regression still uses every site, and equals OLS on all rows.
+    fit = ols(pd.concat(raw.values(), ignore_index=True), "L_P12")
+    pooled = _row(result.results, "L_P12", term, "pooled_regression")
+    assert _rel(pooled["estimate"], fit.params[term]) < 1e-9
+
+
+def test_a_single_release_follows_metafor_k1(tmp_path):
+    paths, raw = write_sites(tmp_path, ("siteC",))
+    fit = ols(raw["siteC"], "L_P12")
+    result = pool(paths, test="z")
+    row = _row(result.results, "L_P12", "age", "random_effects_REML")
+    assert row["k"] == 1 and row["tau2"] == 0.0 and row["q"] == 0.0 and row["i2"] == 0.0
+    assert row["q_p"] == 1.0 and row["h2"] == 1.0
+    assert _rel([row["estimate"], row["se"]], [fit.params["age"], fit.bse["age"]]) < 1e-9
+    assert "k = 1" in row["note"]
+    knha = _row(pool(paths, test="knha").results, "L_P12", "age", "random_effects_REML")
+    assert _rel(knha["estimate"], fit.params["age"]) < 1e-9
+    assert math.isnan(knha["se"]) and math.isnan(knha["p"]) and math.isnan(knha["ci_low"])
+    assert "0 degrees of freedom" in knha["note"]
+
+
+def test_regions_subset_and_bad_arguments(three_sites):
+    paths, _ = three_sites
+    result = pool(paths, regions=["L_P12", "L_P01"])
+    assert result.regions == ["L_P01", "L_P12"]  # atlas order
+    assert set(result.sites["region"]) == {"L_P01", "L_P12"}
+    assert len(result.results) == 2 * len(TERMS) * 3
+    with pytest.raises(MetaAnalysisError, match="'R_P99'.*not in the releases' atlas"):
+        pool(paths, regions=["R_P99"])
+    with pytest.raises(MetaAnalysisError, match="method must be one of"):
+        pool(paths, method="FE")
+    with pytest.raises(MetaAnalysisError, match="test must be one of"):
+        pool(paths, test="t")
+
+
+# --------------------------------------------------------------------------------------------
+# With DP noise
+# --------------------------------------------------------------------------------------------
+
+
+def test_noisy_ztz_projection_is_reported(tmp_path, caplog):
+    """Noise far above ZᵀZ's smallest eigenvalue forces the PSD projection; pool says so."""
+    paths, _ = write_sites(tmp_path, noise_sd=40.0)
+    with caplog.at_level("WARNING"):
+        result = pool(paths)
+    sites = result.sites.groupby("site")["psd_projected"].all()
+    assert sites.all()
+    pooled = result.results[result.results["method"] == "pooled_regression"]
+    assert pooled["psd_projected"].all()
+    meta = result.results[result.results["method"] == "fixed_effect"]
+    assert meta["psd_projected"].all()
+    assert any("psd_projected" in n and "siteA, siteB, siteC" in n for n in result.notes)
+    assert "eigenvalues floored" in caplog.text
+
+
+def test_small_noise_stays_close_to_ols_and_widens_the_intervals(tmp_path):
+    clean, raw = write_sites(tmp_path / "clean")
+    noisy, _ = write_sites(tmp_path / "noisy", noise_sd=0.05)
+    exact, dp = pool(clean).results, pool(noisy).results
+    for region in REGIONS:
+        a = _row(exact, region, "age", "pooled_regression")
+        b = _row(dp, region, "age", "pooled_regression")
+        assert abs(b["estimate"] - a["estimate"]) < 4 * b["se"]
+        assert b["se"] > a["se"]
+    assert not dp["psd_projected"].any()
+
+
+# --------------------------------------------------------------------------------------------
+# load_releases: what cannot be pooled
+# --------------------------------------------------------------------------------------------
+
+
+def _write(folder: Path, name: str, doc: dict) -> Path:
+    path = folder / name
+    path.write_text(json.dumps(doc), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def two_docs():
+    return (
+        release_doc("siteA", simulate_site("siteA")),
+        release_doc("siteB", simulate_site("siteB")),
+    )
+
+
+def test_valid_releases_load_in_order(tmp_path, two_docs):
+    a = _write(tmp_path, "a_release.json", two_docs[0])
+    b = _write(tmp_path, "b_release.json", two_docs[1])
+    releases = load_releases([b, a])
+    assert [r.site for r in releases] == ["siteB", "siteA"]
+    assert releases[0].path == b and releases[0].epsilon == 1.0 and releases[0].n == 55
+
+
+def test_malformed_release_is_named(tmp_path, two_docs):
+    good = _write(tmp_path, "a_release.json", two_docs[0])
+    broken = tmp_path / "broken_release.json"
+    broken.write_text('{"schema_version": "1.0", ', encoding="utf-8")
+    with pytest.raises(ReleaseValidationError, match="broken_release.json: not a readable JSON"):
+        load_releases([good, broken])
+    doc = copy.deepcopy(two_docs[1])
+    del doc["statistics"]["linear_model"]["zty"]
+    invalid = _write(tmp_path, "invalid_release.json", doc)
+    with pytest.raises(ReleaseValidationError, match="invalid_release.json: field statistics"):
+        load_releases([good, invalid])
+    with pytest.raises(ReleaseValidationError, match="missing_release.json: release file not"):
+        load_releases([good, tmp_path / "missing_release.json"])
+
+
+@pytest.mark.parametrize(
+    ("mutate", "field"),
+    [
+        (lambda d: d["atlas"].__setitem__("sha256", "b" * 64), "atlas/sha256"),
+        (lambda d: d["atlas"]["regions"].reverse(), "atlas/regions"),
+        (lambda d: d.__setitem__("feature", "mean"), "feature"),
+        (
+            lambda d: d["model"]["reference_levels"].__setitem__("sex", "M"),
+            "model/reference_levels",
+        ),
+        (lambda d: d["model"].__setitem__("sessions", "first"), "model/sessions"),
+    ],
+)
+def test_mismatched_release_names_the_file_and_field(tmp_path, two_docs, mutate, field):
+    first, other = two_docs
+    if field == "atlas/regions":  # keep the document self-consistent
+        other["statistics"]["linear_model"]["regions"] = list(reversed(REGIONS))
+    mutate(other)
+    a = _write(tmp_path, "a_release.json", first)
+    b = _write(tmp_path, "b_release.json", other)
+    pattern = rf"b_release.json: field {re.escape(field)} differs from .*a_release.json"
+    with pytest.raises(ReleaseValidationError, match=pattern):
+        load_releases([a, b])
+
+
+def test_different_model_terms_are_refused(tmp_path, two_docs):
+    first, other = two_docs
+    terms = ["intercept", "age", "sex[M]", "group[MCI]"]
+    other["model"]["terms"] = terms
+    other["statistics"]["linear_model"]["terms"] = terms
+    other["statistics"]["linear_model"]["scaling"]["group[MCI]"] = {"center": 0.0, "scale": 1.0}
+    a = _write(tmp_path, "a_release.json", first)
+    b = _write(tmp_path, "b_release.json", other)
+    with pytest.raises(
+        ReleaseValidationError,
+        match=r"b_release.json: field model/terms differs from .*a_release.json: entry 3 is "
+        r"'group\[MCI\]', not 'group\[patient\]'",
+    ):
+        load_releases([a, b])
+
+
+def test_different_scaling_is_refused(tmp_path, two_docs):
+    first, other = two_docs
+    other["statistics"]["linear_model"]["scaling"]["age"] = {"center": 50.0, "scale": 45.0}
+    a = _write(tmp_path, "a_release.json", first)
+    b = _write(tmp_path, "b_release.json", other)
+    with pytest.raises(
+        ReleaseValidationError,
+        match=r"b_release.json: field statistics/linear_model/scaling/age differs from "
+        r".*a_release.json",
+    ):
+        load_releases([a, b])
+
+
+def test_different_schema_version_is_named(tmp_path, two_docs):
+    first, other = two_docs
+    other["schema_version"] = "2.0"
+    a = _write(tmp_path, "a_release.json", first)
+    b = _write(tmp_path, "b_release.json", other)
+    with pytest.raises(ReleaseValidationError, match=r"b_release.json: schema_version '2.0'"):
+        load_releases([a, b])
+
+
+def test_duplicated_release_names_both_files(tmp_path, two_docs):
+    a = _write(tmp_path, "a_release.json", two_docs[0])
+    b = _write(tmp_path, "b_release.json", two_docs[1])
+    copy_of_a = _write(tmp_path, "copy_release.json", two_docs[0])
+    with pytest.raises(
+        ReleaseValidationError, match=r"a_release.json and .*copy_release.json are the same"
+    ):
+        load_releases([a, b, copy_of_a])
+    with pytest.raises(ReleaseValidationError, match=r"a_release.json and .*a_release.json"):
+        load_releases([a, a])
+
+
+def test_same_site_twice_names_both_files(tmp_path, two_docs):
+    a = _write(tmp_path, "a_release.json", two_docs[0])
+    again = release_doc("siteA", simulate_site("siteA", seed=99))  # a second, different release
+    a2 = _write(tmp_path, "a2_release.json", again)
+    with pytest.raises(
+        ReleaseValidationError,
+        match=r"a_release.json and .*a2_release.json are both releases of site 'siteA'",
+    ):
+        load_releases([a, a2])
+
+
+def test_release_without_linear_model_is_refused(tmp_path, two_docs):
+    doc = copy.deepcopy(two_docs[0])
+    lm = doc["statistics"].pop("linear_model")
+    doc["statistics"]["count"] = {
+        **{k: lm[k] for k in ("mechanism", "epsilon", "delta", "sensitivity", "scale")},
+        "noise_variance": 1.0,
+        "value": 40.2,
+    }
+    doc["privacy"]["budget_split"] = {"count": doc["privacy"]["budget_split"]["linear_model"]}
+    path = _write(tmp_path, "count_release.json", doc)
+    with pytest.raises(ReleaseValidationError, match="count_release.json: field statistics/line"):
+        load_releases([path])
+    assert load_releases([path], require_linear_model=False)[0].site == "siteA"
+
+
+def test_no_release_is_an_error():
+    with pytest.raises(ReleaseValidationError, match="no release files given"):
+        load_releases([])
