@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
@@ -23,6 +24,8 @@ from typing import Any
 from fednipype import __version__
 from fednipype.exceptions import ReleaseValidationError
 from fednipype.io import atomic_write_text
+
+LOGGER = logging.getLogger(__name__)
 
 SCHEMA_VERSION = "1.0"
 SCHEMA_FILE = "release.schema.json"
@@ -262,13 +265,25 @@ def sufficient_statistics(doc: dict[str, Any]):
             f"release of site {doc.get('site')!r}: no statistics/linear_model to pool"
         )
     noise = model["noise_variances"]
+    n = model["n"]
+    floor = len(model["terms"]) + 1
+    if n < floor:
+        # A noisy count can fall below the number of parameters (or below zero) at small ε;
+        # raising it is post-processing of a released value, so it costs no privacy.
+        LOGGER.warning(
+            "release of site %r: noisy n = %.1f raised to %d (terms + 1)",
+            doc.get("site"),
+            n,
+            floor,
+        )
+        n = float(floor)
     return SufficientStatistics(
         terms=tuple(model["terms"]),
         regions=tuple(model["regions"]),
         ztz=model["ztz"],
         zty=model["zty"],
         yty=model["yty"],
-        n=model["n"],
+        n=n,
         ztz_noise_var=noise["ztz"],
         zty_noise_var=noise["zty"],
         yty_noise_var=noise["yty"],
