@@ -82,6 +82,7 @@ def init_site_release_wf(
     work = Path(work_dir) if work_dir else derivatives_dir.parent / "work"
 
     workflow = pe.Workflow(name=name, base_dir=str(work))
+    workflow.config["execution"] = {"crashdump_dir": str(work / "crash")}
     feature_files = pe.Node(
         FeatureFiles(
             derivatives_dir=str(derivatives_dir),
