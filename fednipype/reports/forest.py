@@ -102,7 +102,7 @@ def forest_figure(
 
     k_sites = len(sites)
     n_rows = k_sites + 1 + len(POOLED_ORDER)
-    bottom, top = 1.35, 0.55  # inches: x label and caption below, title above
+    bottom, top = 1.0, 0.55  # inches: x label and caption below, title above
     height = bottom + top + 0.34 * n_rows
     fig = Figure(figsize=(9.0, height), dpi=100)
     FigureCanvasAgg(fig)
@@ -197,7 +197,7 @@ def forest_figure(
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
     ax.set_title(f"{region} — {term}", fontsize=11)
-    fig.text(0.02, 0.02, _caption(pooled, k_sites, level), fontsize=7.5, va="bottom", wrap=True)
+    fig.text(0.02, 0.12 / height, _caption(pooled, k_sites, level), fontsize=7.5, va="bottom")
     return fig
 
 
@@ -215,7 +215,8 @@ def _caption(pooled: pd.DataFrame, k_sites: int, level: float) -> str:
         pr = pooled.loc["pooled_regression"]
         parts.append(f"pooled regression on summed statistics, n ≈ {float(pr['n']):.0f}")
     parts.append(f"{level:.0%} intervals include the DP noise variance")
-    return "; ".join(parts) + "."
+    second = "; ".join(parts[1:])
+    return "; ".join(parts[:1]) + ".\n" + second[:1].upper() + second[1:] + "."
 
 
 def forest_plot(
