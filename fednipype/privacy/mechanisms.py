@@ -168,7 +168,7 @@ def _laplace_scale(epsilon: float, l1_sensitivity: float) -> float:
     scale = l1_sensitivity / epsilon
     # OpenDP computes its privacy map with outward rounding; agree with it exactly.
     for _ in range(64):
-        meas = dp.m.make_laplace(_VEC(dp), dp.l1_distance(T=float), scale=scale)
+        meas = dp.m.make_laplace(_float_vectors(dp), dp.l1_distance(T=float), scale=scale)
         if meas.map(l1_sensitivity) <= epsilon:
             return scale
         scale = math.nextafter(scale, math.inf) * (1.0 + 1e-15)
@@ -186,7 +186,7 @@ def _opendp():
     return dp
 
 
-def _VEC(dp):  # noqa: N802 - reads as the domain it builds
+def _float_vectors(dp):
     return dp.vector_domain(dp.atom_domain(T=float, nan=False))
 
 
@@ -220,7 +220,7 @@ def add_gaussian_noise(values: Any, sigma: float) -> np.ndarray:
     sigma = _check_positive(sigma, "add_gaussian_noise: sigma")
     shape = np.shape(values)
     data = _check_vector(values, "add_gaussian_noise")
-    meas = dp.m.make_gaussian(_VEC(dp), dp.l2_distance(T=float), scale=sigma)
+    meas = dp.m.make_gaussian(_float_vectors(dp), dp.l2_distance(T=float), scale=sigma)
     return np.asarray(meas(data), dtype=float).reshape(shape)
 
 
@@ -246,7 +246,7 @@ def add_laplace_noise(values: Any, scale: float) -> np.ndarray:
     scale = _check_positive(scale, "add_laplace_noise: scale")
     shape = np.shape(values)
     data = _check_vector(values, "add_laplace_noise")
-    meas = dp.m.make_laplace(_VEC(dp), dp.l1_distance(T=float), scale=scale)
+    meas = dp.m.make_laplace(_float_vectors(dp), dp.l1_distance(T=float), scale=scale)
     return np.asarray(meas(data), dtype=float).reshape(shape)
 
 
@@ -979,8 +979,8 @@ def sufficient_statistics_sensitivity(z_bounds: Any, y_bounds: Any) -> float:
 
 
 def _prepare_sufficient_statistics(
-    Z: Any,  # noqa: N803 - the design matrix is Z in every text on linear models
-    Y: Any,  # noqa: N803
+    Z: Any,
+    Y: Any,
     z_bounds: Any,
     y_bounds: Any,
     epsilon: float,
@@ -1321,8 +1321,8 @@ def dp_group_means(
 
 
 def dp_sufficient_statistics(
-    Z: Any,  # noqa: N803
-    Y: Any,  # noqa: N803
+    Z: Any,
+    Y: Any,
     z_bounds: Any,
     y_bounds: Any,
     epsilon: float,
