@@ -115,6 +115,17 @@ def test_many_regions_plot_the_first_few_and_say_so(releases, tmp_path):
     assert "first 2 of 3 regions" in report.html.read_text(encoding="utf-8")
 
 
+def test_page_escapes_what_the_releases_say(tmp_path):
+    doc = release_doc("siteA", simulate_site("siteA"))
+    doc["dataset"] = "<img src=x onerror=alert(1)> & co"
+    path = tmp_path / "siteA_release.json"
+    path.write_text(json.dumps(doc), encoding="utf-8")
+    report = write_meta_report(pool([path]), tmp_path / "out", terms=["age"])
+    page = report.html.read_text(encoding="utf-8")
+    assert "<img src=x" not in page and "&lt;img src=x onerror=alert(1)&gt; &amp; co" in page
+    assert "one release" in page  # the k = 1 note reaches the reader
+
+
 def test_existing_output_folder_is_updated_in_place(releases, tmp_path):
     out = tmp_path / "meta"
     out.mkdir()
@@ -180,3 +191,121 @@ def test_runs_as_a_module_and_reports_errors_on_stderr(tmp_path):
     assert result.returncode == 1
     assert "nowhere_release.json: release file not found" in result.stderr
     assert result.stdout == "" and not (tmp_path / "o").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# End to end: bundled sites → features → DP releases → fednipype-meta → the planted effects
+# --------------------------------------------------------------------------------------------
+
+#: Ground-truth keys of the planted effects, by model term.
+TRUTH_KEYS = {
+    "age": "age_slope_mm3_per_year",
+    "sex[M]": "male_mm3",
+    "group[patient]": "patient_mm3",
+}
+
+
+def _site_features(site: str, out: Path) -> list[Path]:
+    from conftest import BUNDLED
+
+    from fednipype.atlas import default_atlas
+    from fednipype.bids import collect_images, derivative_path, get_subjects, load_layout
+    from fednipype.features import extract_features, write_features
+
+    atlas = default_atlas(2)
+    layout = load_layout(BUNDLED / site)
+    tsvs = []
+    for rec in collect_images(layout, get_subjects(layout)):
+        result = extract_features(rec.path, atlas.image, atlas.labels, atlas_name="fednipype")
+        tsv = derivative_path(
+            rec.subject, rec.session, desc="regional", suffix="features", extension=".tsv"
+        )
+        tsvs.append(write_features(result, out / tsv)[0])
+    return tsvs
+
+
+@pytest.mark.slow
+def test_end_to_end_planted_effects_lie_inside_the_pooled_intervals(tmp_path, capsys):
+    """Bundled siteA/B/C → regional volumes → one DP release per site → fednipype-meta.
+
+    The budget is deliberately absurd (ε = 1e9 per site, far beyond any privacy guarantee):
+    the Gaussian mechanism's noise sd falls only as 1/√ε at large ε, and with 24–45
+    participants per site and 100 regions, a realistic ε = 1 buries these effects (tens to
+    hundreds of mm³) under noise whose intervals span thousands. At ε = 1e9 the noise is
+    negligible, so the test checks the whole chain — features, design, release scaling,
+    pooling, back-transformation to mm³ — against the generator's ground truth.
+
+    Each 95% interval misses its truth one time in twenty, so the check uses a few regions:
+    the patient regions L_P12, R_P12 and L_P27 (without DP noise all their intervals cover
+    the truth; R_P33's REML age interval narrowly misses it even then) and R_P40, which has
+    no patient effect. The pooled regression has no site terms, so site offsets that differ
+    with the sites' age ranges pull its slopes a little; for these regions the pull is well
+    inside the intervals.
+    """
+    from conftest import BUNDLED
+
+    import fednipype.release
+
+    if not hasattr(fednipype.release, "make_release"):
+        pytest.skip("fednipype.release.make_release is not available yet")
+    from fednipype.release import make_release
+
+    epsilon = 1e9
+    releases = []
+    for site in SITES:
+        policy = tmp_path / "policies" / site / "policy.toml"
+        policy.parent.mkdir(parents=True)
+        policy.write_text(
+            f"[budget]\nepsilon = {epsilon}\ndelta = 1e-5\n"
+            f'[ledger]\npath = "ledger.sqlite"\ndataset = "bundled-{site}"\n'
+            "[bounds]\nage = [18.0, 90.0]\n[bounds.features]\ndefault = [2000.0, 14000.0]\n"
+        )
+        releases.append(
+            make_release(
+                features=_site_features(site, tmp_path / "features" / site),
+                participants=BUNDLED / site,
+                policy=policy,
+                epsilon=epsilon,
+                delta=1e-5,
+                site=site,
+                out_path=tmp_path / "releases" / f"{site}_release.json",
+            )
+        )
+
+    regions = ["L_P12", "R_P12", "L_P27", "R_P40"]
+    out = tmp_path / "meta"
+    argv = [*map(str, releases), "-o", str(out), "--regions", *regions]
+    assert meta.main([*argv, "--terms", "group[patient]"]) == 0
+    capsys.readouterr()
+
+    truth = {
+        r["name"]: r
+        for r in json.loads((BUNDLED / "ground_truth.json").read_text(encoding="utf-8"))["regions"]
+    }
+    table = pd.read_csv(out / "pooled_results.tsv", sep="\t", na_values="n/a")
+    assert set(table["region"]) == set(regions)
+    checked = 0
+    for method in ("pooled_regression", "random_effects_REML"):
+        for region in regions:
+            for term, key in TRUTH_KEYS.items():
+                row = table[
+                    (table["region"] == region)
+                    & (table["term"] == term)
+                    & (table["method"] == method)
+                ].iloc[0]
+                planted = truth[region][key]
+                assert row["ci_low"] <= planted <= row["ci_high"], (method, region, term)
+                checked += 1
+            if region in ("L_P12", "R_P12"):  # the intervals are informative at this ε
+                patient = table[
+                    (table["region"] == region)
+                    & (table["term"] == "group[patient]")
+                    & (table["method"] == method)
+                ].iloc[0]
+                assert patient["ci_high"] < 0.0
+    assert checked == 24
+    assert (table.loc[table["method"] == "random_effects_REML", "k"] == 3).all()
+    for region in regions:
+        with Image.open(out / plot_filename(region, "group[patient]")) as image:
+            assert image.text["Description"] == "sites: " + ", ".join(SITES)
+    assert {plot_filename(r, "group[patient]") for r in regions} <= set(_links(out / "index.html"))
