@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pandas as pd
 import pytest
 from conftest import BUNDLED, SITES
 
@@ -43,22 +44,53 @@ def test_unknown_participant_label_exits_non_zero(tmp_path, capsys):
     assert "sub-77 match no subject" in capsys.readouterr().err
 
 
-def test_demo_prints_one_row_per_site_with_counts_from_disk(tmp_path):
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "demo_output"
     result = subprocess.run(
-        [sys.executable, "-m", "fednipype.cli.demo", str(BUNDLED), str(tmp_path)],
+        [sys.executable, "-m", "fednipype.cli.demo", str(BUNDLED), str(out)],
         capture_output=True,
         text=True,
         check=False,
     )
+    return result, out
+
+
+def test_demo_prints_one_row_per_site_with_counts_from_disk(demo_run):
+    result, _ = demo_run
     assert result.returncode == 0, result.stderr
-    lines = result.stdout.strip().splitlines()
-    assert len(lines) == 1 + len(SITES)
+    lines = result.stdout.strip().splitlines()[: 1 + len(SITES)]
     for site, line in zip(SITES, lines[1:], strict=True):
         fields = line.split()
         subjects = len(list((BUNDLED / site).glob("sub-*")))
         images = len(list((BUNDLED / site).glob("sub-*/**/*_T1w.nii.gz")))
         assert fields[0] == site
         assert [int(f) for f in fields[1:4]] == [subjects, images, images]
+
+
+def test_demo_runs_the_whole_pipeline(demo_run):
+    from fednipype.coordinator import load_releases
+    from fednipype.reports import TSV_NAME
+
+    result, out = demo_run
+    assert result.returncode == 0, result.stderr
+    for site in SITES:
+        images = len(list((BUNDLED / site).rglob("*_label-GM_probseg.nii.gz")))
+        assert len(list((out / site / "derivatives").rglob("*_features.tsv"))) == images
+        assert (out / site / "ledger.sqlite").is_file()
+    releases = load_releases(sorted((out / "releases").glob("*_release.json")))
+    assert [r.site for r in releases] == list(SITES)
+    table = pd.read_csv(out / "meta" / TSV_NAME, sep="\t")
+    assert {"pooled_regression", "fixed_effect"} <= set(table["method"])
+    assert len(list((out / "meta").glob("forest_*.png"))) >= 2
+    assert "forest_" in (out / "meta" / "index.html").read_text()
+    assert "Pooled effects" in result.stdout
+
+
+def test_demo_enumerate_only(tmp_path, capsys):
+    assert demo.main([str(BUNDLED), str(tmp_path / "out"), "--enumerate-only"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 1 + len(SITES)
+    assert not (tmp_path / "out").exists()
 
 
 def test_demo_without_sites_fails_clearly(tmp_path, capsys):
