@@ -13,12 +13,37 @@ from conftest import BUNDLED, SITES
 from fednipype.cli import demo, run
 
 
-def test_participant_level_enumerates_and_writes_description(tmp_path, capsys):
-    assert run.main([str(BUNDLED / "siteA"), str(tmp_path), "participant"]) == 0
-    out = capsys.readouterr().out
-    assert "siteA" in out and " 24 " in out
-    description = json.loads((tmp_path / "dataset_description.json").read_text())
+def test_participant_then_group_level(tmp_path, capsys):
+    out = tmp_path / "derivatives"
+    assert run.main([str(BUNDLED / "siteB"), str(out), "participant", "--n-procs", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "siteB" in printed and "30/30 feature tables" in printed
+    description = json.loads((out / "dataset_description.json").read_text())
     assert description["DatasetType"] == "derivative"
+    assert len(list(out.glob("sub-*/anat/sub-*_desc-regional_features.tsv"))) == 30
+
+    policy = tmp_path / "owner" / "policy.toml"
+    policy.parent.mkdir()
+    policy.write_text(
+        '[budget]\nepsilon = 1.5\ndelta = 1e-4\n[ledger]\npath = "ledger.sqlite"\n'
+        'dataset = "siteB"\n[bounds]\nage = [18.0, 90.0]\n'
+        "[bounds.features]\ndefault = [0.0, 12000.0]\n"
+    )
+    group = [str(BUNDLED / "siteB"), str(out), "group", "--policy", str(policy)]
+    assert run.main([*group, "--epsilon", "1.0"]) == 0
+    from fednipype.release import read_release
+
+    assert read_release(out / "release" / "siteB_release.json")["site"] == "siteB"
+    capsys.readouterr()
+    assert run.main([*group, "--epsilon", "1.0"]) == 1
+    assert "PrivacyBudgetExceeded" in capsys.readouterr().err
+
+
+def test_group_level_requires_privacy_choices(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run.main([str(BUNDLED / "siteB"), str(tmp_path), "group", "--policy", "p.toml"])
+    assert exit_info.value.code == 2
+    assert "--policy and --epsilon" in capsys.readouterr().err
 
 
 def test_missing_bids_dir_is_a_usage_error(tmp_path, capsys):

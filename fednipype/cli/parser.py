@@ -63,4 +63,46 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="LABEL",
         help="subjects to process, with or without 'sub-' (default: all)",
     )
+    bids.add_argument(
+        "--space", default="MNI152NLin2009cAsym", help="space- entity of the probability maps"
+    )
+    bids.add_argument("--label", default="GM", help="label- entity (tissue) of the maps")
+
+    perf = parser.add_argument_group("performance")
+    perf.add_argument("--n-procs", type=int, default=None, help="processes for MultiProc")
+    perf.add_argument(
+        "--nipype-plugin",
+        default="MultiProc",
+        help="Nipype execution plugin (Linear, MultiProc, SLURM, SGE, PBS, …)",
+    )
+    perf.add_argument(
+        "--plugin-args",
+        type=_json_object,
+        default=None,
+        metavar="JSON",
+        help='plugin arguments as JSON, e.g. \'{"sbatch_args": "-p short"}\'',
+    )
+
+    wf = parser.add_argument_group("workflow")
+    wf.add_argument("--atlas", type=Path, help="label atlas image (default: fednipype's)")
+    wf.add_argument("--atlas-labels", type=Path, help="the atlas's dseg.tsv (index, name)")
+    wf.add_argument("--work-dir", type=Path, help="Nipype working directory (its cache)")
+
+    privacy = parser.add_argument_group("privacy (group level)")
+    privacy.add_argument("--policy", type=Path, help="the site policy (TOML)")
+    privacy.add_argument("--epsilon", type=float, help="privacy loss of this release")
+    privacy.add_argument("--delta", type=float, default=1e-5, help="delta of this release")
+    privacy.add_argument("--site", help="site label in the release (default: BIDS folder name)")
     return parser
+
+
+def _json_object(text: str) -> dict:
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {err}") from err
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object")
+    return value
