@@ -448,6 +448,32 @@ def _atlas_grid(
     return _atlas_on_grid_cached(*key, shape, affine.tobytes())
 
 
+def warm_atlas_cache(
+    atlas_file: str | os.PathLike[str], reference_image: str | os.PathLike[str] | None = None
+) -> None:
+    """Read an atlas into this process's cache, and put it on a reference image's grid.
+
+    Call it before forking worker processes (Nipype's MultiProc) so that they inherit the
+    cached atlas and the resampling code instead of each loading them.
+
+    Parameters
+    ----------
+    atlas_file : path-like
+        Integer label image.
+    reference_image : path-like, optional
+        An image whose grid (read from its header only) the atlas is resampled to.
+    """
+    import nibabel.processing  # noqa: F401  (imports scipy.ndimage: ~0.6 s, once)
+
+    path = Path(atlas_file)
+    _check_file(path, "atlas image")
+    _load_atlas_cached(*_file_key(path))
+    if reference_image is not None:
+        header = nb.load(reference_image).header
+        shape = tuple(int(s) for s in header.get_data_shape()[:3])
+        _atlas_grid(path, shape, header.get_best_affine(), image_name=str(reference_image))
+
+
 def atlas_label_values(atlas_file: str | os.PathLike[str]) -> np.ndarray:
     """Sorted label values (> 0) present in an atlas image (cached per file)."""
     path = Path(atlas_file)

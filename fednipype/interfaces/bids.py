@@ -1,4 +1,4 @@
-"""Nipype interfaces that move files in and out of BIDS trees (selection, derivatives sink)."""
+"""Nipype interfaces that write BIDS derivatives: a derivatives sink, the dataset description."""
 
 from __future__ import annotations
 
@@ -12,49 +12,6 @@ from nipype.interfaces.base import (
     isdefined,
     traits,
 )
-
-
-class _SelectImageInputSpec(BaseInterfaceInputSpec):
-    key = Str(mandatory=True, desc="key of the image to select, e.g. 'sub-01_ses-1'")
-    images = traits.Dict(
-        key_trait=Str,
-        value_trait=traits.List(Str, minlen=3, maxlen=3),
-        mandatory=True,
-        desc="key -> [file, subject, session] ('' when the dataset has no sessions)",
-    )
-
-
-class _SelectImageOutputSpec(TraitedSpec):
-    in_file = Str(desc="path of the selected image")
-    subject = Str(desc="subject label, without 'sub-'")
-    session = Str(desc="session label without 'ses-', '' when there is none")
-
-
-class SelectImage(SimpleInterface):
-    """Pick one image (and its subject and session) out of a table, by key.
-
-    Lets a workflow iterate over short, readable keys (``sub-01_ses-1``) so that its working
-    directories are named after the subject, while the image paths travel as data.
-
-    Examples
-    --------
-    >>> select = SelectImage(key="sub-01", images={"sub-01": ["a.nii.gz", "01", ""]})
-    >>> select.run().outputs.subject
-    '01'
-    """
-
-    input_spec = _SelectImageInputSpec
-    output_spec = _SelectImageOutputSpec
-
-    def _run_interface(self, runtime):
-        from fednipype.exceptions import BIDSError
-
-        try:
-            in_file, subject, session = self.inputs.images[self.inputs.key]
-        except KeyError as exc:
-            raise BIDSError(f"no image recorded for key {self.inputs.key!r}") from exc
-        self._results.update(in_file=in_file, subject=subject, session=session)
-        return runtime
 
 
 class _DerivativesDataSinkInputSpec(BaseInterfaceInputSpec):

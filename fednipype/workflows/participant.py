@@ -28,8 +28,12 @@ LOGGER = logging.getLogger(__name__)
 
 DESC = "regional"
 SUFFIX = "features"
-#: Seconds between MultiProc's checks of its workers (Nipype's default, 2 s, would dominate).
-POLL_SLEEP_DURATION = 0.1
+#: Plugins that run jobs on this machine (forked workers share what the parent has loaded).
+LOCAL_PLUGINS = frozenset({"Linear", "MultiProc", "LegacyMultiProc"})
+#: Seconds between MultiProc's checks of its workers.  Nipype's default (2 s) would dominate
+#: sub-second jobs; MultiProc starts at most n_procs jobs per check, so with ~50 ms jobs even
+#: 0.1 s leaves workers idle (bench/README.md: siteB run 2.1 s at 0.1 s, 1.3 s at 0.02 s).
+LOCAL_POLL_SLEEP_DURATION = 0.02
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,12 @@ class Failure:
     node: str
     error: str
     crash_file: str | None = None
+
+    def __str__(self) -> str:
+        where = f"sub-{self.subject}" if self.subject else "workflow"
+        where += f" ses-{self.session}" if self.session else ""
+        crash = f" (crash file: {self.crash_file})" if self.crash_file else ""
+        return f"{where}: {self.error}{crash}"
 
 
 @dataclass
@@ -175,8 +185,11 @@ def init_participant_wf(
     """Build the participant-level workflow: regional features of each subject/session.
 
     The BIDS dataset is queried when the workflow is built (:func:`collect_jobs`); each
-    subject/session becomes one branch of the graph (Nipype iterables over ``sub-X[_ses-Y]``
-    keys), so branches run in parallel and fail independently.
+    subject/session becomes one branch of the graph (Nipype iterables), so branches run in
+    parallel and fail independently.  The feature node runs in the plugin's workers; the sinks
+    are light and run in the main process (``run_without_submitting``).  The workflow is
+    configured not to stop on the first crash; :func:`run_participant_wf` runs it with a
+    polling interval suited to the plugin and reports failures per subject.
 
     Parameters
     ----------
@@ -203,8 +216,9 @@ def init_participant_wf(
 
     Inputs
     ------
-    key
-        Iterated: one ``sub-X[_ses-Y]`` key per image found.
+    in_file, subject, session
+        Iterated together (``inputnode.synchronize``): one branch per image found; session is
+        ``""`` in datasets without sessions.
 
     Outputs
     -------
@@ -226,8 +240,8 @@ def init_participant_wf(
     --------
     >>> wf = init_participant_wf(bids_dir="bids_examples/siteA", output_dir="derivatives")
     >>> sorted(wf.list_node_names())  # doctest: +NORMALIZE_WHITESPACE
-    ['ds_description', 'ds_features', 'features', 'inputnode', 'outputnode', 'select_image']
-    >>> len(wf.get_node("inputnode").iterables[1])  # 24 subjects x 2 sessions
+    ['ds_description', 'ds_features', 'features', 'inputnode', 'outputnode']
+    >>> len(wf.get_node("inputnode").iterables[0][1])  # 24 subjects x 2 sessions
     48
     """
     workflow, _ = _build_participant_wf(
@@ -259,7 +273,7 @@ def _build_participant_wf(
     from nipype.pipeline import engine as pe
 
     from fednipype.atlas import default_atlas
-    from fednipype.interfaces.bids import DerivativeDescription, DerivativesDataSink, SelectImage
+    from fednipype.interfaces.bids import DerivativeDescription, DerivativesDataSink
     from fednipype.interfaces.features import RegionalFeatures
 
     atlas = atlas or default_atlas(2)
@@ -275,19 +289,19 @@ def _build_participant_wf(
     workflow = pe.Workflow(name=name, base_dir=str(Path(work_dir or default_work_dir(output_dir))))
     workflow.config["execution"] = {
         "stop_on_first_crash": "false",
-        "poll_sleep_duration": str(POLL_SLEEP_DURATION),
         "remove_unnecessary_outputs": "false",
     }
 
-    inputnode = pe.Node(niu.IdentityInterface(fields=["key"]), name="inputnode")
-    inputnode.iterables = ("key", [job.key for job in jobs])
-    select_image = pe.Node(
-        SelectImage(
-            images={job.key: [job.in_file, job.subject, job.session or ""] for job in jobs}
-        ),
-        name="select_image",
-        run_without_submitting=True,
+    inputnode = pe.Node(
+        niu.IdentityInterface(fields=["in_file", "subject", "session"]), name="inputnode"
     )
+    # One branch per image; the three fields iterate together (synchronize).
+    inputnode.iterables = [
+        ("in_file", [job.in_file for job in jobs]),
+        ("subject", [job.subject for job in jobs]),
+        ("session", [job.session or "" for job in jobs]),
+    ]
+    inputnode.synchronize = True
     features = pe.Node(
         RegionalFeatures(
             atlas_file=str(atlas.image),
@@ -312,9 +326,8 @@ def _build_participant_wf(
     outputnode = pe.Node(niu.IdentityInterface(fields=["out_tsv", "out_json"]), name="outputnode")
     # fmt: off
     workflow.connect([
-        (inputnode, select_image, [("key", "key")]),
-        (select_image, features, [("in_file", "in_file")]),
-        (select_image, ds_features, [("subject", "subject"), ("session", "session")]),
+        (inputnode, features, [("in_file", "in_file")]),
+        (inputnode, ds_features, [("subject", "subject"), ("session", "session")]),
         (features, ds_features, [("out_tsv", "in_file"), ("out_json", "meta_file")]),
         (ds_features, outputnode, [("out_file", "out_tsv"), ("out_meta", "out_json")]),
     ])
@@ -359,6 +372,7 @@ def run_participant_wf(
     work_dir: str | os.PathLike[str] | None = None,
     plugin: str = "MultiProc",
     plugin_args: dict[str, Any] | None = None,
+    poll_sleep_duration: float | None = None,
     name: str = "participant_wf",
 ) -> ParticipantRunResult:
     """Build and run the participant-level workflow; one failing subject does not stop others.
@@ -378,6 +392,12 @@ def run_participant_wf(
     plugin_args : dict, optional
         Passed to the plugin, e.g. ``{"n_procs": 2}`` for MultiProc or
         ``{"sbatch_args": "--mem=4G"}`` for SLURM.
+    poll_sleep_duration : float, optional
+        Seconds between the plugin's checks of running jobs.  By default
+        :data:`LOCAL_POLL_SLEEP_DURATION` for local plugins (MultiProc schedules at most
+        ``n_procs`` new jobs per check, so with sub-second jobs a long pause leaves workers
+        idle) and Nipype's own default for cluster plugins, where each check queries the
+        scheduler.
 
     Returns
     -------
@@ -409,6 +429,12 @@ def run_participant_wf(
     workflow.config["execution"].update(
         {"crashdump_dir": str(crash_dir), "crashfile_format": "pklz"}
     )
+    if poll_sleep_duration is None and plugin in LOCAL_PLUGINS:
+        poll_sleep_duration = LOCAL_POLL_SLEEP_DURATION
+    if poll_sleep_duration is not None:
+        workflow.config["execution"]["poll_sleep_duration"] = str(float(poll_sleep_duration))
+    if plugin in LOCAL_PLUGINS:
+        _warm_up(workflow, jobs)
 
     plugin_args = dict(plugin_args or {})
     LOGGER.info(
@@ -494,28 +520,43 @@ def run_participant_wf(
     return result
 
 
+def _warm_up(workflow: pe.Workflow, jobs: list[ImageJob]) -> None:
+    """Import the feature code and cache the atlas (on the first image's grid) in this process.
+
+    MultiProc's workers are forked from this process: they inherit the imports (scipy.ndimage
+    alone takes ~0.6 s) and the cached atlas instead of each paying for them.  Failures are
+    ignored here: the feature node reports them for its subject.
+    """
+    from fednipype import features
+
+    node = workflow.get_node("features")
+    try:
+        features.warm_atlas_cache(node.inputs.atlas_file, reference_image=jobs[0].in_file)
+    except Exception as exc:  # broken first image or atlas: reported by the node itself
+        LOGGER.debug("atlas warm-up skipped: %s", exc)
+
+
 def _collect_failures(crash_dir: Path, jobs: list[ImageJob]) -> list[Failure]:
     """Map this run's crash files back to subjects/sessions."""
     by_file = {job.in_file: job for job in jobs}
-    by_key = {job.key: job for job in jobs}
+    by_entities = {(job.subject, job.session or ""): job for job in jobs}
     failures: dict[str, Failure] = {}
     for crash_file in sorted(crash_dir.glob("crash-*")):
         node, error = _read_crash(crash_file)
         job = None
-        node_name = getattr(node, "fullname", "") or ""
         if node is not None:
-            in_file = getattr(node.inputs, "in_file", None)
-            job = by_file.get(str(in_file)) if isinstance(in_file, str) else None
-            if job is None:  # a sink or selection node: find the key in its parameterization
-                where = " ".join(getattr(node, "parameterization", []) or [])
-                where += " " + str(getattr(node, "base_dir", "") or "")
-                job = next((j for k, j in by_key.items() if f"key_{k}" in where), None)
+            inputs = node.inputs
+            in_file = getattr(inputs, "in_file", None)
+            subject = getattr(inputs, "subject", None)
+            session = getattr(inputs, "session", None)
+            if isinstance(in_file, str) and in_file in by_file:  # the feature node
+                job = by_file[in_file]
+            elif isinstance(subject, str):  # a sink
+                job = by_entities.get((subject, session if isinstance(session, str) else ""))
+        node_name = str(getattr(node, "fullname", "") or "")
         if job is None:
-            failures[str(crash_file)] = Failure(
-                "", None, "", node_name, error, crash_file=str(crash_file)
-            )
-            continue
-        if job.key not in failures:  # the first node to fail in a branch is the cause
+            failures[str(crash_file)] = Failure("", None, "", node_name, error, str(crash_file))
+        elif job.key not in failures:  # the first node to fail in a branch is the cause
             failures[job.key] = Failure(
                 job.subject, job.session, job.in_file, node_name, error, str(crash_file)
             )
