@@ -2,15 +2,71 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike[str]) -> Iterator[tuple[IO[bytes], Path]]:
+    """Write a file so that it appears complete or not at all.
+
+    Content goes to a hidden temporary file (``.<name>.<random>.tmp``) in the same folder
+    (created if needed), which replaces ``path`` with :func:`os.replace` only when the block
+    succeeds; on failure it is removed.  A process killed mid-write leaves at most the hidden
+    temporary file.  The data and the rename are flushed to disk.
+
+    Parameters
+    ----------
+    path : path-like
+        Final path.
+
+    Yields
+    ------
+    tuple
+        ``(binary file object, temporary path)``: callers that must act on the complete
+        content before it appears (e.g. record its hash) read the temporary path.
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> out = pathlib.Path(tempfile.mkdtemp()) / "a.txt"
+    >>> with atomic_write(out) as (handle, tmp):
+    ...     _ = handle.write(b"hello")
+    >>> out.read_bytes(), tmp.exists()
+    (b'hello', False)
+    """
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    handle = tempfile.NamedTemporaryFile(
+        mode="wb", dir=final.parent, prefix=f".{final.name}.", suffix=".tmp", delete=False
+    )
+    tmp_path = Path(handle.name)
+    try:
+        yield handle, tmp_path
+        handle.flush()
+        os.fsync(handle.fileno())
+        handle.close()
+        os.chmod(tmp_path, 0o644)
+        os.replace(tmp_path, final)
+    except BaseException:
+        handle.close()
+        tmp_path.unlink(missing_ok=True)
+        raise
+    # Make the rename itself durable.
+    dir_fd = os.open(final.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename.
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_write`).
 
     Parameters
     ----------
@@ -23,32 +79,14 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     -------
     pathlib.Path
         The destination path.
-
-    Examples
-    --------
-    >>> import tempfile, pathlib
-    >>> out = pathlib.Path(tempfile.mkdtemp()) / "a.txt"
-    >>> atomic_write_bytes(out, b"hello").read_bytes()
-    b'hello'
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_write(path) as (handle, _):
+        handle.write(data)
+    return Path(path)
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
-    """Write UTF-8 ``text`` atomically (see :func:`atomic_write_bytes`)."""
+    """Write UTF-8 ``text`` atomically (see :func:`atomic_write`)."""
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 

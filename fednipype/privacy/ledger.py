@@ -54,7 +54,6 @@ import math
 import os
 import re
 import sqlite3
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -63,6 +62,7 @@ from typing import IO, Any, NamedTuple
 
 from fednipype._version import __version__
 from fednipype.exceptions import FednipypeError, PolicyError, PrivacyBudgetExceeded
+from fednipype.io import atomic_write
 from fednipype.privacy.policy import SitePolicy, check_delta, check_epsilon
 
 LOGGER = logging.getLogger(__name__)
@@ -744,44 +744,3 @@ def _sha256_file(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-@contextlib.contextmanager
-def atomic_write(path: str | Path) -> Iterator[tuple[IO[bytes], Path]]:
-    """Write a file so that it appears complete or not at all.
-
-    Content goes to a hidden temporary file (``.<name>.<random>.tmp``) in the same folder,
-    which replaces ``path`` with :func:`os.replace` only when the block succeeds; on failure
-    it is removed. A process killed mid-write leaves at most the hidden temporary file.
-
-    Parameters
-    ----------
-    path : str or Path
-        Final path.
-
-    Yields
-    ------
-    tuple
-        ``(binary file object, temporary path)``.
-    """
-    final = Path(path)
-    handle = tempfile.NamedTemporaryFile(
-        mode="wb", dir=final.parent, prefix=f".{final.name}.", suffix=".tmp", delete=False
-    )
-    tmp_path = Path(handle.name)
-    try:
-        yield handle, tmp_path
-        handle.flush()
-        os.fsync(handle.fileno())
-        handle.close()
-        os.replace(tmp_path, final)
-    except BaseException:
-        handle.close()
-        tmp_path.unlink(missing_ok=True)
-        raise
-    # Make the rename itself durable.
-    dir_fd = os.open(final.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
