@@ -337,18 +337,20 @@ def _build_participant_wf(
 
 
 def _error_line(traceback_lines: list[str]) -> str:
-    """The most informative line of a Nipype crash traceback: the original exception."""
-    text = "".join(traceback_lines)
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    pattern = re.compile(r"^([A-Za-z_][\w.]*(Error|Exception|Exceeded|Warning)): (.+)$")
+    """The most informative line of a Nipype crash traceback: the exception the step raised.
+
+    Nipype wraps a node's traceback (chained exceptions included) in its own
+    ``NodeExecutionError``; the last fednipype exception in it carries the message meant for
+    users (naming the file), else the last exception that is not Nipype's wrapper.
+    """
+    lines = [line.strip() for line in "".join(traceback_lines).splitlines() if line.strip()]
+    pattern = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exceeded): .+$")
     matches = [line for line in lines if pattern.match(line)]
-    # Nipype re-raises node errors as 'RuntimeError/NodeExecutionError: … Traceback …': the
-    # first matching line that is not Nipype's wrapper carries the user-facing message.
-    for line in matches:
-        if not line.startswith(("nipype.", "RuntimeError: Exception raised while executing")):
-            if "NodeExecutionError" not in line:
-                return line
-    return matches[-1] if matches else (lines[-1] if lines else "unknown error")
+    ours = [line for line in matches if line.startswith("fednipype.")]
+    if ours:
+        return ours[-1]
+    others = [line for line in matches if "NodeExecutionError" not in line]
+    return (others or matches or lines or ["unknown error"])[-1]
 
 
 def _read_crash(path: Path) -> tuple[Any, str]:
