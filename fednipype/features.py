@@ -33,12 +33,25 @@ coordinates.  An oblique grid relative to the atlas (a native-space image), grid
 overlap, or an explicit space mismatch (the image's ``space-`` entity or argument vs the
 atlas's ``tpl-``/``space-`` entity or argument) raise :class:`~fednipype.exceptions.ImageError`.
 
+Validation
+----------
+Every problem is an :class:`~fednipype.exceptions.ImageError` naming the file: a missing,
+zero-byte, truncated or non-NIfTI file (e.g. an HTML page saved as ``.nii.gz``); an image that
+is not 3-D (a 4-D image whose 4th dimension is 1 is squeezed to 3-D and accepted); an image
+whose every voxel is NaN; a probability map with values outside [0, 1] by more than
+:data:`PROBABILITY_TOLERANCE`; atlas labels absent from the ``dseg.tsv``.  The reverse, rows of
+the ``dseg.tsv`` whose label the atlas image lacks, is only logged as a warning: those regions
+get ``voxel_count`` 0 and ``n/a`` values, so tables keep one row per ``dseg.tsv`` row.
+
 Memory and speed
 ----------------
-The image is read in its stored dtype; only the voxels inside an atlas region are converted to
-float64 (with the file's scaling), and every per-region statistic is one ``np.bincount``
-over those voxels.  No Python loop runs over regions or voxels, and no full-size float64 copy
-of the image is made.
+The image is read in its stored dtype; only the voxels inside an atlas region are gathered
+(at cached, ascending Fortran-order positions) and converted to float64 with the file's
+scaling; every per-region statistic is an ``np.bincount`` over them, in chunks of
+:data:`CHUNK_VOXELS` that bound the temporaries.  No Python loop runs over regions or voxels,
+and no full-size float64 copy of the image is made.  Peak traced memory is about 1.2x the
+image's float64 array for an atlas covering 15 % of the grid (bench/features.py) and stays
+below 3x for a float32 image whose every voxel is labelled.
 """
 
 from __future__ import annotations

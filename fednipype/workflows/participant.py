@@ -32,7 +32,7 @@ SUFFIX = "features"
 LOCAL_PLUGINS = frozenset({"Linear", "MultiProc", "LegacyMultiProc"})
 #: Seconds between MultiProc's checks of its workers.  Nipype's default (2 s) would dominate
 #: sub-second jobs; MultiProc starts at most n_procs jobs per check, so with ~50 ms jobs even
-#: 0.1 s leaves workers idle (bench/README.md: siteB run 2.1 s at 0.1 s, 1.3 s at 0.02 s).
+#: 0.1 s leaves workers idle (bench/README.md: siteB runs in 2.0 s at 0.1 s, 1.1 s at 0.02 s).
 LOCAL_POLL_SLEEP_DURATION = 0.02
 
 
