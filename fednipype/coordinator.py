@@ -9,8 +9,9 @@ module
   count a site twice (:func:`load_releases`);
 * pools their linear-model statistics (:func:`pool`) as
 
-  - a **pooled regression** (mega-analysis): the summed sufficient statistics solved as one
-    least-squares problem, :func:`fednipype.meta.pooled_regression`;
+  - a **pooled regression** (mega-analysis): one least-squares problem solved exactly from the
+    sites' sufficient statistics, with an intercept per site (site as a fixed effect) and
+    common slopes, :func:`fednipype.meta.pooled_regression`;
   - a **meta-analysis** of each site's own estimates, fixed-effect and random-effects
     (:func:`fednipype.meta.fixed_effect`, :func:`fednipype.meta.random_effects`),
 
@@ -353,8 +354,10 @@ class PoolResult:
     ----------
     results : pandas.DataFrame
         One row per region, term and method, columns :data:`RESULT_COLUMNS`, in original
-        units. ``method`` is ``"pooled_regression"`` (mega-analysis of the summed statistics,
-        t test with ``df`` degrees of freedom, ``df = inf`` meaning z), ``"fixed_effect"``
+        units. ``method`` is ``"pooled_regression"`` (mega-analysis with site intercepts unless
+        ``site_effects`` is False, t test with ``df`` degrees of freedom, ``df = inf`` meaning
+        z; its ``intercept`` row is the participant-weighted mean of the site intercepts and
+        its ``note`` says site intercepts were fitted), ``"fixed_effect"``
         (inverse-variance, z test) or ``"random_effects_<METHOD>"`` (τ² estimator ``METHOD``,
         ``test`` z or Knapp–Hartung). ``statistic`` is t or z; ``k`` the number of sites the
         row pools; ``n`` their (noisy) participant count. ``tau2`` (squared original units),
@@ -376,6 +379,8 @@ class PoolResult:
         Confidence level of every interval.
     notes : tuple of str
         Warnings for the reader (PSD projections, floored residual variances, special cases).
+    site_effects : bool
+        Whether the pooled regression fitted one intercept per site.
     """
 
     results: pd.DataFrame
@@ -385,6 +390,7 @@ class PoolResult:
     test: str
     level: float
     notes: tuple[str, ...] = field(default=())
+    site_effects: bool = True
 
     @property
     def regions(self) -> list[str]:
@@ -414,6 +420,7 @@ def pool(
     regions: Sequence[str] | None = None,
     *,
     level: float = 0.95,
+    site_effects: bool = True,
 ) -> PoolResult:
     """Pool site releases by pooled regression and by fixed- and random-effects meta-analysis.
 
@@ -430,6 +437,11 @@ def pool(
         Regions to report (all by default), in atlas order.
     level : float
         Confidence level, default 0.95.
+    site_effects : bool
+        Fit the pooled regression with one intercept per site and common slopes (default), as
+        a mega-analysis with site as a fixed effect: site offsets that go with the sites'
+        covariates (age ranges, patient shares) then do not bias the slopes. ``False`` fits one
+        common intercept.
 
     Returns
     -------
@@ -437,7 +449,11 @@ def pool(
 
     Notes
     -----
-    Every site contributes to the pooled regression. The meta-analysis of a region and term
+    Every site contributes to the pooled regression. With site intercepts, its ``intercept``
+    row is their mean weighted by the sites' (noisy) participant counts; a slope is then
+    estimated from the covariate's variation within sites, so a covariate that is constant
+    within every site (all patients at some sites, all controls at others) is not identified
+    there. The meta-analysis of a region and term
     uses the sites whose own estimate is finite (a site that cannot estimate a term — e.g. no
     patients, without DP noise — is left out and marked ``included = False``). With one site
     left, the meta-analysis follows metafor: τ² = 0, Q = 0 (p = 1), I² = 0, H² = 1; a
@@ -473,7 +489,7 @@ def pool(
 
     stats = {release.site: release.statistics() for release in items}
     scaling = items[0].scaling
-    pooled = pooled_regression(stats, level=level)
+    pooled = pooled_regression(stats, site_effects=site_effects, level=level)
     per_site = site_estimates(stats, level=level)
     pooled = unscale_coefficients(_keep_regions(pooled, selected), scaling)
     per_site = unscale_coefficients(_keep_regions(per_site, selected), scaling)
@@ -485,7 +501,7 @@ def pool(
     included = np.zeros(len(per_site), dtype=bool)
     by_cell = per_site.groupby(["region", "term"], sort=False).indices
     for prow in pooled.itertuples(index=False):
-        rows.append(_pooled_row(prow, n_sites=len(items)))
+        rows.append(_pooled_row(prow, n_sites=len(items), site_effects=site_effects))
         index = by_cell[(prow.region, prow.term)]
         cell = per_site.iloc[index]
         ok = (
@@ -515,6 +531,7 @@ def pool(
         test=test_name,
         level=float(level),
         notes=tuple(dict.fromkeys(notes)),
+        site_effects=bool(site_effects),
     )
 
 
@@ -544,8 +561,9 @@ def _noise_notes(pooled: pd.DataFrame, per_site: pd.DataFrame) -> list[str]:
     notes = []
     if pooled["psd_projected"].any():
         notes.append(
-            "pooled regression: the summed noisy ZᵀZ was not positive definite beyond the noise "
-            "level; its eigenvalues were floored at the DP noise sd (psd_projected)"
+            "pooled regression: the noisy ZᵀZ of its normal equations was not positive definite "
+            "beyond the noise level; its eigenvalues were floored at the DP noise sd "
+            "(psd_projected)"
         )
     projected = list(dict.fromkeys(per_site.loc[per_site["psd_projected"], "site"]))
     if projected:
@@ -587,8 +605,18 @@ def _coverage_notes(results: pd.DataFrame, n_sites: int) -> list[str]:
     return notes
 
 
-def _pooled_row(prow: Any, n_sites: int) -> dict[str, Any]:
+#: ``note`` of the pooled-regression rows fitted with site intercepts.
+SITE_EFFECTS_NOTE = "site intercepts fitted (site as fixed effect)"
+SITE_INTERCEPT_NOTE = SITE_EFFECTS_NOTE + "; intercept = participant-weighted mean of them"
+
+
+def _pooled_row(prow: Any, n_sites: int, site_effects: bool) -> dict[str, Any]:
     df = float(prow.df)
+    notes = []
+    if site_effects:
+        notes.append(SITE_INTERCEPT_NOTE if prow.term == "intercept" else SITE_EFFECTS_NOTE)
+    if not prow.estimable:
+        notes.append("term not identified by the pooled data")
     return {
         "region": prow.region,
         "term": prow.term,
@@ -611,7 +639,7 @@ def _pooled_row(prow: Any, n_sites: int) -> dict[str, Any]:
         "q_p": math.nan,
         "psd_projected": bool(prow.psd_projected),
         "sigma2_floored": bool(prow.sigma2_floored),
-        "note": "" if prow.estimable else "term not identified by the pooled data",
+        "note": "; ".join(notes),
     }
 
 

@@ -6,10 +6,12 @@ Two ways to pool what the sites release:
   per site, following R's ``metafor::rma()`` conventions to the digit: the same τ² estimators
   (DerSimonian–Laird, REML, Paule–Mandel), standard errors, Wald or Knapp–Hartung tests,
   Cochran's Q and metafor's I² and H².
-* :func:`pooled_regression` sums per-site sufficient statistics of a linear model (ZᵀZ, Zᵀy,
-  yᵀy, n) and solves the pooled least-squares problem; :func:`site_estimates` solves each site's
-  own model so its coefficients can be fed to :func:`random_effects`. Both carry the variance
-  the differential-privacy noise adds into every standard error.
+* :func:`pooled_regression` solves the pooled least-squares problem exactly from per-site
+  sufficient statistics of a linear model (ZᵀZ, Zᵀy, yᵀy, n): by default with one intercept per
+  site and common slopes (site as a fixed effect, as mega-analyses do), or with one common
+  intercept on the summed statistics; :func:`site_estimates` solves each site's own model so
+  its coefficients can be fed to :func:`random_effects`. Both carry the variance the
+  differential-privacy noise adds into every standard error.
 
 Why the τ² estimators are written here rather than taken from a library
 -------------------------------------------------------------------------
@@ -651,35 +653,73 @@ def _site_list(stats: Any) -> list[tuple[Any, SufficientStatistics]]:
     return items
 
 
-def pooled_regression(stats: Any, *, level: float = 0.95) -> pd.DataFrame:
-    """Fit the pooled (mega-analysis) linear model from the sites' summed statistics.
+def pooled_regression(
+    stats: Any, *, site_effects: bool = True, level: float = 0.95
+) -> pd.DataFrame:
+    """Fit the pooled (mega-analysis) linear model from the sites' statistics.
 
-    Sums ZᵀZ, ZᵀY, yᵀy, n and the noise variances over sites (independent noise adds up) and
-    solves the normal equations per region. Without DP noise the result is ordinary least
-    squares on the pooled rows: same coefficients, standard errors, t statistics with n − p
-    df, p-values and intervals.
+    With ``site_effects=True`` (the default) every site gets its own intercept and the slopes
+    are common, as in a mega-analysis with site as a fixed effect: site offsets that correlate
+    with the covariates (sites recruiting different age ranges on different scanners) then do
+    not bias the slopes. The fit is exact from the per-site statistics. For site k with
+    n_k = ZₖᵀZₖ[0, 0], s_k = ZₖᵀZₖ[0, 1:], S_k = ZₖᵀZₖ[1:, 1:], t_k = ZₖᵀY[0] and
+    U_k = ZₖᵀY[1:], the unknowns θ = (α_1, …, α_K, β) solve the normal equations
 
-    With DP noise the standard error includes what the noise adds. Writing the released
-    statistics as Ã = A + E, b̃ = b + F, c̃ = c + g, the estimate satisfies exactly
-    β̂ − β = Ã⁻¹ (Zᵀε + F − Eβ), so its variance is, to first order (delta method),
-    Ã⁻¹ [σ²Ã + σ_F² I + σ_E² (‖β‖² I + ββᵀ − diag(β²))] Ã⁻¹; the last term is Var(Eβ) for a
-    symmetric noise matrix whose upper-triangle entries are independent. The unknown ββᵀ is
-    estimated by the positive semi-definite part of β̂β̂ᵀ − Cov(β̂) (the plug-in β̂β̂ᵀ would
-    over-state it by Cov(β̂), which DP noise can make larger than ββᵀ). The residual sum of
-    squares c̃ − b̃ᵀÃ⁻¹b̃ is de-biased for the noise it contains (+σ_F² tr Ã⁻¹ +
-    σ_E² βᵀ(tr(Ã⁻¹) I + Ã⁻¹ − diag Ã⁻¹)β) and floored at one standard deviation of its own DP
-    noise, which keeps σ̂² positive and errs on the conservative side (``sigma2_floored``
-    marks it). The t reference distribution takes Satterthwaite degrees of freedom from the
-    variance of σ̂² (sampling plus noise): n − p without noise, growing towards a z test as the
-    known DP noise dominates the standard error.
+    .. math::
 
-    If the noisy Ã is not positive definite beyond the noise level (smallest eigenvalue below
-    σ_E), its eigenvalues are floored at σ_E, ``psd_projected`` is set and a warning is logged.
+        \\begin{pmatrix} \\operatorname{diag}(n_k) & [s_k^T]_k \\\\ [s_k]_k & \\sum_k S_k
+        \\end{pmatrix} θ = \\begin{pmatrix} [t_k]_k \\\\ \\sum_k U_k \\end{pmatrix},
+
+    yᵀy is summed and the residual degrees of freedom are n − K − (p − 1). The ``intercept``
+    row reports the participant-weighted mean of the site intercepts, Σ n_k α_k / Σ n_k with
+    n_k the sites' ``n``: the expected response at the covariates' zero (their centers, in
+    released units) averaged over the pooled participants' sites. Its standard error is that
+    of this linear combination (the released counts are treated as fixed weights). Without
+    noise, the slopes, their standard errors, t statistics, p-values and intervals are those
+    of ordinary least squares on the pooled rows with site dummies (``y ~ 0 + C(site) + …``),
+    and the intercept row is that model's estimate of Σ n_k α_k / n. With a single site the
+    model is the site's own regression.
+
+    With ``site_effects=False`` the sites' ZᵀZ, ZᵀY, yᵀy, n are summed and one model with a
+    common intercept is solved: ordinary least squares on the pooled rows without site terms.
+
+    DP noise is included in every standard error. Each released entry of ZᵀZ (upper triangle,
+    mirrored), ZᵀY and yᵀy carries independent Gaussian noise; in the normal equations Ãθ = b̃
+    an entry that belongs to one site (its count, its s_k, its t_k) carries that site's noise
+    variance and a summed entry the sum of the sites' variances. With per-entry variances
+    V (symmetric, for Ã) and f (for b̃), writing Ã = A + E, b̃ = b + F, the estimate
+    satisfies θ̂ − θ = Ã⁻¹ (Xᵀε + F − Eθ), so to first order (delta method)
+
+    .. math::
+
+        \\operatorname{Cov}(θ̂) ≈ Ã^{-1} [σ^2 Ã + \\operatorname{diag}(f) + W] Ã^{-1},\\quad
+        W = \\operatorname{Var}(Eθ) = \\operatorname{diag}(V θ^{∘2}) + V ∘ θθ^T
+        - \\operatorname{diag}(V_{aa} θ_a^2),
+
+    the last form because the same noise draw appears at (a, b) and (b, a). Reported rows are
+    linear combinations Lθ̂ with variance diag(L Cov(θ̂) Lᵀ). The unknown θθᵀ is estimated by
+    the positive semi-definite part of θ̂θ̂ᵀ − Cov₀(θ̂), Cov₀ the part that does not depend on θ
+    (the plug-in θ̂θ̂ᵀ would over-state it by Cov(θ̂), which DP noise can make larger than θθᵀ).
+    The residual sum of squares c̃ − b̃ᵀÃ⁻¹b̃ is de-biased for the noise it contains
+    (+ Σ_a f_a [Ã⁻¹]_aa + tr(Ã⁻¹W)) and floored at one standard deviation of its own DP noise,
+    which keeps σ̂² positive and errs on the conservative side (``sigma2_floored`` marks it).
+    The t reference distribution takes Satterthwaite degrees of freedom from the variance of
+    σ̂² (sampling plus noise): the residual df without noise, growing towards a z test as the
+    known DP noise dominates the standard error. With equal variances in every entry
+    (``site_effects=False``, or one site) these formulas are the usual
+    Ã⁻¹ [σ²Ã + σ_F² I + σ_E² (‖β‖² I + ββᵀ − diag(β²))] Ã⁻¹.
+
+    If the noisy Ã is not positive definite beyond its noise level, its eigenvalues are
+    floored there, ``psd_projected`` is set and a warning is logged. The level is measured in
+    noise units (eigenvalues of GÃG, G = diag(V_aa^(-1/4)), below 1): with equal variances σ_E²
+    in every entry, eigenvalues of Ã below σ_E are floored at σ_E.
 
     Parameters
     ----------
     stats : SufficientStatistics, or a sequence or mapping of them
         One per site; all must share ``terms`` and ``regions``.
+    site_effects : bool
+        Fit one intercept per site (default) or a common intercept.
     level : float
         Confidence level as a fraction, default 0.95.
 
@@ -689,7 +729,8 @@ def pooled_regression(stats: Any, *, level: float = 0.95) -> pd.DataFrame:
         One row per region and term with columns ``region, term, estimate, se, t, df, p,
         ci_low, ci_high, n, resid_df, sigma2, estimable, psd_projected, sigma2_floored``.
         ``t`` is referred to a t distribution with ``df`` degrees of freedom (``inf`` = z).
-        Terms not identified by the data (exact collinearity without noise) get NaN and
+        Terms not identified by the data (exact collinearity without noise, e.g. a covariate
+        constant within every site when site intercepts are fitted) get NaN and
         ``estimable = False``.
 
     Examples
@@ -703,13 +744,19 @@ def pooled_regression(stats: Any, *, level: float = 0.95) -> pd.DataFrame:
     """
     items = _site_list(stats)
     level = _check_level(level)
+    if not isinstance(site_effects, (bool, np.bool_)):
+        raise MetaAnalysisError(f"site_effects must be True or False; got {site_effects!r}")
     first = items[0][1]
-    total = _Block.stack([site for _, site in items]).total()
-    solution = _solve(total, first.terms, [f"pooled fit of {len(items)} site(s)"])
-    second = _beta_second_moment(total, solution)
-    fit = _inference(
-        total, solution, second, level, first, [f"pooled fit of {len(items)} site(s)"]
-    )
+    sites = _Block.stack([site for _, site in items])
+    if site_effects:
+        system = _System.with_site_intercepts(sites)
+        where = [f"pooled fit of {len(items)} site(s) with site intercepts"]
+    else:
+        system = _System.of(sites.total())
+        where = [f"pooled fit of {len(items)} site(s)"]
+    solution = _solve(system, first.terms, where)
+    second = _theta_second_moment(system, solution)
+    fit = _inference(system, solution, second, level, first, where)
     return pd.DataFrame(fit, columns=list(REGRESSION_COLUMNS))
 
 
@@ -720,9 +767,9 @@ def site_estimates(stats: Any, *, level: float = 0.95) -> pd.DataFrame:
     ``estimate`` as ``y`` and ``se ** 2`` as ``v`` (drop rows with ``estimable == False``).
 
     The one term of the standard error that depends on the true β (the ZᵀZ noise, Var(Eβ)) is
-    evaluated at the pooled fit's β rather than at the site's own β̂: the site's estimate is
-    too noisy for it and, worse, correlated with its own error, which would make large errors
-    look precise and small ones uncertain.
+    evaluated at the pooled fit's β (common intercept) rather than at the site's own β̂: the
+    site's estimate is too noisy for it and, worse, correlated with its own error, which would
+    make large errors look precise and small ones uncertain.
 
     Parameters
     ----------
@@ -741,10 +788,11 @@ def site_estimates(stats: Any, *, level: float = 0.95) -> pd.DataFrame:
     level = _check_level(level)
     first = items[0][1]
     sites = _Block.stack([site for _, site in items])
-    total = sites.total()
-    second = _beta_second_moment(total, _solve(total, first.terms, None))
+    total = _System.of(sites.total())
+    second = _theta_second_moment(total, _solve(total, first.terms, None))
     where = [f"site {label!r}" for label, _ in items]
-    fit = _inference(sites, _solve(sites, first.terms, where), second, level, first, where)
+    system = _System.of(sites)
+    fit = _inference(system, _solve(system, first.terms, where), second, level, first, where)
     per_site = len(first.terms) * len(first.regions)
     fit = {"site": [label for label, _ in items for _ in range(per_site)], **fit}
     return pd.DataFrame(fit, columns=["site", *REGRESSION_COLUMNS])
@@ -784,66 +832,157 @@ class _Block:
             ),
         )
 
+
+@dataclass(frozen=True)
+class _System:
+    """S sets of normal equations A θ = B (R right-hand sides) with per-entry noise variances.
+
+    ``a_var[s, i, j]`` is the variance of the noise in A[s, i, j]; the entries of the upper
+    triangle (diagonal included) carry independent noise, mirrored to the lower triangle.
+    ``b_var[s, i]`` is the variance of the independent noise in each B[s, i, r], ``c_var[s]``
+    that in each c[s, r]. The reported terms are the rows of ``contrasts`` applied to θ.
+    """
+
+    a: np.ndarray  # (S, m, m)
+    b: np.ndarray  # (S, m, R)
+    c: np.ndarray  # (S, R)
+    n: np.ndarray  # (S,)
+    a_var: np.ndarray  # (S, m, m)
+    b_var: np.ndarray  # (S, m)
+    c_var: np.ndarray  # (S,)
+    contrasts: np.ndarray  # (S, p, m)
+
+    @classmethod
+    def of(cls, block: _Block) -> _System:
+        """Each block's own normal equations: equal noise variance in every entry, L = I."""
+        n_blocks, p, _ = block.ztz.shape
+        return cls(
+            a=block.ztz,
+            b=block.zty,
+            c=block.yty,
+            n=block.n,
+            a_var=np.broadcast_to(block.ztz_var[:, None, None], (n_blocks, p, p)),
+            b_var=np.broadcast_to(block.zty_var[:, None], (n_blocks, p)),
+            c_var=block.yty_var,
+            contrasts=np.broadcast_to(np.eye(p), (n_blocks, p, p)),
+        )
+
+    @classmethod
+    def with_site_intercepts(cls, sites: _Block) -> _System:
+        """One system θ = (α_1, …, α_K, β): site intercepts and common slopes.
+
+        The reported intercept is Σ n_k α_k / Σ n_k; the slopes are reported as they are.
+        """
+        n_sites, p, _ = sites.ztz.shape
+        m = n_sites + p - 1
+        k = np.arange(n_sites)
+        slopes = slice(n_sites, m)
+        a = np.zeros((m, m))
+        a[k, k] = sites.ztz[:, 0, 0]
+        a[k, slopes] = sites.ztz[:, 0, 1:]
+        a[slopes, k] = sites.ztz[:, 0, 1:].T
+        a[slopes, slopes] = sites.ztz[:, 1:, 1:].sum(axis=0)
+        b = np.concatenate([sites.zty[:, 0, :], sites.zty[:, 1:, :].sum(axis=0)])
+        a_var = np.zeros((m, m))  # site k's intercept meets no other site's: no entry, no noise
+        a_var[k, k] = sites.ztz_var
+        a_var[k, slopes] = sites.ztz_var[:, None]
+        a_var[slopes, k] = sites.ztz_var[None, :]
+        a_var[slopes, slopes] = math.fsum(sites.ztz_var)
+        b_var = np.concatenate([sites.zty_var, np.full(p - 1, math.fsum(sites.zty_var))])
+        contrasts = np.zeros((p, m))
+        contrasts[0, k] = sites.n / math.fsum(sites.n)
+        contrasts[np.arange(1, p), slopes] = np.eye(p - 1)
+        return cls(
+            a=a[None],
+            b=b[None],
+            c=sites.yty.sum(axis=0, keepdims=True),
+            n=np.array([math.fsum(sites.n)]),
+            a_var=a_var[None],
+            b_var=b_var[None],
+            c_var=np.array([math.fsum(sites.yty_var)]),
+            contrasts=contrasts[None],
+        )
+
     @property
     def noisy(self) -> np.ndarray:
-        return (self.ztz_var + self.zty_var + self.yty_var) > 0.0
+        a_noisy = self.a_var.max(axis=(1, 2)) > 0.0
+        return a_noisy | (self.b_var.max(axis=1) > 0.0) | (self.c_var > 0.0)
 
 
 @dataclass(frozen=True)
 class _Solution:
     """Least-squares solutions of a stack of normal equations, all regions at once."""
 
-    inv: np.ndarray  # (S, p, p) (pseudo-)inverse of the (eigenvalue-floored) ZᵀZ
-    beta: np.ndarray  # (S, p, R)
+    inv: np.ndarray  # (S, m, m) (pseudo-)inverse of the (eigenvalue-floored) A
+    theta: np.ndarray  # (S, m, R)
     rss: np.ndarray  # (S, R) c̃ − b̃ᵀÃ⁻¹b̃, not yet de-biased
     resid_df: np.ndarray  # (S,)
-    estimable: np.ndarray  # (S, p) bool
+    estimable: np.ndarray  # (S, p) bool, per reported term
     psd_projected: np.ndarray  # (S,) bool
 
 
-def _solve(block: _Block, terms: tuple[str, ...], where: list[str] | None) -> _Solution:
-    """Solve ZᵀZ β = Zᵀy for each block; floor the eigenvalues of a noisy ZᵀZ at the noise sd.
+def _solve(system: _System, terms: tuple[str, ...], where: list[str] | None) -> _Solution:
+    """Solve A θ = B for each block; floor the eigenvalues of a noisy A at its noise level.
 
-    Without noise, a singular ZᵀZ is solved with its pseudo-inverse and the terms that load on
-    its null space are marked not estimable. ``where`` names each block in warnings and errors
-    (``None`` silences the warnings).
+    The noise level is measured in noise units: with G = diag(v_aa^(-1/4)), v_aa the noise
+    variance of A's diagonal entry a, a noisy A is projected when the smallest eigenvalue of
+    G A G is below 1, and those eigenvalues are then floored at 1. A quadratic form vᵀAv is
+    thus kept only where it exceeds ‖G⁻¹v‖², a bound on the size of its noise vᵀEv. With the
+    same noise variance σ_E² in every entry this is the plain rule: eigenvalues of A below σ_E
+    are floored at σ_E. Without noise, a singular A is solved with its pseudo-inverse and the
+    reported terms (rows of ``contrasts``) that load on its null space are marked not
+    estimable. ``where`` names each block in warnings and errors (``None`` silences the
+    warnings).
     """
-    p = block.ztz.shape[1]
-    ztz = block.ztz
-    floor = np.sqrt(block.ztz_var)
-    noisy_design = block.ztz_var > 0.0
-    evals, evecs = np.linalg.eigh(ztz)
-    psd_projected = noisy_design & (evals[:, 0] < floor)
+    m = system.a.shape[1]
+    a = system.a
+    noise_var = np.diagonal(system.a_var, axis1=1, axis2=2)  # (S, m)
+    noisy_design = noise_var.max(axis=1) > 0.0
+    root = noise_var**0.25
+    # A noise-free row in a noisy system (a site released without noise) gets the smallest
+    # noise level of the others, which errs towards projecting.
+    smallest = np.min(np.where(root > 0.0, root, np.inf), axis=1, keepdims=True)
+    root = np.where(root > 0.0, root, np.where(np.isfinite(smallest), smallest, 1.0))
+    gain = np.where(noisy_design[:, None], 1.0 / root, 1.0)
+    evals, evecs = np.linalg.eigh(a * gain[:, :, None] * gain[:, None, :])
+    lowest = evals[:, 0]  # in noise sd
+    psd_projected = noisy_design & (lowest < 1.0)
     if psd_projected.any():
-        projected = np.einsum("sik,sk,sjk->sij", evecs, np.maximum(evals, floor[:, None]), evecs)
-        ztz = np.where(psd_projected[:, None, None], projected, ztz)
-    # Solve in equilibrated coordinates D ZᵀZ D, D = diag(ZᵀZ)^(-1/2): covariates on very
+        projected = np.einsum("sik,sk,sjk->sij", evecs, np.maximum(evals, 1.0), evecs)
+        projected = projected / (gain[:, :, None] * gain[:, None, :])
+        a = np.where(psd_projected[:, None, None], projected, a)
+    # Solve in equilibrated coordinates D A D, D = diag(A)^(-1/2): covariates on very
     # different scales (age in years next to 0/1 codes) then cost no accuracy.
-    diag = np.diagonal(ztz, axis1=1, axis2=2)
+    diag = np.diagonal(a, axis1=1, axis2=2)
     scale = np.where(diag > 0.0, 1.0 / np.sqrt(np.where(diag > 0.0, diag, 1.0)), 1.0)
-    evals, evecs = np.linalg.eigh(ztz * scale[:, :, None] * scale[:, None, :])
-    rank_tol = np.maximum(evals[:, -1], 0.0) * p * np.finfo(float).eps
+    evals, evecs = np.linalg.eigh(a * scale[:, :, None] * scale[:, None, :])
+    rank_tol = np.maximum(evals[:, -1], 0.0) * m * np.finfo(float).eps
     keep = noisy_design[:, None] | (evals > rank_tol[:, None])
     rank = keep.sum(axis=1)
-    resid_df = block.n - rank
-    estimable = np.sqrt(np.einsum("sik,sk->si", evecs**2, ~keep)) < 1e-6
+    resid_df = system.n - rank
+    # A reported term lᵀθ is estimable when D l (l in the equilibrated coordinates θ' = D⁻¹θ)
+    # has no component in the null space of D A D.
+    direction = system.contrasts * scale[:, None, :]
+    direction = direction / np.linalg.norm(direction, axis=2, keepdims=True)
+    loading = np.einsum("spi,sik->spk", direction, evecs)
+    estimable = np.sqrt(np.einsum("spk,sk->sp", loading**2, ~keep)) < 1e-6
     names = where or ["pooled fit"] * len(rank)
     for i, name in enumerate(names):
         if rank[i] == 0:
             raise MetaAnalysisError(f"{name}: ZᵀZ is zero; no term can be estimated")
         if resid_df[i] <= 0:
             raise MetaAnalysisError(
-                f"{name}: n = {block.n[i]:g} must exceed the number of estimable terms "
+                f"{name}: n = {system.n[i]:g} must exceed the number of estimable terms "
                 f"({rank[i]}) to estimate the residual variance"
             )
         if where is None:
             continue
         if psd_projected[i]:
             LOGGER.warning(
-                "%s: noisy ZᵀZ has smallest eigenvalue below the DP noise sd %.4g; eigenvalues "
-                "floored at the noise sd (psd_projected=True)",
+                "%s: noisy ZᵀZ has smallest eigenvalue below the DP noise sd (%.3g noise sd); "
+                "eigenvalues floored at the noise sd (psd_projected=True)",
                 name,
-                floor[i],
+                lowest[i],
             )
         if not estimable[i].all():
             LOGGER.warning(
@@ -851,34 +990,49 @@ def _solve(block: _Block, terms: tuple[str, ...], where: list[str] | None) -> _S
                 name,
                 [t for t, ok in zip(terms, estimable[i], strict=True) if not ok],
             )
-    inv = np.einsum("sik,sk,sjk->sij", evecs, np.where(keep, 1.0 / evals, 0.0), evecs)
+    with np.errstate(divide="ignore"):
+        inv_evals = np.where(keep, 1.0 / np.where(keep, evals, 1.0), 0.0)
+    inv = np.einsum("sik,sk,sjk->sij", evecs, inv_evals, evecs)
     inv = inv * scale[:, :, None] * scale[:, None, :]
-    beta = inv @ block.zty
-    rss = block.yty - np.einsum("sir,sir->sr", beta, block.zty)
-    return _Solution(inv, beta, rss, resid_df, estimable, psd_projected)
+    theta = inv @ system.b
+    rss = system.c - np.einsum("sir,sir->sr", theta, system.b)
+    return _Solution(inv, theta, rss, resid_df, estimable, psd_projected)
 
 
-def _beta_second_moment(block: _Block, solution: _Solution) -> np.ndarray:
-    """Estimate ββᵀ per block and region, shape (S, R, p, p): PSD part of β̂β̂ᵀ − Cov₀(β̂).
+def _var_e_theta(var_a: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """W = Var(Eθ) = E[E θθᵀ E] for a symmetric noise E with independent upper-triangle entries.
 
-    Cov₀ is the sampling and Zᵀy-noise covariance σ̂²Ã⁻¹ + σ_F²Ã⁻² (the parts that do not
-    depend on β). Without noise nothing downstream uses the result.
+    With per-entry variances V (``var_a``, shape (S, m, m)) and θθᵀ estimated by ``second``
+    (S, R, m, m): W = diag(V θ²) + V ∘ θθᵀ − diag(V_aa θ_a²), shape (S, R, m, m).
     """
-    beta, inv = solution.beta, solution.inv
-    second = np.einsum("sir,sjr->srij", beta, beta)
-    if not block.noisy.any():
+    theta_sq = np.diagonal(second, axis1=2, axis2=3)
+    on_diagonal = np.einsum("sab,srb->sra", var_a, theta_sq) - (
+        np.diagonal(var_a, axis1=1, axis2=2)[:, None, :] * theta_sq
+    )
+    return var_a[:, None] * second + on_diagonal[..., None] * np.eye(var_a.shape[1])
+
+
+def _theta_second_moment(system: _System, solution: _Solution) -> np.ndarray:
+    """Estimate θθᵀ per block and region, shape (S, R, m, m): PSD part of θ̂θ̂ᵀ − Cov₀(θ̂).
+
+    Cov₀ is the sampling and B-noise covariance σ̂²Ã⁻¹ + Ã⁻¹ diag(f) Ã⁻¹ (the parts that do
+    not depend on θ). Without noise nothing downstream uses the result.
+    """
+    theta, inv = solution.theta, solution.inv
+    second = np.einsum("sir,sjr->srij", theta, theta)
+    if not system.noisy.any():
         return second
-    var_f = block.zty_var[:, None, None, None]
-    trace_inv = np.trace(inv, axis1=1, axis2=2)
-    sigma2 = np.maximum(solution.rss + block.zty_var[:, None] * trace_inv[:, None], 0.0)
-    sigma2 = sigma2 / solution.resid_df[:, None]
-    second = second - sigma2[:, :, None, None] * inv[:, None] - var_f * (inv @ inv)[:, None]
+    f = system.b_var
+    noise_trace = np.einsum("si,sii->s", f, inv)[:, None]  # E[FᵀÃ⁻¹F] = Σ f_a [Ã⁻¹]_aa
+    sigma2 = np.maximum(solution.rss + noise_trace, 0.0) / solution.resid_df[:, None]
+    cov_f = np.einsum("sij,sj,skj->sik", inv, f, inv)
+    second = second - sigma2[:, :, None, None] * inv[:, None] - cov_f[:, None]
     evals, evecs = np.linalg.eigh(second)
     return np.einsum("srij,srj,srkj->srik", evecs, np.maximum(evals, 0.0), evecs)
 
 
 def _inference(
-    block: _Block,
+    system: _System,
     solution: _Solution,
     second: np.ndarray,
     level: float,
@@ -887,35 +1041,34 @@ def _inference(
 ) -> dict[str, Any]:
     """Standard errors, t statistics, p-values and intervals with the DP noise included.
 
-    ``second`` estimates ββᵀ per region, shape (S or 1, R, p, p), for the terms the ZᵀZ noise
+    ``second`` estimates θθᵀ per region, shape (S or 1, R, m, m), for the terms the noise in A
     adds. ``names`` supplies the terms and regions, ``where`` names each block in warnings.
     Returns the table's columns, rows ordered by block, region, term.
     """
-    inv, beta = solution.inv, solution.beta
-    n_blocks, p, n_regions = beta.shape
+    inv, theta = solution.inv, solution.theta
+    n_blocks, m, n_regions = theta.shape
+    p = system.contrasts.shape[1]
+    second = np.broadcast_to(second, (n_blocks, n_regions, m, m))
     resid_df = solution.resid_df[:, None]  # (S, 1)
-    var_e, var_f, var_g = (x[:, None] for x in (block.ztz_var, block.zty_var, block.yty_var))
-    noisy = block.noisy[:, None]
-    inv_diag = np.diagonal(inv, axis1=1, axis2=2)  # (S, p)
-    inv_sq = inv @ inv
-    trace_inv = np.trace(inv, axis1=1, axis2=2)[:, None]  # (S, 1)
-    trace_b = np.trace(second, axis1=2, axis2=3)  # ‖β‖², (S, R)
-    diag_b = np.diagonal(second, axis1=2, axis2=3)  # β_j², (S, R, p)
+    var_a, f, var_c = system.a_var, system.b_var, system.c_var[:, None]
+    noisy = system.noisy[:, None]
+    var_e_theta = _var_e_theta(var_a, second)  # W = Var(Eθ), (S, R, m, m)
+    theta_sq = np.diagonal(second, axis1=2, axis2=3)  # θ_a², (S, R, m)
 
-    # De-bias the residual sum of squares for the noise in Zᵀy and ZᵀZ:
-    # E[b̃ᵀÃ⁻¹b̃] ≈ bᵀA⁻¹b + σ_F² tr A⁻¹ + σ_E² βᵀ(tr(A⁻¹) I + A⁻¹ − diag A⁻¹)β.
-    rss = solution.rss + var_f * trace_inv
-    rss = rss + var_e * (
-        trace_b * trace_inv
-        + np.einsum("sij,srji->sr", inv, second)
-        - np.einsum("srj,sj->sr", diag_b, inv_diag)
+    # De-bias the residual sum of squares for the noise in B and A:
+    # E[b̃ᵀÃ⁻¹b̃] ≈ bᵀA⁻¹b + Σ f_a [A⁻¹]_aa + tr(A⁻¹ W).
+    rss = (
+        solution.rss
+        + np.einsum("sa,saa->s", f, inv)[:, None]
+        + np.einsum("sab,srba->sr", inv, var_e_theta)
     )
-    # Variance the noise adds to it: Var(g) + Var(2βᵀF + FᵀÃ⁻¹F) + Var(βᵀEβ).
+    # Variance the noise adds to it: Var(g) + Var(2θᵀF + FᵀÃ⁻¹F) + Var(θᵀEθ).
     rss_noise_var = (
-        var_g
-        + 4.0 * var_f * trace_b
-        + 2.0 * var_f**2 * np.trace(inv_sq, axis1=1, axis2=2)[:, None]
-        + var_e * (2.0 * trace_b**2 - (diag_b**2).sum(axis=2))
+        var_c
+        + 4.0 * np.einsum("sa,sra->sr", f, theta_sq)
+        + 2.0 * np.einsum("sab,sa,sb->s", inv**2, f, f)[:, None]
+        + 2.0 * np.einsum("sra,sab,srb->sr", theta_sq, var_a, theta_sq)
+        - np.einsum("saa,sra->sr", var_a, theta_sq**2)
     )
     sigma2 = rss / resid_df
     sigma2_floor = np.sqrt(rss_noise_var) / resid_df
@@ -925,29 +1078,26 @@ def _inference(
             "%s: residual variance of %s fell below the DP noise level; floored at one noise "
             "standard deviation (sigma2_floored=True)",
             where[i],
-            [r for r, f in zip(names.regions, sigma2_floored[i], strict=True) if f],
+            [r for r, fl in zip(names.regions, sigma2_floored[i], strict=True) if fl],
         )
     sigma2 = np.maximum(sigma2, sigma2_floor)
     sigma2_var = (2.0 * sigma2**2 * resid_df + rss_noise_var) / resid_df**2
 
-    # Var(β̂_j) = σ² [Ã⁻¹]_jj + σ_F² [Ã⁻²]_jj + σ_E² [Ã⁻¹ (‖β‖² I + ββᵀ − diag β²) Ã⁻¹]_jj,
-    # all of shape (S, R, p).
-    inv_sq_diag = np.diagonal(inv_sq, axis1=1, axis2=2)[:, None, :]
+    # Reported terms Lθ̂: Var = σ² [L Ã⁻¹ Lᵀ]_jj + [L Ã⁻¹ diag(f) Ã⁻¹ Lᵀ]_jj
+    # + [L Ã⁻¹ W Ã⁻¹ Lᵀ]_jj, all of shape (S, R, p).
+    contrasts = system.contrasts
+    l_inv = contrasts @ inv  # (S, p, m)
+    h = np.einsum("spa,spa->sp", l_inv, contrasts)  # diag(L Ã⁻¹ Lᵀ)
     var_beta = (
-        sigma2[:, :, None] * inv_diag[:, None, :]
-        + var_f[:, :, None] * inv_sq_diag
-        + var_e[:, :, None]
-        * (
-            trace_b[:, :, None] * inv_sq_diag
-            + np.einsum("sij,srjk,ski->sri", inv, second, inv)
-            - np.einsum("sij,srj->sri", inv**2, diag_b)
-        )
+        sigma2[:, :, None] * h[:, None, :]
+        + np.einsum("spa,sa->sp", l_inv**2, f)[:, None, :]
+        + np.einsum("spa,srab,spb->srp", l_inv, var_e_theta, l_inv)
     )
-    estimate = beta.transpose(0, 2, 1)  # (S, R, p)
+    estimate = np.einsum("spa,sar->srp", contrasts, theta)  # (S, R, p)
     se = np.sqrt(var_beta)
     # Satterthwaite: only the σ̂² part of the variance is estimated with error; without noise
     # this is exactly the residual df.
-    denom = inv_diag[:, None, :] ** 2 * sigma2_var[:, :, None]
+    denom = h[:, None, :] ** 2 * sigma2_var[:, :, None]
     with np.errstate(divide="ignore", invalid="ignore"):
         df = np.where(denom > 0.0, 2.0 * var_beta**2 / denom, np.inf)
         t = estimate / se
@@ -970,7 +1120,7 @@ def _inference(
     }
     for name, values in per_coefficient.items():
         out[name] = np.where(missing, np.nan, values).ravel()
-    out["n"] = np.broadcast_to(block.n[:, None, None], shape).ravel()
+    out["n"] = np.broadcast_to(system.n[:, None, None], shape).ravel()
     out["resid_df"] = np.broadcast_to(resid_df[:, :, None], shape).ravel()
     out["sigma2"] = np.broadcast_to(sigma2[:, :, None], shape).ravel()
     out["estimable"] = np.broadcast_to(solution.estimable[:, None, :], shape).ravel()

@@ -1,8 +1,9 @@
 """Coordinator: poolability checks on release files, and pooling checked against statsmodels.
 
 The release documents are built here from simulated raw rows (numpy), so every pooled number
-has an independent reference: statsmodels OLS on the pooled raw rows for the pooled regression,
-statsmodels OLS per site fed to :func:`fednipype.meta.random_effects` for the meta-analysis.
+has an independent reference: statsmodels OLS on the pooled raw rows with site dummies for the
+pooled regression (without them for ``site_effects=False``), statsmodels OLS per site fed to
+:func:`fednipype.meta.random_effects` for the meta-analysis.
 """
 
 from __future__ import annotations
@@ -173,6 +174,21 @@ def ols(rows: pd.DataFrame, region: str):
     return sm.OLS(rows[region], sm.add_constant(rows[list(COVARIATES)])).fit()
 
 
+def ols_site_dummies(raw: dict[str, pd.DataFrame], region: str):
+    """statsmodels OLS of one region on site dummies (no common intercept) and the covariates.
+
+    Also returns the contrast of the pooled ``intercept`` row: the site intercepts weighted by
+    the sites' sizes, at the covariate centers.
+    """
+    rows = pd.concat(raw.values(), ignore_index=True)
+    site = np.repeat(list(raw), [len(r) for r in raw.values()])
+    dummies = pd.get_dummies(pd.Series(site, name="site"), prefix="site", dtype=float)
+    design = pd.concat([dummies, rows[list(COVARIATES)]], axis=1)
+    sizes = np.array([len(r) for r in raw.values()], dtype=float)
+    contrast = np.concatenate([sizes / sizes.sum(), [SCALING[t]["center"] for t in COVARIATES]])
+    return sm.OLS(rows[region], design).fit(), contrast
+
+
 def _rel(a, b) -> float:
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     return float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-300)))
@@ -196,22 +212,51 @@ def _row(results: pd.DataFrame, region: str, term: str, method: str) -> pd.Serie
 # --------------------------------------------------------------------------------------------
 
 
-def test_pooled_regression_equals_statsmodels_ols_on_pooled_rows(three_sites):
+def _assert_slopes_match(row: pd.Series, fit, term: str, n: int) -> None:
+    ci = fit.conf_int()
+    assert _rel(row["estimate"], fit.params[term]) < 1e-9
+    assert _rel(row["se"], fit.bse[term]) < 1e-9
+    assert _rel([row["ci_low"], row["ci_high"]], ci.loc[term]) < 1e-9
+    assert _rel(row["statistic"], fit.tvalues[term]) < 1e-9
+    assert row["p"] == pytest.approx(fit.pvalues[term], rel=1e-7, abs=1e-300)
+    assert row["df"] == fit.df_resid and row["k"] == 3 and row["n"] == n
+
+
+def test_pooled_regression_equals_statsmodels_ols_with_site_dummies(three_sites):
     paths, raw = three_sites
     result = pool(load_releases(paths))
     assert list(result.results.columns) == list(RESULT_COLUMNS)
+    assert result.site_effects
+    n = sum(len(rows) for rows in raw.values())
+    for region in REGIONS:
+        fit, contrast = ols_site_dummies(raw, region)
+        assert fit.df_resid == n - 3 - len(COVARIATES)
+        for term in COVARIATES:
+            row = _row(result.results, region, term, "pooled_regression")
+            _assert_slopes_match(row, fit, term, n)
+            assert row["note"] == "site intercepts fitted (site as fixed effect)"
+        # The intercept in original units: the site intercepts at the covariate centers,
+        # weighted by the sites' sizes.
+        test = fit.t_test(contrast)
+        row = _row(result.results, region, "intercept", "pooled_regression")
+        assert _rel(row["estimate"], test.effect[0]) < 1e-9
+        assert _rel(row["se"], test.sd[0, 0]) < 1e-9
+        assert _rel([row["ci_low"], row["ci_high"]], test.conf_int()[0]) < 1e-9
+        assert "participant-weighted mean" in row["note"]
+    assert not result.results["psd_projected"].any() and not result.notes
+
+
+def test_common_intercept_equals_statsmodels_ols_on_pooled_rows(three_sites):
+    paths, raw = three_sites
+    result = pool(paths, site_effects=False)
+    assert not result.site_effects
     pooled_rows = pd.concat(raw.values(), ignore_index=True)
     for region in REGIONS:
         fit = ols(pooled_rows, region)
-        ci = fit.conf_int()
         for term in COVARIATES:
             row = _row(result.results, region, term, "pooled_regression")
-            assert _rel(row["estimate"], fit.params[term]) < 1e-9
-            assert _rel(row["se"], fit.bse[term]) < 1e-9
-            assert _rel([row["ci_low"], row["ci_high"]], ci.loc[term]) < 1e-9
-            assert _rel(row["statistic"], fit.tvalues[term]) < 1e-9
-            assert row["p"] == pytest.approx(fit.pvalues[term], rel=1e-7, abs=1e-300)
-            assert row["df"] == fit.df_resid and row["k"] == 3 and row["n"] == len(pooled_rows)
+            _assert_slopes_match(row, fit, term, len(pooled_rows))
+            assert row["note"] == ""
         # The intercept in original units is the expected value at the covariate centers.
         centers = [1.0] + [SCALING[t]["center"] for t in COVARIATES]
         prediction = fit.get_prediction(np.array([centers])).summary_frame(alpha=0.05)
@@ -219,7 +264,42 @@ def test_pooled_regression_equals_statsmodels_ols_on_pooled_rows(three_sites):
         assert _rel(row["estimate"], prediction["mean"].iloc[0]) < 1e-9
         assert _rel(row["se"], prediction["mean_se"].iloc[0]) < 1e-9
         assert _rel(row["ci_low"], prediction["mean_ci_lower"].iloc[0]) < 1e-9
-    assert not result.results["psd_projected"].any() and not result.notes
+
+
+def test_site_intercepts_recover_the_planted_male_effects(three_sites):
+    """The sites differ in age range and offset: with a common intercept R_P01's male effect
+    comes out near 134 mm³ for a planted 200, outside its interval."""
+    paths, _ = three_sites
+    fixed, common = pool(paths).results, pool(paths, site_effects=False).results
+    for region, (_, _, male, _) in EFFECTS.items():
+        row = _row(fixed, region, "sex[M]", "pooled_regression")
+        assert row["ci_low"] <= male <= row["ci_high"], region
+    row = _row(common, "R_P01", "sex[M]", "pooled_regression")
+    assert row["ci_high"] < EFFECTS["R_P01"][2]
+
+
+def test_site_intercepts_remove_the_pull_of_site_offsets(tmp_path):
+    """Older sites read higher (offsets rise with the sites' ages): the common-intercept age
+    slope is pulled up, the site-intercept slope is not."""
+    design = {"siteA": (60, (20.0, 40.0), 0.0, 120.0), "siteB": (60, (40.0, 60.0), 300.0, 120.0),
+              "siteC": (60, (60.0, 80.0), 600.0, 120.0)}  # fmt: skip
+    paths = []
+    for i, (site, (n, (lo, hi), offset, sd)) in enumerate(design.items()):
+        rng = np.random.default_rng([11, i])
+        rows = pd.DataFrame({"age": rng.uniform(lo, hi, n),
+                             "sex[M]": (rng.random(n) < 0.5).astype(float),
+                             "group[patient]": (np.arange(n) % 2).astype(float)})  # fmt: skip
+        for region, (base, age, male, patient) in EFFECTS.items():
+            rows[region] = (base + age * (rows["age"] - 50.0) + male * rows["sex[M]"]
+                            + patient * rows["group[patient]"] + offset
+                            + rng.normal(0.0, sd, n))  # fmt: skip
+        paths.append(write_release(release_doc(site, rows), tmp_path / f"{site}_release.json"))
+    fixed, common = pool(paths).results, pool(paths, site_effects=False).results
+    for region, (_, age, _, _) in EFFECTS.items():
+        a = _row(fixed, region, "age", "pooled_regression")
+        b = _row(common, region, "age", "pooled_regression")
+        assert a["ci_low"] <= age <= a["ci_high"]
+        assert b["ci_low"] > age  # 600 mm³ over 40 years: +15 mm³ per year of pull
 
 
 def test_site_table_equals_statsmodels_ols_per_site(three_sites):
@@ -280,10 +360,10 @@ def test_site_that_cannot_estimate_a_term_is_left_out_of_the_meta_analysis(tmp_p
     site_b = result.sites[(result.sites["site"] == "siteB") & (result.sites["term"] == term)]
     assert not site_b["included"].any() and site_b["estimate"].isna().all()
     assert any("only 2 of 3 sites" in note for note in result.notes)
-    # The pooled regression still uses every site, and equals OLS on all rows.
-    fit = ols(pd.concat(raw.values(), ignore_index=True), "L_P12")
+    # The pooled regression still uses every site, and equals OLS on all rows (site dummies).
+    fit, _ = ols_site_dummies(raw, "L_P12")
     pooled = _row(result.results, "L_P12", term, "pooled_regression")
-    assert _rel(pooled["estimate"], fit.params[term]) < 1e-9
+    assert _rel([pooled["estimate"], pooled["se"]], [fit.params[term], fit.bse[term]]) < 1e-9
 
 
 def test_a_single_release_follows_metafor_k1(tmp_path):

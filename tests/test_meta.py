@@ -298,13 +298,46 @@ def as_stats(z, y):
     return SufficientStatistics(TERMS, REGIONS, z.T @ z, z.T @ y, (y * y).sum(axis=0), n=len(z))
 
 
+def site_dummy_design(sites):
+    """The pooled rows with one indicator column per site in place of the common intercept."""
+    z_all = np.vstack([z for z, _ in sites])
+    y_all = np.vstack([y for _, y in sites])
+    labels = np.repeat(np.arange(len(sites)), [len(z) for z, _ in sites])
+    dummies = (labels[:, None] == np.arange(len(sites))).astype(float)
+    return np.column_stack([dummies, z_all[:, 1:]]), y_all
+
+
+def assert_matches_ols(rows, ols, columns, *, intercept=None):
+    """Rows of a pooled_regression table equal statsmodels OLS (``columns`` of its design).
+
+    ``intercept``: contrast vector whose statsmodels t_test the intercept row must equal.
+    """
+    slopes = rows.iloc[1:]
+    assert_allclose(slopes.estimate, ols.params[columns], rtol=1e-9)
+    assert_allclose(slopes.se, ols.bse[columns], rtol=1e-9)
+    assert_allclose(slopes.t, ols.tvalues[columns], rtol=1e-9)
+    assert_allclose(slopes.p, ols.pvalues[columns], rtol=1e-7, atol=1e-300)
+    ci = ols.conf_int()[columns]
+    assert_allclose(slopes.ci_low, ci[:, 0], rtol=1e-9)
+    assert_allclose(slopes.ci_high, ci[:, 1], rtol=1e-9)
+    assert (rows.df == ols.df_resid).all() and (rows.resid_df == ols.df_resid).all()
+    assert rows.sigma2.iloc[0] == pytest.approx(ols.scale, rel=1e-9)
+    if intercept is not None:
+        test = ols.t_test(intercept)
+        first = rows.iloc[0]
+        assert first.estimate == pytest.approx(test.effect[0], rel=1e-9)
+        assert first.se == pytest.approx(test.sd[0, 0], rel=1e-9)
+        assert first.t == pytest.approx(test.tvalue[0, 0], rel=1e-9)
+        assert [first.ci_low, first.ci_high] == pytest.approx(test.conf_int()[0], rel=1e-9)
+
+
 @pytest.mark.parametrize("n_sites", [3, 50])
-def test_pooled_regression_equals_pooled_ols(n_sites):
+def test_pooled_regression_without_site_effects_equals_pooled_ols(n_sites):
     rng = np.random.default_rng(20240 + n_sites)
     sites = make_sites(rng, n_sites, single_group_site=1)
     assert len({len(z) for z, _ in sites}) > 1  # unbalanced
     assert np.ptp(sites[1][0][:, 3]) == 0  # one site's group covariate is constant
-    table = pooled_regression([as_stats(z, y) for z, y in sites])
+    table = pooled_regression([as_stats(z, y) for z, y in sites], site_effects=False)
     z_all = np.vstack([z for z, _ in sites])
     y_all = np.vstack([y for _, y in sites])
     assert list(table.region.unique()) == list(REGIONS)
@@ -312,18 +345,115 @@ def test_pooled_regression_equals_pooled_ols(n_sites):
         ols = sm.OLS(y_all[:, r], z_all).fit()
         rows = table[table.region == region]
         assert list(rows.term) == list(TERMS)
-        assert_allclose(rows.estimate, ols.params, rtol=1e-9)
-        assert_allclose(rows.se, ols.bse, rtol=1e-9)
-        assert_allclose(rows.t, ols.tvalues, rtol=1e-9)
-        assert_allclose(rows.p, ols.pvalues, rtol=1e-7, atol=1e-300)
-        ci = ols.conf_int()
-        assert_allclose(rows.ci_low, ci[:, 0], rtol=1e-9)
-        assert_allclose(rows.ci_high, ci[:, 1], rtol=1e-9)
-        assert (rows.df == ols.df_resid).all()
-        assert rows.sigma2.iloc[0] == pytest.approx(ols.scale, rel=1e-9)
+        assert_allclose(rows.estimate.iloc[0], ols.params[0], rtol=1e-9)
+        assert_allclose(rows.se.iloc[0], ols.bse[0], rtol=1e-9)
+        assert_matches_ols(rows, ols, [1, 2, 3])
     assert not table.psd_projected.any() and not table.sigma2_floored.any()
     assert table.estimable.all()
     assert (table.n == len(z_all)).all()
+
+
+@pytest.mark.parametrize("n_sites", [3, 50])
+def test_pooled_regression_with_site_effects_equals_ols_with_site_dummies(n_sites):
+    """Site intercepts and common slopes: OLS on the pooled rows with C(site) dummies.
+
+    One site's group covariate is constant: its own model cannot separate group from its
+    intercept, but the pooled design with site dummies is still of full rank.
+    """
+    rng = np.random.default_rng(20240 + n_sites)
+    sites = make_sites(rng, n_sites, single_group_site=1)
+    assert len({len(z) for z, _ in sites}) > 1  # unbalanced
+    assert np.ptp(sites[1][0][:, 3]) == 0  # one site's group covariate is constant
+    x, y_all = site_dummy_design(sites)
+    assert np.linalg.matrix_rank(x) == x.shape[1] == n_sites + 3  # still full rank
+    table = pooled_regression([as_stats(z, y) for z, y in sites])
+    sizes = np.array([len(z) for z, _ in sites], dtype=float)
+    weights = np.concatenate([sizes / sizes.sum(), np.zeros(3)])  # Σ n_k α_k / n
+    for r, region in enumerate(REGIONS):
+        ols = sm.OLS(y_all[:, r], x).fit()
+        assert ols.df_resid == len(x) - n_sites - 3
+        rows = table[table.region == region]
+        assert list(rows.term) == list(TERMS)
+        assert_matches_ols(rows, ols, list(range(n_sites, n_sites + 3)), intercept=weights)
+    assert not table.psd_projected.any() and not table.sigma2_floored.any()
+    assert table.estimable.all()
+    assert (table.n == len(x)).all()
+
+
+def test_site_effects_remove_the_bias_of_site_offsets_correlated_with_age():
+    """Older sites read higher: a common intercept turns that into a flatter age slope."""
+    rng = np.random.default_rng(404)
+    beta = np.array([4.2, -0.02, 0.3, -0.25])  # intercept, per year, sex, group
+    offsets = [0.0, 0.4, 0.8, 1.2]  # grow with the sites' age ranges
+    sites = []
+    for s, offset in enumerate(offsets):
+        n = (60, 120, 90, 150)[s]
+        age = rng.uniform(20 + 15 * s, 40 + 15 * s, n)
+        z = np.column_stack([np.ones(n), age, rng.integers(0, 2, (2, n)).T.astype(float)])
+        y = z @ beta + offset + rng.normal(0, 0.3, n)
+        sites.append((z, np.column_stack([y, y, y])))
+    stats_ = [as_stats(z, y) for z, y in sites]
+    fixed = pooled_regression(stats_).query("region == 'hippocampus'").set_index("term")
+    common = pooled_regression(stats_, site_effects=False)
+    common = common.query("region == 'hippocampus'").set_index("term")
+
+    x, y_all = site_dummy_design(sites)
+    ols = sm.OLS(y_all[:, 0], x).fit()
+    assert_allclose(fixed.estimate.iloc[1:], ols.params[4:], rtol=1e-9)
+    assert_allclose(fixed.se.iloc[1:], ols.bse[4:], rtol=1e-9)
+    naive = sm.OLS(y_all[:, 0], np.vstack([z for z, _ in sites])).fit()
+    assert_allclose(common.estimate, naive.params, rtol=1e-9)
+
+    age_fixed, age_common = fixed.loc["age"], common.loc["age"]
+    print(
+        f"\nage slope: truth {beta[1]}, site intercepts {age_fixed.estimate:.4f} "
+        f"[{age_fixed.ci_low:.4f}, {age_fixed.ci_high:.4f}], common intercept "
+        f"{age_common.estimate:.4f} [{age_common.ci_low:.4f}, {age_common.ci_high:.4f}]"
+    )
+    assert age_fixed.ci_low <= beta[1] <= age_fixed.ci_high
+    assert abs(age_fixed.estimate - beta[1]) < 0.1 * abs(beta[1])
+    assert age_common.ci_low > beta[1]  # biased towards 0 by far more than its interval
+    assert age_common.estimate - beta[1] > 10 * age_common.se
+
+
+def test_single_site_fit_is_the_same_with_and_without_site_effects():
+    rng = np.random.default_rng(5)
+    ((z, y),) = make_sites(rng, 1)
+    noise = dict(ztz_noise_var=4.0, zty_noise_var=1.0, yty_noise_var=9.0)
+    for extra in ({}, noise):
+        site = SufficientStatistics(TERMS, REGIONS, z.T @ z, z.T @ y, (y * y).sum(0), n=len(z),
+                                    **extra)  # fmt: skip
+        with_sites, without = (
+            pooled_regression([site]),
+            pooled_regression(site, site_effects=False),
+        )
+        numeric = ["estimate", "se", "t", "df", "p", "ci_low", "ci_high", "sigma2"]
+        assert_allclose(with_sites[numeric], without[numeric], rtol=1e-12)
+        assert (with_sites[["term", "estimable", "resid_df"]] ==
+                without[["term", "estimable", "resid_df"]]).all().all()  # fmt: skip
+
+
+def test_covariate_constant_within_every_site_is_not_identified_with_site_effects(caplog):
+    """Group by site (patients at some sites, controls at others): site and group confounded."""
+    rng = np.random.default_rng(17)
+    sites = make_sites(rng, 4)
+    for i, (z, _) in enumerate(sites):
+        z[:, 3] = float(i % 2)
+    with caplog.at_level(logging.WARNING, logger="fednipype.meta"):
+        table = pooled_regression([as_stats(z, y) for z, y in sites])
+    x, y_all = site_dummy_design(sites)
+    for r, region in enumerate(REGIONS):
+        rows = table[table.region == region].set_index("term")
+        # Only Σ n_k α_k over sites with the same group is identified: neither the weighted
+        # mean intercept nor the group effect; age and sex are, and equal OLS without group.
+        assert list(rows.estimable) == [False, True, True, False]
+        assert rows.estimate[["intercept", "group"]].isna().all()
+        ols = sm.OLS(y_all[:, r], x[:, :-1]).fit()
+        assert_allclose(rows.estimate[["age", "sex"]], ols.params[4:6], rtol=1e-9)
+        assert_allclose(rows.se[["age", "sex"]], ols.bse[4:6], rtol=1e-9)
+        assert (rows.df[["age", "sex"]] == ols.df_resid).all()
+        assert (rows.resid_df == ols.df_resid).all()
+    assert "not identified" in caplog.text and "['intercept', 'group']" in caplog.text
 
 
 def test_site_estimates_without_noise_equal_each_sites_ols(caplog):
@@ -369,7 +499,8 @@ def test_noisy_indefinite_ztz_is_projected_and_reported(caplog):
     assert "psd_projected=True" in caplog.text
 
 
-def test_noise_inflates_standard_errors_and_noise_free_stats_do_not():
+@pytest.mark.parametrize("site_effects", [True, False])
+def test_noise_inflates_standard_errors_and_noise_free_stats_do_not(site_effects):
     rng = np.random.default_rng(11)
     sites = make_sites(rng, 5)
     clean = [as_stats(z, y) for z, y in sites]
@@ -378,7 +509,8 @@ def test_noise_inflates_standard_errors_and_noise_free_stats_do_not():
                              zty_noise_var=4.0, yty_noise_var=4.0)
         for s in clean
     ]  # fmt: skip
-    base, with_noise = pooled_regression(clean), pooled_regression(noisy)
+    base = pooled_regression(clean, site_effects=site_effects)
+    with_noise = pooled_regression(noisy, site_effects=site_effects)
     assert_allclose(with_noise.estimate, base.estimate, rtol=1e-12)  # same numbers released
     assert (with_noise.se > base.se).all()
     assert np.isfinite(with_noise.df).all() and (with_noise.df > 0).all()
@@ -405,6 +537,9 @@ def analytic_gaussian_sigma(epsilon: float, delta: float, sensitivity: float) ->
 @pytest.mark.slow
 def test_dp_noise_confidence_intervals_keep_nominal_coverage(caplog):
     """10 sites x 200 subjects, ε = 1, δ = 1e-5 per site: 95% CIs cover 93–97% of the time.
+
+    The sites share one intercept here, so the pooled regression is fitted with a common
+    intercept (``site_effects=False``); site intercepts are covered by the next test.
 
     Model per region: thickness − 2.5 mm = β0 + β1 age + β2 sex + β3 group + ε, ε ~ N(0, 0.1²),
     with age = (years − 50)/30 for ages in the public bounds [20, 80], sex and group coded ±1,
@@ -461,7 +596,7 @@ def test_dp_noise_confidence_intervals_keep_nominal_coverage(caplog):
                                          zty_noise_var=sigma**2, yty_noise_var=sigma**2)
                     for s in range(n_sites)
                 ]  # fmt: skip
-                pooled = pooled_regression(released)
+                pooled = pooled_regression(released, site_effects=False)
                 covered["pooled"].append(
                     (pooled.ci_low.to_numpy() <= truth) & (truth <= pooled.ci_high.to_numpy())
                 )
@@ -482,6 +617,101 @@ def test_dp_noise_confidence_intervals_keep_nominal_coverage(caplog):
         per_coef = " ".join(f"{x:.3f}" for x in hits.mean(axis=0))
         print(f"  {key:13s} {hits.mean():.4f}  (per region x term: {per_coef})")
         assert 0.93 <= hits.mean() <= 0.97, key
+
+
+def dp_sensitivity(p: int, n_regions: int) -> float:
+    """L2 sensitivity of (ZᵀZ upper triangle, ZᵀY, yᵀy) when |z_j| ≤ 1 and |y| ≤ 1."""
+    return math.sqrt(p * (p + 1) / 2 + n_regions * p + n_regions)
+
+
+@pytest.mark.slow
+def test_dp_noise_site_effects_intervals_keep_nominal_coverage(caplog):
+    """Site intercepts under DP noise: 95% CIs of the slopes cover 93–97% of the time.
+
+    The design of the previous test, except that the sites differ: site s recruits ages
+    (scaled) in a window of half-width 0.7 centred at c_s from −0.3 to 0.3, has group
+    prevalence π_s from 0.2 to 0.8, and reads higher by offset_s = 0.5 c_s + 0.15 (2π_s − 1)
+    mm — offsets correlated with age and group, which bias a common-intercept fit. Each site
+    releases its statistics with ε = 1, δ = 1e-5 (the analytic Gaussian σ; numpy draws the
+    noise) and n as the noisy ZᵀZ[0, 0]. The site-intercept fit's slope intervals are counted
+    over 1000 replicates x 3 regions x 3 slopes = 9000 replicate-coefficients; its intercept
+    row (Σ ñ_k α_k / Σ ñ_k with the released counts ñ_k) over 3000. The common-intercept
+    fit's coverage shows the bias the site intercepts remove.
+
+    The intervals lean to the conservative side where the sites' covariate ranges overlap
+    little: the ZᵀZ-noise term of the variance needs each site intercept α_k, whose estimate
+    then inherits much of the age slope's noise, and its plug-in over-states the term.
+    """
+    n_rep, n_sites, n_subj, chunk = 1000, 10, 200, 100
+    p, n_regions = len(TERMS), 3
+    beta = np.array([[0.05, -0.05, 0.00],  # intercept (mm above 2.5 mm)
+                     [-0.15, -0.10, -0.05],  # per 30 years of age
+                     [0.02, -0.02, 0.00],  # sex (±1)
+                     [-0.05, 0.05, -0.10]])  # group (±1)  # fmt: skip
+    upper = np.triu_indices(p)
+    sensitivity = dp_sensitivity(p, n_regions)
+    sigma = analytic_gaussian_sigma(1.0, 1e-5, sensitivity)
+    centre = np.linspace(-0.3, 0.3, n_sites)[:, None]
+    prevalence = np.linspace(0.2, 0.8, n_sites)[:, None]
+    offset = 0.5 * centre + 0.15 * (2.0 * prevalence - 1.0)  # (sites, 1)
+    rng = np.random.default_rng(20250611)
+    slopes = beta[1:].T.ravel()  # region-major
+    covered = {"site intercepts: slopes": [], "site intercepts: intercept": [],
+               "common intercept: slopes": []}  # fmt: skip
+
+    start = time.perf_counter()
+    with caplog.at_level(logging.ERROR, logger="fednipype.meta"):
+        for _ in range(n_rep // chunk):
+            shape = (chunk, n_sites, n_subj)
+            age = centre + rng.uniform(-0.7, 0.7, shape)
+            sex = rng.choice([-1.0, 1.0], shape)
+            group = np.where(rng.random(shape) < prevalence, 1.0, -1.0)
+            z = np.stack([np.ones(shape), age, sex, group], axis=-1)
+            y = z @ beta + offset[..., None] + rng.normal(0, 0.1, (*shape, n_regions))
+            assert np.abs(y).max() <= 1.0 and np.abs(age).max() <= 1.0  # inside the bounds
+            ztz = np.einsum("rsni,rsnj->rsij", z, z)
+            zty = np.einsum("rsni,rsnk->rsik", z, y)
+            yty = (y**2).sum(axis=2)
+            noise = np.zeros_like(ztz)
+            noise[..., upper[0], upper[1]] = rng.normal(0, sigma, (*ztz.shape[:2], len(upper[0])))
+            ztz = ztz + noise + np.triu(noise, 1).swapaxes(-1, -2)
+            zty = zty + rng.normal(0, sigma, zty.shape)
+            yty = yty + rng.normal(0, sigma, yty.shape)
+            for rep in range(chunk):
+                released = [
+                    SufficientStatistics(TERMS, REGIONS, ztz[rep, s], zty[rep, s], yty[rep, s],
+                                         n=ztz[rep, s, 0, 0], ztz_noise_var=sigma**2,
+                                         zty_noise_var=sigma**2, yty_noise_var=sigma**2)
+                    for s in range(n_sites)
+                ]  # fmt: skip
+                weights = ztz[rep, :, 0, 0] / ztz[rep, :, 0, 0].sum()
+                intercepts = beta[0] + weights @ offset  # (regions,)
+                fits = {
+                    "site intercepts": pooled_regression(released),
+                    "common intercept": pooled_regression(released, site_effects=False),
+                }
+                for key, fit in fits.items():
+                    low = fit.ci_low.to_numpy().reshape(n_regions, p)
+                    high = fit.ci_high.to_numpy().reshape(n_regions, p)
+                    hit = (low[:, 1:].ravel() <= slopes) & (slopes <= high[:, 1:].ravel())
+                    covered[f"{key}: slopes"].append(hit)
+                    if key == "site intercepts":
+                        covered[f"{key}: intercept"].append(
+                            (low[:, 0] <= intercepts) & (intercepts <= high[:, 0])
+                        )
+    elapsed = time.perf_counter() - start
+
+    print(f"\nDP coverage with site offsets ({n_rep} replicates, sigma = {sigma:.3f}, "
+          f"{elapsed:.1f} s):")  # fmt: skip
+    rates = {}
+    for key, hits in covered.items():
+        hits = np.asarray(hits, dtype=float)
+        rates[key] = hits.mean()
+        per_coef = " ".join(f"{x:.3f}" for x in hits.mean(axis=0))
+        print(f"  {key:27s} {hits.mean():.4f} over {hits.size} (per coefficient: {per_coef})")
+    assert 0.93 <= rates["site intercepts: slopes"] <= 0.97
+    assert 0.93 <= rates["site intercepts: intercept"] <= 0.98  # conservative: see above
+    assert rates["common intercept: slopes"] < 0.9  # the bias the site intercepts remove
 
 
 # ---------------------------------------------------------------------------------------------
@@ -601,3 +831,9 @@ def test_regression_bad_input(function):
         MetaAnalysisError, match=r"n = 2 must exceed the number of estimable terms"
     ):
         function([tiny])
+
+
+@pytest.mark.parametrize("value", ["yes", 1, None])
+def test_site_effects_must_be_a_bool(value):
+    with pytest.raises(MetaAnalysisError, match=r"^site_effects must be True or False"):
+        pooled_regression([SufficientStatistics(**_good_fields())], site_effects=value)
