@@ -213,7 +213,9 @@ def _caption(pooled: pd.DataFrame, k_sites: int, level: float) -> str:
         )
     if "pooled_regression" in pooled.index:
         pr = pooled.loc["pooled_regression"]
-        parts.append(f"pooled regression on summed statistics, n ≈ {float(pr['n']):.0f}")
+        parts.append(
+            f"pooled regression (site intercepts, common slopes), n ≈ {float(pr['n']):.0f}"
+        )
     parts.append(f"{level:.0%} intervals include the DP noise variance")
     second = "; ".join(parts[1:])
     return "; ".join(parts[:1]) + ".\n" + second[:1].upper() + second[1:] + "."
