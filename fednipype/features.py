@@ -713,12 +713,14 @@ def extract_features(
             f"{PROBABILITY_TOLERANCE}); use image_kind='intensity' for other images"
         )
 
+    present = atlas_label_values(atlas_file)
+    if present.size == 0:
+        raise ImageError(f"{atlas_file}: the atlas image has no label > 0")
     if grid.labels.size == 0:
         raise ImageError(
             f"{in_file} and {atlas_file}: no atlas region lies inside the image's field of "
             "view; the grids do not overlap (is the image in the atlas's space?)"
         )
-    present = atlas_label_values(atlas_file)
     unknown = np.setdiff1d(present, table["index"].to_numpy())
     if unknown.size:
         raise ImageError(

@@ -453,6 +453,15 @@ def test_atlas_grid_that_does_not_overlap_is_refused(small_case, tmp_path):
     assert str(atlas) in str(err.value)
 
 
+def test_empty_atlas_is_an_error(small_case, tmp_path):
+    atlas = save_nifti(
+        tmp_path / "empty_atlas.nii.gz", np.zeros((12, 14, 10), np.uint8), AFFINE_2MM
+    )
+    with pytest.raises(ImageError, match="no label > 0") as err:
+        extract_features(small_case["image"], atlas, small_case["tsv"])
+    assert str(atlas) in str(err.value)
+
+
 def test_atlas_labels_missing_from_the_table_are_an_error(small_case, tmp_path):
     tsv = write_dseg_tsv(tmp_path / "short.tsv", [1, 2, 3], ["a", "b", "c"])
     with pytest.raises(ImageError, match=r"labels \[4, 5\] absent from the label table") as err:
