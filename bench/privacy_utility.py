@@ -62,24 +62,26 @@ def _features(site: str, out: Path) -> list[Path]:
 
 
 def _noise_free(features: dict[str, list[Path]]):
-    """Pooled OLS of the same rows the releases use (baseline, ε = ∞)."""
+    """Pooled OLS (site intercepts) of the rows the releases use: the ε = ∞ baseline."""
     import statsmodels.api as sm
 
     from fednipype.bids import read_participants
     from fednipype.design import ModelSpec, build_design, load_feature_table
 
     zs, ys = [], []
-    for site, files in features.items():
+    for k, (site, files) in enumerate(features.items()):
         design = build_design(
             load_feature_table(files),
             read_participants(REPO / "bids_examples" / site),
             ModelSpec(),
         )
-        # the pooled model of the releases has no site term: same here
-        zs.append(design.z)
+        # as the releases' pooled regression: one intercept per site, common slopes
+        dummies = np.zeros((design.n, len(features)))
+        dummies[:, k] = 1.0
+        zs.append(np.column_stack([design.z[:, 1:], dummies]))
         ys.append(design.y)
     z, y = np.vstack(zs), np.vstack(ys)
-    return np.array([sm.OLS(y[:, r], z).fit().params[1] for r in range(y.shape[1])])
+    return np.array([sm.OLS(y[:, r], z).fit().params[0] for r in range(y.shape[1])])
 
 
 def main(argv: list[str] | None = None) -> int:
