@@ -39,28 +39,6 @@ default = [0.0, 12000.0]
 """
 
 
-def _features(site: str, out: Path) -> list[Path]:
-    from fednipype.atlas import default_atlas
-    from fednipype.bids import collect_images, derivative_path, get_subjects, load_layout
-    from fednipype.features import extract_features, write_features
-
-    atlas = default_atlas(2)
-    layout = load_layout(REPO / "bids_examples" / site)
-    files = []
-    for rec in collect_images(layout, get_subjects(layout)):
-        tsv = derivative_path(
-            rec.subject,
-            rec.session,
-            desc="regional",
-            suffix="features",
-            extension=".tsv",
-            output_dir=out,
-        )
-        write_features(extract_features(rec.path, atlas.image, atlas.labels), tsv)
-        files.append(tsv)
-    return files
-
-
 def _noise_free(features: dict[str, list[Path]]):
     """Pooled OLS (site intercepts) of the rows the releases use: the ε = ∞ baseline."""
     import statsmodels.api as sm
@@ -91,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from fednipype.features import extract_dataset_features
     from fednipype.meta import pooled_regression
     from fednipype.release import (
         make_release,
@@ -110,7 +89,10 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        features = {site: _features(site, tmp / "features" / site) for site in SITES}
+        features = {
+            site: extract_dataset_features(REPO / "bids_examples" / site, tmp / "features" / site)
+            for site in SITES
+        }
         baseline = _noise_free(features)
         base_rmse = float(np.sqrt(np.mean((baseline - planted) ** 2)))
         print(

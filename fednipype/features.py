@@ -1023,3 +1023,73 @@ def read_sidecar(tsv: str | os.PathLike[str]) -> dict[str, Any]:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise BIDSError(f"{path}: cannot read the features sidecar ({exc})") from exc
+
+
+def extract_dataset_features(
+    bids_dir: str | os.PathLike[str],
+    output_dir: str | os.PathLike[str],
+    *,
+    atlas=None,
+    participant_label: list[str] | None = None,
+    space: str = "MNI152NLin2009cAsym",
+    label: str = "GM",
+) -> list[Path]:
+    """The participant level without Nipype: features of every probability map of a dataset.
+
+    A plain loop for scripts, benchmarks and tests; pipelines use
+    :func:`fednipype.workflows.participant.init_participant_wf`, which writes the same files
+    (and keeps going when one subject fails, which this loop does not).
+
+    Parameters
+    ----------
+    bids_dir : path-like
+        BIDS dataset with ``…_space-<space>_label-<label>_probseg`` maps in its derivatives.
+    output_dir : path-like
+        Root of the derivative dataset to write.
+    atlas : fednipype.atlas.Atlas, optional
+        Label atlas (default: fednipype's 2 mm default atlas).
+    participant_label : list of str, optional
+        Subjects to process (default: all).
+    space, label : str
+        Entities of the probability maps.
+
+    Returns
+    -------
+    list of pathlib.Path
+        The ``sub-X[_ses-Y]_desc-regional_features.tsv`` files written.
+    """
+    from fednipype.atlas import default_atlas
+    from fednipype.bids import (
+        collect_images,
+        derivative_path,
+        get_subjects,
+        load_layout,
+        write_derivative_description,
+    )
+
+    atlas = atlas or default_atlas(2)
+    layout = load_layout(bids_dir)
+    records = collect_images(
+        layout, get_subjects(layout, participant_label), kind="probseg", label=label, space=space
+    )
+    written = []
+    for record in records:
+        result = extract_features(
+            record.path,
+            atlas.image,
+            atlas.labels,
+            atlas_name=atlas.name,
+            atlas_space=atlas.space,
+            image_space=space,
+        )
+        tsv = derivative_path(
+            record.subject,
+            record.session,
+            desc="regional",
+            suffix="features",
+            extension=".tsv",
+            output_dir=output_dir,
+        )
+        written.append(write_features(result, tsv)[0])
+    write_derivative_description(output_dir, [Path(bids_dir).absolute().as_uri()])
+    return written

@@ -208,20 +208,9 @@ TRUTH_KEYS = {
 def _site_features(site: str, out: Path) -> list[Path]:
     from conftest import BUNDLED
 
-    from fednipype.atlas import default_atlas
-    from fednipype.bids import collect_images, derivative_path, get_subjects, load_layout
-    from fednipype.features import extract_features, write_features
+    from fednipype.features import extract_dataset_features
 
-    atlas = default_atlas(2)
-    layout = load_layout(BUNDLED / site)
-    tsvs = []
-    for rec in collect_images(layout, get_subjects(layout)):
-        result = extract_features(rec.path, atlas.image, atlas.labels, atlas_name="fednipype")
-        tsv = derivative_path(
-            rec.subject, rec.session, desc="regional", suffix="features", extension=".tsv"
-        )
-        tsvs.append(write_features(result, out / tsv)[0])
-    return tsvs
+    return extract_dataset_features(BUNDLED / site, out)
 
 
 @pytest.mark.slow

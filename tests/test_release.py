@@ -13,46 +13,28 @@ import pandas as pd
 import pytest
 from conftest import BUNDLED
 
-from fednipype.atlas import default_atlas
-from fednipype.bids import collect_images, derivative_path, get_subjects, load_layout
 from fednipype.exceptions import (
     DisclosureError,
     PolicyError,
     PrivacyBudgetExceeded,
     ReleaseValidationError,
 )
-from fednipype.features import extract_features, write_features
+from fednipype.features import extract_dataset_features
 from fednipype.privacy.ledger import PrivacyLedger
 from fednipype.privacy.policy import SitePolicy
 from fednipype.release import make_release, read_release
 
+SITES = ("siteB", "siteC")
 #: Every release these tests write, for the final leak scan.
 WRITTEN: list[Path] = []
-
-
-def _features(site: str, out: Path) -> list[Path]:
-    atlas = default_atlas(2)
-    layout = load_layout(BUNDLED / site)
-    tsvs = []
-    for rec in collect_images(layout, get_subjects(layout)):
-        result = extract_features(rec.path, atlas.image, atlas.labels, atlas_name="fednipype")
-        tsv = derivative_path(
-            rec.subject,
-            rec.session,
-            desc="regional",
-            suffix="features",
-            extension=".tsv",
-            output_dir=out,
-        )
-        write_features(result, tsv)
-        tsvs.append(tsv)
-    return tsvs
 
 
 @pytest.fixture(scope="module")
 def site_features(tmp_path_factory) -> dict[str, list[Path]]:
     root = tmp_path_factory.mktemp("features")
-    return {site: _features(site, root / site) for site in ("siteB", "siteC")}
+    return {
+        site: extract_dataset_features(BUNDLED / site, root / site) for site in ("siteB", "siteC")
+    }
 
 
 def _policy(folder: Path, *, epsilon=10.0, delta=1e-4, dataset="siteC", extra="") -> Path:

@@ -8,16 +8,8 @@ import math
 import pytest
 from conftest import BUNDLED
 
-from fednipype.atlas import default_atlas
-from fednipype.bids import (
-    collect_images,
-    derivative_path,
-    get_subjects,
-    load_layout,
-    write_derivative_description,
-)
 from fednipype.cli import budget
-from fednipype.features import extract_features, write_features
+from fednipype.features import extract_dataset_features
 from fednipype.interfaces.release import DPRelease
 from fednipype.release import read_release
 from fednipype.workflows.release import init_site_release_wf
@@ -26,22 +18,7 @@ from fednipype.workflows.release import init_site_release_wf
 @pytest.fixture(scope="module")
 def derivatives(tmp_path_factory):
     out = tmp_path_factory.mktemp("siteB") / "derivatives"
-    atlas = default_atlas(2)
-    layout = load_layout(BUNDLED / "siteB")
-    for rec in collect_images(layout, get_subjects(layout)):
-        result = extract_features(rec.path, atlas.image, atlas.labels, atlas_name="fednipype")
-        write_features(
-            result,
-            derivative_path(
-                rec.subject,
-                rec.session,
-                desc="regional",
-                suffix="features",
-                extension=".tsv",
-                output_dir=out,
-            ),
-        )
-    write_derivative_description(out, [(BUNDLED / "siteB").as_uri()])
+    extract_dataset_features(BUNDLED / "siteB", out)
     return out
 
 
