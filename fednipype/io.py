@@ -12,18 +12,24 @@ from typing import IO, Any
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike[str]) -> Iterator[tuple[IO[bytes], Path]]:
+def atomic_write(
+    path: str | os.PathLike[str], *, durable: bool = True
+) -> Iterator[tuple[IO[bytes], Path]]:
     """Write a file so that it appears complete or not at all.
 
     Content goes to a hidden temporary file (``.<name>.<random>.tmp``) in the same folder
     (created if needed), which replaces ``path`` with :func:`os.replace` only when the block
     succeeds; on failure it is removed.  A process killed mid-write leaves at most the hidden
-    temporary file.  The data and the rename are flushed to disk.
+    temporary file.
 
     Parameters
     ----------
     path : path-like
         Final path.
+    durable : bool
+        Flush the data and the rename to disk (``fsync``), so the file also survives a power
+        failure.  Releases and the ledger need this; re-creatable outputs (features, reports)
+        may skip it: the rename alone keeps them whole when a process dies.
 
     Yields
     ------
@@ -49,7 +55,8 @@ def atomic_write(path: str | os.PathLike[str]) -> Iterator[tuple[IO[bytes], Path
     try:
         yield handle, tmp_path
         handle.flush()
-        os.fsync(handle.fileno())
+        if durable:
+            os.fsync(handle.fileno())
         handle.close()
         os.chmod(tmp_path, 0o644)
         os.replace(tmp_path, final)
@@ -57,6 +64,8 @@ def atomic_write(path: str | os.PathLike[str]) -> Iterator[tuple[IO[bytes], Path
         handle.close()
         tmp_path.unlink(missing_ok=True)
         raise
+    if not durable:
+        return
     # Make the rename itself durable.
     dir_fd = os.open(final.parent, os.O_RDONLY)
     try:
@@ -65,7 +74,7 @@ def atomic_write(path: str | os.PathLike[str]) -> Iterator[tuple[IO[bytes], Path
         os.close(dir_fd)
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, durable: bool = True) -> Path:
     """Write ``data`` to ``path`` atomically (see :func:`atomic_write`).
 
     Parameters
@@ -74,22 +83,24 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
         Destination; its parent folder is created if needed.
     data : bytes
         Content to write.
+    durable : bool
+        Flush to disk (see :func:`atomic_write`).
 
     Returns
     -------
     pathlib.Path
         The destination path.
     """
-    with atomic_write(path) as (handle, _):
+    with atomic_write(path, durable=durable) as (handle, _):
         handle.write(data)
     return Path(path)
 
 
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+def atomic_write_text(path: str | os.PathLike[str], text: str, *, durable: bool = True) -> Path:
     """Write UTF-8 ``text`` atomically (see :func:`atomic_write`)."""
-    return atomic_write_bytes(path, text.encode("utf-8"))
+    return atomic_write_bytes(path, text.encode("utf-8"), durable=durable)
 
 
-def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:
+def atomic_write_json(path: str | os.PathLike[str], obj: Any, *, durable: bool = True) -> Path:
     """Write ``obj`` as indented JSON atomically, with a final newline."""
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    return atomic_write_text(path, json.dumps(obj, indent=2) + "\n", durable=durable)

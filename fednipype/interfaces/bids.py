@@ -99,12 +99,15 @@ class DerivativesDataSink(SimpleInterface):
 
 
 def _write_if_changed(path, data: bytes) -> None:
-    """Write atomically unless the file already holds exactly ``data`` (keeps mtimes)."""
+    """Write atomically unless the file already holds exactly ``data`` (keeps mtimes).
+
+    Derivatives can be recomputed: the rename keeps them whole without an ``fsync``.
+    """
     from fednipype.io import atomic_write_bytes
 
     if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
         return
-    atomic_write_bytes(path, data)
+    atomic_write_bytes(path, data, durable=False)
 
 
 class _DerivativeDescriptionInputSpec(BaseInterfaceInputSpec):
