@@ -15,7 +15,8 @@ import pytest
 
 import fednipype
 from fednipype.exceptions import FednipypeError, PolicyError, PrivacyBudgetExceeded
-from fednipype.privacy.ledger import PrivacyLedger, atomic_write
+from fednipype.io import atomic_write
+from fednipype.privacy.ledger import PrivacyLedger
 from fednipype.privacy.policy import SitePolicy
 
 WORKER = Path(__file__).with_name("_ledger_worker.py")

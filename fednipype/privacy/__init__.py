@@ -1,6 +1,6 @@
 """The privacy layer: site policy, budget ledger and differentially private statistics."""
 
-from fednipype.privacy.ledger import AuditRecord, Budget, PrivacyLedger, Spend, atomic_write
+from fednipype.privacy.ledger import AuditRecord, Budget, PrivacyLedger, Spend
 from fednipype.privacy.mechanisms import (
     STATISTICS,
     BudgetSplit,
@@ -37,7 +37,6 @@ __all__ = [
     "add_gaussian_noise",
     "add_laplace_noise",
     "analytic_gaussian_sigma",
-    "atomic_write",
     "dp_count",
     "dp_group_means",
     "dp_histogram",
