@@ -25,7 +25,11 @@ class _DerivativesDataSinkInputSpec(BaseInterfaceInputSpec):
     meta_dict = traits.Dict(
         key_trait=Str, desc="extra keys written into the sidecar (override meta_file's)"
     )
-    subject = Str(mandatory=True, desc="subject label, with or without 'sub-'")
+    source_file = File(
+        desc="input the output derives from: subject and session are read from its BIDS name "
+        "when not given"
+    )
+    subject = Str(desc="subject label, with or without 'sub-' (or from source_file)")
     session = Str(desc="session label without 'ses-'; empty or undefined when there is none")
     desc = Str(mandatory=True, desc="value of the 'desc-' entity")
     suffix = Str(mandatory=True, desc="BIDS suffix of the output, e.g. 'features'")
@@ -71,9 +75,21 @@ class DerivativesDataSink(SimpleInterface):
             name = in_file.name
             extension = ".nii.gz" if name.endswith(".nii.gz") else in_file.suffix
         session = self.inputs.session if isdefined(self.inputs.session) else None
+        subject = self.inputs.subject if isdefined(self.inputs.subject) else None
+        if isdefined(self.inputs.source_file):
+            from bids.layout import parse_file_entities
+
+            entities = parse_file_entities(self.inputs.source_file)
+            subject = subject or entities.get("subject")
+            session = session if session is not None else entities.get("session")
+        if not subject:
+            raise ValueError(
+                f"DerivativesDataSink: no subject given and none in source_file "
+                f"{self.inputs.source_file if isdefined(self.inputs.source_file) else '(unset)'}"
+            )
         space = self.inputs.space if isdefined(self.inputs.space) else None
         out_file = derivative_path(
-            self.inputs.subject,
+            subject,
             session or None,
             desc=self.inputs.desc,
             suffix=self.inputs.suffix,
