@@ -19,13 +19,20 @@ from datetime import UTC, datetime
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fednipype import __version__
 from fednipype.exceptions import ReleaseValidationError
 from fednipype.io import atomic_write_text
 
 LOGGER = logging.getLogger(__name__)
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from fednipype.design import ModelSpec
+    from fednipype.meta import SufficientStatistics
+    from fednipype.privacy.policy import SitePolicy
 
 SCHEMA_VERSION = "1.0"
 SCHEMA_FILE = "release.schema.json"
@@ -245,7 +252,7 @@ def read_release(path: str | Path) -> dict[str, Any]:
     return validate(doc, source=str(path))
 
 
-def sufficient_statistics(doc: dict[str, Any]):
+def sufficient_statistics(doc: dict[str, Any]) -> SufficientStatistics:
     """The release's linear-model statistics, in the scaled units they were released in.
 
     Parameters
@@ -290,7 +297,9 @@ def sufficient_statistics(doc: dict[str, Any]):
     )
 
 
-def unscale_coefficients(table, scaling: dict[str, dict[str, float]]):
+def unscale_coefficients(
+    table: pd.DataFrame, scaling: dict[str, dict[str, float]]
+) -> pd.DataFrame:
     """Convert regression results from the released scaled units back to original units.
 
     Released statistics use ``x_s = (x − center) / scale`` for every covariate and for each
@@ -373,12 +382,12 @@ def make_release(
     *,
     features: Sequence[str | Path],
     participants: str | Path,
-    policy,
+    policy: SitePolicy | str | Path,
     epsilon: float,
     delta: float,
     site: str,
     out_path: str | Path,
-    spec=None,
+    spec: ModelSpec | None = None,
     dataset: str | None = None,
     split: Mapping[str, float] | None = None,
 ) -> Path:
