@@ -108,6 +108,19 @@ def test_regions_and_terms_select_what_is_written(releases, tmp_path):
     assert set(table.loc[table["method"] == "random_effects_DL", "test"]) == {"knha"}
 
 
+def test_common_intercept_option_matches_the_library(releases, tmp_path):
+    out = tmp_path / "meta"
+    assert meta.main([*map(str, releases), "-o", str(out), "--common-intercept"]) == 0
+    table = pd.read_csv(out / "pooled_results.tsv", sep="\t", na_values="n/a")
+    pooled = table[table["method"] == "pooled_regression"].reset_index(drop=True)
+    common = pool(releases, site_effects=False).results
+    common = common[common["method"] == "pooled_regression"].reset_index(drop=True)
+    site = pool(releases).results
+    site = site[site["method"] == "pooled_regression"].reset_index(drop=True)
+    np.testing.assert_allclose(pooled["estimate"], common["estimate"], rtol=1e-9)
+    assert not np.allclose(pooled["estimate"], site["estimate"], rtol=1e-6)
+
+
 def test_many_regions_plot_the_first_few_and_say_so(releases, tmp_path):
     report = write_meta_report(pool(releases), tmp_path, terms=["age"], max_plot_regions=2)
     assert [p.name for p in report.plots] == [plot_filename(r, "age") for r in REGIONS[:2]]

@@ -84,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("z", "knha"),
         help="random-effects test: Wald z or Knapp-Hartung t (default: %(default)s)",
     )
+    group.add_argument(
+        "--common-intercept",
+        action="store_true",
+        help="pooled regression with one intercept for all sites (default: an intercept per "
+        "site, i.e. site as a fixed effect, which keeps site offsets out of the slopes)",
+    )
     group = parser.add_argument_group("selection")
     group.add_argument(
         "--regions",
@@ -145,7 +151,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"--terms: {', '.join(map(repr, unknown))} not in the releases' model terms "
                 f"({', '.join(terms)})"
             )
-        result = pool(releases, method=args.method, test=args.test, regions=args.regions)
+        result = pool(
+            releases,
+            method=args.method,
+            test=args.test,
+            regions=args.regions,
+            site_effects=not args.common_intercept,
+        )
         out_dir.absolute().parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=out_dir.absolute().parent, prefix=f".{out_dir.name}.tmp-"))
         report = write_meta_report(result, tmp, terms=args.terms, plot_regions=args.regions)
