@@ -9,6 +9,10 @@ class BIDSError(FednipypeError):
     """A BIDS dataset, its participants table or a derivative is not as expected."""
 
 
+class DataError(FednipypeError, ValueError):
+    """Input values are malformed: non-numeric, infinite, missing where not allowed, misshapen."""
+
+
 class ImageError(FednipypeError):
     """An image or an atlas cannot be read or does not fit the analysis."""
 

@@ -60,7 +60,7 @@ import pandas as pd
 from scipy.optimize import brentq
 from scipy.special import log_ndtr
 
-from fednipype.exceptions import DisclosureError, FednipypeError, PolicyError
+from fednipype.exceptions import DataError, DisclosureError, FednipypeError, PolicyError
 from fednipype.privacy.policy import DEFAULT_MIN_COHORT, check_delta, check_epsilon
 
 LOGGER = logging.getLogger(__name__)
@@ -193,7 +193,7 @@ def _float_vectors(dp):
 def _check_vector(values: Any, name: str) -> list[float]:
     arr = np.asarray(values, dtype=float).ravel()
     if not np.all(np.isfinite(arr)):
-        raise FednipypeError(f"{name}: values to privatise must be finite")
+        raise DataError(f"{name}: values to privatise must be finite")
     return arr.tolist()
 
 
@@ -560,22 +560,22 @@ def _matrix(data: Any, name: str) -> tuple[np.ndarray, list[str] | None]:
     """A 2-D float array (rows = participants) and column names if ``data`` had any."""
     columns = [str(c) for c in data.columns] if isinstance(data, pd.DataFrame) else None
     if data is None:
-        raise FednipypeError(f"{name}: no data given")
+        raise DataError(f"{name}: no data given")
     try:
         arr = np.array(data, dtype=float)
     except (TypeError, ValueError) as err:
-        raise FednipypeError(f"{name}: expected numeric values ({err})") from err
+        raise DataError(f"{name}: expected numeric values ({err})") from err
     if arr.ndim == 1:
         arr = arr[:, None]
     if arr.ndim != 2:
-        raise FednipypeError(
+        raise DataError(
             f"{name}: expected a 2-D array (participants x columns), got {arr.ndim} dimensions"
         )
     if arr.shape[1] == 0:
-        raise FednipypeError(f"{name}: has no columns")
+        raise DataError(f"{name}: has no columns")
     if np.isinf(arr).any():
         rows = np.flatnonzero(np.isinf(arr).any(axis=1))
-        raise FednipypeError(
+        raise DataError(
             f"{name}: {rows.size} row(s) hold infinite values (first at row {rows[0]}); "
             "fix the input, infinities are never clamped silently"
         )
@@ -586,12 +586,12 @@ def _complete_rows(arrays: Mapping[str, np.ndarray], missing: str) -> np.ndarray
     """Mask of rows with no missing value in any array; raises if missing == 'raise'."""
     n_rows = {name: len(a) for name, a in arrays.items()}
     if len(set(n_rows.values())) > 1:
-        raise FednipypeError(f"inputs have different numbers of rows: {n_rows}")
+        raise DataError(f"inputs have different numbers of rows: {n_rows}")
     keep = np.ones(next(iter(n_rows.values())), dtype=bool)
     for name, arr in arrays.items():
         nan_rows = pd.isna(arr).reshape(len(arr), -1).any(axis=1)
         if nan_rows.any() and missing == "raise":
-            raise FednipypeError(
+            raise DataError(
                 f"{name}: {int(nan_rows.sum())} row(s) hold missing values (NaN; first at row "
                 f"{int(np.flatnonzero(nan_rows)[0])}); drop them before the release or pass "
                 "missing='drop' (values are never imputed)"
@@ -656,7 +656,7 @@ def _names(given: Sequence[str] | None, found: list[str] | None, k: int, prefix:
     names = list(given) if given is not None else found or [f"{prefix}{i}" for i in range(k)]
     names = [str(x) for x in names]
     if len(names) != k:
-        raise FednipypeError(f"{name}: {len(names)} names for {k} columns")
+        raise DataError(f"{name}: {len(names)} names for {k} columns")
     return names
 
 
@@ -717,7 +717,7 @@ def _prepare_histogram(
         raise PolicyError("histogram edges: must be strictly increasing")
     arr, _ = _matrix(values, "histogram: values")
     if arr.shape[1] != 1:
-        raise FednipypeError(
+        raise DataError(
             f"histogram: values must be one variable, got {arr.shape[1]} columns; release one "
             "histogram per variable"
         )
@@ -904,7 +904,7 @@ def _prepare_group_means(
     g = group_arr[keep]
     unknown = sorted({str(x) for x in g if x not in levels})
     if unknown:
-        raise FednipypeError(
+        raise DataError(
             f"group_means: groups holds label(s) {unknown} not among the declared levels "
             f"{levels!r}"
         )
