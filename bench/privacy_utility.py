@@ -26,17 +26,6 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 SITES = ("siteA", "siteB", "siteC")
 EPSILONS = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 1000.0)
-POLICY = """[budget]
-epsilon = 1e9
-delta = 0.5
-[ledger]
-path = "ledger.sqlite"
-dataset = "{site}"
-[bounds]
-age = [18.0, 90.0]
-[bounds.features]
-default = [0.0, 12000.0]
-"""
 
 
 def _noise_free(features: dict[str, list[Path]]):
@@ -69,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from fednipype.cli.demo import DEMO_POLICY
     from fednipype.features import extract_dataset_features
     from fednipype.meta import pooled_regression
     from fednipype.release import (
@@ -108,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
                 for site in SITES:
                     folder = tmp / f"eps{eps}-{rep}-{site}"
                     folder.mkdir()
-                    (folder / "policy.toml").write_text(POLICY.format(site=site))
+                    # the demo's public bounds, with a budget no run can exhaust
+                    policy = DEMO_POLICY.format(site=site, total_epsilon=1e9)
+                    (folder / "policy.toml").write_text(policy)
                     path = make_release(
                         features=features[site],
                         participants=REPO / "bids_examples" / site,
