@@ -50,7 +50,7 @@ setup(
         "console_scripts": [
             "fednipype=fednipype.cli.run:main",
             "fednipype-demo=fednipype.cli.demo:main",
-            "fednipype-meta=fednipype.cli.meta:main",
+            "fednipype-meta=fednipype.cli.hub:main",
             "fednipype-budget=fednipype.cli.budget:main",
         ]
     },

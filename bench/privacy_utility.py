@@ -5,7 +5,7 @@ Run from the repository root::
     python bench/privacy_utility.py [--reps 5] [--out bench/results]
 
 For each ε (per site) it makes a real release per bundled site (OpenDP noise, a throwaway
-ledger), pools them with :func:`fednipype.meta.pooled_regression`, and compares the pooled
+ledger), pools them with :func:`fednipype.hub.regression.pooled_regression`, and compares the pooled
 age slope of every region with the planted slope in ``bids_examples/ground_truth.json``.
 The baseline, measured in the same run, is the noise-free pooled OLS fit of the same features
 (ε = ∞). It prints, per ε, the median over repetitions of the RMSE across regions, its ratio
@@ -33,7 +33,7 @@ def _noise_free(features: dict[str, list[Path]]):
     import statsmodels.api as sm
 
     from fednipype.bids import read_participants
-    from fednipype.design import ModelSpec, build_design, load_feature_table
+    from fednipype.site.design import ModelSpec, build_design, load_feature_table
 
     zs, ys = [], []
     for k, (site, files) in enumerate(features.items()):
@@ -60,8 +60,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from fednipype.cli.demo import DEMO_POLICY
     from fednipype.features import extract_dataset_features
-    from fednipype.meta import pooled_regression
-    from fednipype.release import (
+    from fednipype.hub.regression import pooled_regression
+    from fednipype.contract.document import (
         make_release,
         read_release,
         sufficient_statistics,

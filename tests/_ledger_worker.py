@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from fednipype.exceptions import PrivacyBudgetExceeded
-from fednipype.privacy.ledger import PrivacyLedger
+from fednipype.site.ledger import PrivacyLedger
 
 DATASET = "concurrency-test"
 TOTAL = (1.0, 1e-6)

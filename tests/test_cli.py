@@ -31,7 +31,7 @@ def test_participant_then_group_level(tmp_path, capsys):
     )
     group = [str(BUNDLED / "siteB"), str(out), "group", "--policy", str(policy)]
     assert run.main([*group, "--epsilon", "1.0"]) == 0
-    from fednipype.release import read_release
+    from fednipype.contract.document import read_release
 
     assert read_release(out / "release" / "siteB_release.json")["site"] == "siteB"
     capsys.readouterr()
@@ -94,8 +94,8 @@ def test_demo_prints_one_row_per_site_with_counts_from_disk(demo_run):
 
 
 def test_demo_runs_the_whole_pipeline(demo_run):
-    from fednipype.coordinator import load_releases
-    from fednipype.reports import TSV_NAME
+    from fednipype.hub.pooling import load_releases
+    from fednipype.hub.reports import TSV_NAME
 
     result, out = demo_run
     assert result.returncode == 0, result.stderr

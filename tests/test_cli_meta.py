@@ -14,10 +14,10 @@ import pytest
 from PIL import Image
 from test_coordinator import REGIONS, TERMS, release_doc, simulate_site, write_sites
 
-from fednipype.cli import meta
-from fednipype.coordinator import pool
-from fednipype.reports import plot_filename, write_meta_report
-from fednipype.reports.forest import forest_figure
+from fednipype.cli import hub as meta
+from fednipype.hub.pooling import pool
+from fednipype.hub.reports import plot_filename, write_meta_report
+from fednipype.hub.reports.forest import forest_figure
 
 SITES = ("siteA", "siteB", "siteC")
 
@@ -196,7 +196,7 @@ def test_usage_error_exits_2(releases, capsys):
 def test_runs_as_a_module_and_reports_errors_on_stderr(tmp_path):
     missing = tmp_path / "nowhere_release.json"
     result = subprocess.run(
-        [sys.executable, "-m", "fednipype.cli.meta", str(missing), "-o", str(tmp_path / "o")],
+        [sys.executable, "-m", "fednipype.cli.hub", str(missing), "-o", str(tmp_path / "o")],
         capture_output=True,
         text=True,
         check=False,
@@ -245,7 +245,7 @@ def test_end_to_end_planted_effects_lie_inside_the_pooled_intervals(tmp_path, ca
     """
     from conftest import BUNDLED
 
-    from fednipype.release import make_release
+    from fednipype.contract.document import make_release
 
     epsilon = 1e9
     releases = []

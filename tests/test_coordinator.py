@@ -3,7 +3,7 @@
 The release documents are built here from simulated raw rows (numpy), so every pooled number
 has an independent reference: statsmodels OLS on the pooled raw rows with site dummies for the
 pooled regression (without them for ``site_effects=False``), statsmodels OLS per site fed to
-:func:`fednipype.meta.random_effects` for the meta-analysis.
+:func:`fednipype.hub.regression.random_effects` for the meta-analysis.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ import pandas as pd
 import pytest
 import statsmodels.api as sm
 
-from fednipype.coordinator import RESULT_COLUMNS, load_releases, pool
+from fednipype.hub.pooling import RESULT_COLUMNS, load_releases, pool
 from fednipype.exceptions import MetaAnalysisError, ReleaseValidationError
-from fednipype.meta import fixed_effect, random_effects
-from fednipype.release import new_release, write_release
+from fednipype.hub.regression import fixed_effect, random_effects
+from fednipype.contract.document import new_release, write_release
 
 REGIONS = ("L_P01", "R_P01", "L_P12")
 TERMS = ("intercept", "age", "sex[M]", "group[patient]")

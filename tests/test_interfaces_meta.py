@@ -6,11 +6,11 @@ import pytest
 from nipype.pipeline import engine as pe
 from test_coordinator import write_sites
 
-from fednipype.cli import meta
-from fednipype.coordinator import load_releases, pool
+from fednipype.cli import hub as meta
+from fednipype.hub.pooling import load_releases, pool
 from fednipype.exceptions import ReleaseValidationError
-from fednipype.interfaces.meta import MetaAnalysis
-from fednipype.reports import write_results_tsv
+from fednipype.interfaces.hub import MetaAnalysis
+from fednipype.hub.reports import write_results_tsv
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,8 @@ import pytest
 import fednipype
 from fednipype.exceptions import FednipypeError, PolicyError, PrivacyBudgetExceeded
 from fednipype.io import atomic_write
-from fednipype.privacy.ledger import PrivacyLedger
-from fednipype.privacy.policy import SitePolicy
+from fednipype.site.ledger import PrivacyLedger
+from fednipype.site.policy import SitePolicy
 
 WORKER = Path(__file__).with_name("_ledger_worker.py")
 DATASET = "concurrency-test"  # as in the worker

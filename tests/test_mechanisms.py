@@ -17,8 +17,8 @@ from dp_accounting.pld import accountant, common
 from scipy import stats
 
 from fednipype.exceptions import DisclosureError, FednipypeError, PolicyError
-from fednipype.privacy.ledger import PrivacyLedger
-from fednipype.privacy.mechanisms import (
+from fednipype.site.ledger import PrivacyLedger
+from fednipype.site.mechanisms import (
     STATISTICS,
     BudgetSplit,
     add_gaussian_noise,
@@ -358,7 +358,7 @@ def test_sufficient_statistics_converge_and_are_clamped():
 
 
 def test_sufficient_statistics_feed_the_meta_analysis():
-    from fednipype.meta import SufficientStatistics
+    from fednipype.hub.regression import SufficientStatistics
 
     rng = np.random.default_rng(6)
     z = np.column_stack([np.ones(30), rng.uniform(-3, 2, 30), rng.integers(0, 2, 30)])

@@ -1,4 +1,4 @@
-"""Tests of fednipype.meta: metafor agreement, pooled OLS equivalence, DP coverage, bad input."""
+"""Tests of fednipype.hub.regression: metafor agreement, pooled OLS equivalence, DP coverage, bad input."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from scipy import optimize, stats
 from statsmodels.stats.meta_analysis import combine_effects
 
 from fednipype.exceptions import MetaAnalysisError
-from fednipype.meta import (
+from fednipype.hub.regression import (
     MetaResult,
     SufficientStatistics,
     fixed_effect,
@@ -236,7 +236,7 @@ def test_agrees_with_statsmodels_where_statsmodels_agrees_with_metafor():
 @pytest.mark.filterwarnings("ignore:invalid value encountered in sqrt:RuntimeWarning")
 def test_dl_is_truncated_at_zero_unlike_statsmodels():
     # Q < k - 1: metafor (and we) set tau2 = 0; statsmodels' combine_effects goes negative,
-    # which is why the estimators are not delegated to it (see fednipype.meta docstring).
+    # which is why the estimators are not delegated to it (see fednipype.hub.regression docstring).
     y, v = [0.10, 0.12, 0.11, 0.09], [0.01, 0.02, 0.015, 0.01]
     assert combine_effects(np.array(y), np.array(v), method_re="dl").tau2 < 0
     for method in ("DL", "REML", "PM"):
@@ -439,7 +439,7 @@ def test_covariate_constant_within_every_site_is_not_identified_with_site_effect
     sites = make_sites(rng, 4)
     for i, (z, _) in enumerate(sites):
         z[:, 3] = float(i % 2)
-    with caplog.at_level(logging.WARNING, logger="fednipype.meta"):
+    with caplog.at_level(logging.WARNING, logger="fednipype.hub.regression"):
         table = pooled_regression([as_stats(z, y) for z, y in sites])
     x, y_all = site_dummy_design(sites)
     for r, region in enumerate(REGIONS):
@@ -460,7 +460,7 @@ def test_site_estimates_without_noise_equal_each_sites_ols(caplog):
     rng = np.random.default_rng(7)
     sites = make_sites(rng, 4, single_group_site=2, group_value=1.0)
     stats_by_site = {f"site-{i}": as_stats(z, y) for i, (z, y) in enumerate(sites)}
-    with caplog.at_level(logging.WARNING, logger="fednipype.meta"):
+    with caplog.at_level(logging.WARNING, logger="fednipype.hub.regression"):
         table = site_estimates(stats_by_site)
     assert list(table.site.unique()) == list(stats_by_site)
     for i, (z, y) in enumerate(sites):
@@ -491,7 +491,7 @@ def test_noisy_indefinite_ztz_is_projected_and_reported(caplog):
     assert np.linalg.eigvalsh(ztz)[0] < 0
     noise = dict(ztz_noise_var=25.0, zty_noise_var=25.0, yty_noise_var=25.0)
     noisy = SufficientStatistics(TERMS, REGIONS, ztz, z.T @ y, (y * y).sum(0), n=len(z), **noise)
-    with caplog.at_level(logging.WARNING, logger="fednipype.meta"):
+    with caplog.at_level(logging.WARNING, logger="fednipype.hub.regression"):
         table = pooled_regression([noisy])
         per_site = site_estimates([noisy])
     assert table.psd_projected.all() and per_site.psd_projected.all()
@@ -572,7 +572,7 @@ def test_dp_noise_confidence_intervals_keep_nominal_coverage(caplog):
     covered = {"pooled": [], "RE REML z": [], "RE REML knha": []}
 
     start = time.perf_counter()
-    with caplog.at_level(logging.ERROR, logger="fednipype.meta"):
+    with caplog.at_level(logging.ERROR, logger="fednipype.hub.regression"):
         for _ in range(n_rep // chunk):
             shape = (chunk, n_sites, n_subj)
             age = rng.uniform(-1, 1, shape)
@@ -660,7 +660,7 @@ def test_dp_noise_site_effects_intervals_keep_nominal_coverage(caplog):
                "common intercept: slopes": []}  # fmt: skip
 
     start = time.perf_counter()
-    with caplog.at_level(logging.ERROR, logger="fednipype.meta"):
+    with caplog.at_level(logging.ERROR, logger="fednipype.hub.regression"):
         for _ in range(n_rep // chunk):
             shape = (chunk, n_sites, n_subj)
             age = centre + rng.uniform(-0.7, 0.7, shape)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from fednipype.exceptions import PolicyError
-from fednipype.privacy.policy import SitePolicy
+from fednipype.site.policy import SitePolicy
 
 VALID = """\
 min_cohort = 12

@@ -20,9 +20,9 @@ from fednipype.exceptions import (
     ReleaseValidationError,
 )
 from fednipype.features import extract_dataset_features
-from fednipype.privacy.ledger import PrivacyLedger
-from fednipype.privacy.policy import SitePolicy
-from fednipype.release import make_release, read_release
+from fednipype.site.ledger import PrivacyLedger
+from fednipype.site.policy import SitePolicy
+from fednipype.contract.document import make_release, read_release
 
 SITES = ("siteB", "siteC")
 #: Every release these tests write, for the final leak scan.
@@ -196,8 +196,8 @@ def test_large_epsilon_recovers_planted_effects(site_features, tmp_path):
     At ε = 1 per site the DP noise of the bundled sites (24–45 participants) is far larger than
     the planted effects (see bench/privacy_utility.py); this checks the statistics themselves.
     """
-    from fednipype.meta import pooled_regression
-    from fednipype.release import sufficient_statistics, unscale_coefficients
+    from fednipype.hub.regression import pooled_regression
+    from fednipype.contract.document import sufficient_statistics, unscale_coefficients
 
     truth = json.loads((BUNDLED / "ground_truth.json").read_text())
     policy = _policy(tmp_path / "policy", epsilon=1e5, delta=1e-2)

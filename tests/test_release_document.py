@@ -9,7 +9,7 @@ import re
 import pytest
 
 from fednipype.exceptions import ReleaseValidationError
-from fednipype.release import (
+from fednipype.contract.document import (
     content_hash,
     new_release,
     read_release,

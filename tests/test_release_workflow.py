@@ -11,7 +11,7 @@ from conftest import BUNDLED
 from fednipype.cli import budget
 from fednipype.features import extract_dataset_features
 from fednipype.interfaces.release import DPRelease
-from fednipype.release import read_release
+from fednipype.contract.document import read_release
 from fednipype.workflows.release import init_site_release_wf
 
 

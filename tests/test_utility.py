@@ -20,9 +20,9 @@ import pandas as pd
 from conftest import BUNDLED
 from scipy.stats import norm
 
-from fednipype.meta import SufficientStatistics, pooled_regression
-from fednipype.privacy.mechanisms import dp_sufficient_statistics
-from fednipype.release import unscale_coefficients
+from fednipype.hub.regression import SufficientStatistics, pooled_regression
+from fednipype.site.mechanisms import dp_sufficient_statistics
+from fednipype.contract.document import unscale_coefficients
 
 REGIONS = ["L_P12", "R_P12", "L_P27"]
 TERMS = ["intercept", "age", "sex[M]", "group[patient]"]

@@ -24,8 +24,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     int
         0 on success, 1 when the policy or the ledger cannot be read.
     """
-    from fednipype.privacy.ledger import PrivacyLedger
-    from fednipype.privacy.policy import SitePolicy
+    from fednipype.site.ledger import PrivacyLedger
+    from fednipype.site.policy import SitePolicy
 
     parser = argparse.ArgumentParser(prog="fednipype-budget", description=__doc__.split(":")[1])
     parser.add_argument("--policy", type=Path, required=True, help="the site policy (TOML)")

@@ -86,7 +86,7 @@ def _effects_table(meta_dir: Path, truth_file: Path, regions: list[str]) -> str:
     """Pooled age and patient effects next to the planted ones, for the demo's last table."""
     import pandas as pd
 
-    from fednipype.reports import TSV_NAME
+    from fednipype.hub.reports import TSV_NAME
 
     results = pd.read_csv(meta_dir / TSV_NAME, sep="\t")
     pooled = results[results["method"] == "pooled_regression"].set_index(["region", "term"])
@@ -158,7 +158,7 @@ def _pipeline(args: argparse.Namespace, sites: list[Path]) -> int:
     from nipype import config
     from nipype import logging as nipype_logging
 
-    from fednipype.cli import meta
+    from fednipype.cli import hub as meta
     from fednipype.workflows.participant import run_participant_wf
     from fednipype.workflows.release import init_site_release_wf
 
@@ -166,7 +166,7 @@ def _pipeline(args: argparse.Namespace, sites: list[Path]) -> int:
     config.update_config({"logging": {"workflow_level": "WARNING"}})
     nipype_logging.update_logging(config)
     # Per-region noise notes of each fit; the coordinator prints their summary.
-    logging.getLogger("fednipype.meta").setLevel(logging.ERROR)
+    logging.getLogger("fednipype.hub.regression").setLevel(logging.ERROR)
 
     out = args.output_dir.absolute()
     releases = []

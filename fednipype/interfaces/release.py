@@ -1,4 +1,4 @@
-"""Nipype interfaces for the DP release (thin wrappers over fednipype.release)."""
+"""Nipype interfaces for the DP release (thin wrappers over fednipype.contract.document)."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ class _DPReleaseOutputSpec(TraitedSpec):
 
 
 class DPRelease(SimpleInterface):
-    """Make a site's differentially private release (see :func:`fednipype.release.make_release`).
+    """Make a site's differentially private release (see :func:`fednipype.contract.document.make_release`).
 
     The release is charged to the dataset's privacy ledger before it exists, written
     atomically to ``out_file`` and validated against the release schema.  ``epsilon`` and the
@@ -58,8 +58,8 @@ class DPRelease(SimpleInterface):
     def _run_interface(self, runtime):
         from nipype.interfaces.base import isdefined
 
-        from fednipype.design import ModelSpec
-        from fednipype.release import make_release
+        from fednipype.site.design import ModelSpec
+        from fednipype.contract.document import make_release
 
         path = make_release(
             features=list(self.inputs.in_features),

@@ -1,6 +1,6 @@
 """The coordinator: check that site releases can be pooled, then pool them two ways side by side.
 
-A consortium coordinator receives one release file per site (:mod:`fednipype.release`). This
+A consortium coordinator receives one release file per site (:mod:`fednipype.contract.document`). This
 module
 
 * reads and validates every file and refuses to pool releases that do not describe the same
@@ -11,14 +11,14 @@ module
 
   - a **pooled regression** (mega-analysis): one least-squares problem solved exactly from the
     sites' sufficient statistics, with an intercept per site (site as a fixed effect) and
-    common slopes, :func:`fednipype.meta.pooled_regression`;
+    common slopes, :func:`fednipype.hub.regression.pooled_regression`;
   - a **meta-analysis** of each site's own estimates, fixed-effect and random-effects
-    (:func:`fednipype.meta.fixed_effect`, :func:`fednipype.meta.random_effects`),
+    (:func:`fednipype.hub.regression.fixed_effect`, :func:`fednipype.hub.regression.random_effects`),
 
   with every number converted back to the original units of the feature and the covariates
-  (:func:`fednipype.release.unscale_coefficients`).
+  (:func:`fednipype.contract.document.unscale_coefficients`).
 
-Nothing here draws plots or writes files: :mod:`fednipype.reports` does that.
+Nothing here draws plots or writes files: :mod:`fednipype.hub.reports` does that.
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ class SiteRelease:
     doc : dict
         The validated document.
     content_hash : str
-        :func:`fednipype.release.content_hash` of ``doc``.
+        :func:`fednipype.contract.document.content_hash` of ``doc``.
     """
 
     path: Path
@@ -161,9 +161,9 @@ class SiteRelease:
 
         Returns
         -------
-        fednipype.meta.SufficientStatistics
+        fednipype.hub.regression.SufficientStatistics
         """
-        from fednipype.release import sufficient_statistics
+        from fednipype.contract.document import sufficient_statistics
 
         try:
             return sufficient_statistics(self.doc)
@@ -179,7 +179,7 @@ def load_releases(
     """Read and validate release files and check that they can be pooled.
 
     Every file is validated against the release schema first
-    (:func:`fednipype.release.read_release`). The releases must then agree with the first one on
+    (:func:`fednipype.contract.document.read_release`). The releases must then agree with the first one on
     ``schema_version``, ``atlas/sha256``, ``atlas/regions``, ``feature``, ``model/response``,
     ``model/terms``, ``model/reference_levels``, ``model/sessions`` and, for every term except
     the intercept and every region, ``statistics/linear_model/scaling`` (the affine map the
@@ -206,7 +206,7 @@ def load_releases(
         same release or come from the same site (naming both); a release differs from the
         first on one of the fields above (naming the file, the field and the first file).
     """
-    from fednipype.release import content_hash, read_release
+    from fednipype.contract.document import content_hash, read_release
 
     paths = [Path(p) for p in paths]
     if not paths:
@@ -460,7 +460,7 @@ def pool(
     Knapp–Hartung test would have 0 degrees of freedom, so — as metafor's NA — the standard
     error, p-value and interval of that random-effects row are NaN. The intercept, in original
     units, is the expected feature value at the covariates' centers
-    (:func:`fednipype.release.unscale_coefficients`).
+    (:func:`fednipype.contract.document.unscale_coefficients`).
 
     Raises
     ------
@@ -469,8 +469,8 @@ def pool(
     MetaAnalysisError
         Unknown method, test or region, or statistics that cannot be solved.
     """
-    from fednipype.meta import RE_METHODS, TESTS, pooled_regression, site_estimates
-    from fednipype.release import unscale_coefficients
+    from fednipype.hub.regression import RE_METHODS, TESTS, pooled_regression, site_estimates
+    from fednipype.contract.document import unscale_coefficients
 
     items = list(releases)
     if not items or not all(isinstance(r, SiteRelease) for r in items):
@@ -663,7 +663,7 @@ def _meta_rows(
     cell: pd.DataFrame, region: str, term: str, method: str, test: str, level: float
 ) -> tuple[dict[str, Any], dict[str, Any], np.ndarray, np.ndarray]:
     """Fixed-effect and random-effects rows for one region and term, and the site weights."""
-    from fednipype.meta import fixed_effect, random_effects
+    from fednipype.hub.regression import fixed_effect, random_effects
 
     re_label = RE_PREFIX + method
     k = len(cell)

@@ -30,9 +30,9 @@ LOGGER = logging.getLogger(__name__)
 if TYPE_CHECKING:
     import pandas as pd
 
-    from fednipype.design import ModelSpec
-    from fednipype.meta import SufficientStatistics
-    from fednipype.privacy.policy import SitePolicy
+    from fednipype.site.design import ModelSpec
+    from fednipype.hub.regression import SufficientStatistics
+    from fednipype.site.policy import SitePolicy
 
 SCHEMA_VERSION = "1.0"
 SCHEMA_FILE = "release.schema.json"
@@ -262,9 +262,9 @@ def sufficient_statistics(doc: dict[str, Any]) -> SufficientStatistics:
 
     Returns
     -------
-    fednipype.meta.SufficientStatistics
+    fednipype.hub.regression.SufficientStatistics
     """
-    from fednipype.meta import SufficientStatistics
+    from fednipype.hub.regression import SufficientStatistics
 
     model = doc["statistics"].get("linear_model")
     if model is None:
@@ -311,8 +311,8 @@ def unscale_coefficients(
     Parameters
     ----------
     table : pandas.DataFrame
-        Output of :func:`fednipype.meta.pooled_regression` or
-        :func:`fednipype.meta.site_estimates` (columns ``region``, ``term``, ``estimate``,
+        Output of :func:`fednipype.hub.regression.pooled_regression` or
+        :func:`fednipype.hub.regression.site_estimates` (columns ``region``, ``term``, ``estimate``,
         ``se``, ``ci_low``, ``ci_high``).
     scaling : dict
         The release's ``statistics/linear_model/scaling``.
@@ -439,10 +439,10 @@ def make_release(
     import numpy as np
 
     from fednipype.bids import read_participants
-    from fednipype.design import ModelSpec, build_design, load_feature_table
-    from fednipype.privacy.ledger import PrivacyLedger
-    from fednipype.privacy.mechanisms import prepare
-    from fednipype.privacy.policy import SitePolicy, check_delta, check_epsilon
+    from fednipype.site.design import ModelSpec, build_design, load_feature_table
+    from fednipype.site.ledger import PrivacyLedger
+    from fednipype.site.mechanisms import prepare
+    from fednipype.site.policy import SitePolicy, check_delta, check_epsilon
 
     spec = spec or ModelSpec()
     if not isinstance(policy, SitePolicy):

@@ -1,8 +1,8 @@
 """Reports of pooled results: the results tables, forest plots and the HTML summary page.
 
 :func:`write_meta_report` writes everything the coordinator hands out for one
-:class:`fednipype.coordinator.PoolResult` into a folder; the modules do one thing each
-(:mod:`fednipype.reports.forest`, :mod:`fednipype.reports.html`). matplotlib is imported only
+:class:`fednipype.hub.pooling.PoolResult` into a folder; the modules do one thing each
+(:mod:`fednipype.hub.reports.forest`, :mod:`fednipype.hub.reports.html`). matplotlib is imported only
 when a plot is drawn.
 """
 
@@ -20,7 +20,7 @@ from fednipype.exceptions import MetaAnalysisError
 from fednipype.io import atomic_write_text
 
 if TYPE_CHECKING:
-    from fednipype.coordinator import PoolResult
+    from fednipype.hub.pooling import PoolResult
 
 LOGGER = logging.getLogger(__name__)
 
@@ -122,8 +122,8 @@ def write_meta_report(
 
     Parameters
     ----------
-    result : fednipype.coordinator.PoolResult
-        What :func:`fednipype.coordinator.pool` returned.
+    result : fednipype.hub.pooling.PoolResult
+        What :func:`fednipype.hub.pooling.pool` returned.
     out_dir : path-like
         Folder to write into (created if needed). Every file is written atomically.
     terms : sequence of str, optional
@@ -145,8 +145,8 @@ def write_meta_report(
     MetaAnalysisError
         A requested term or region is not in the results.
     """
-    from fednipype.reports.forest import forest_plot
-    from fednipype.reports.html import write_summary
+    from fednipype.hub.reports.forest import forest_plot
+    from fednipype.hub.reports.html import write_summary
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""Nipype interface of the coordinator (a thin wrapper over fednipype.coordinator and reports)."""
+"""Nipype interface of the coordinator (a thin wrapper over fednipype.hub.pooling and reports)."""
 
 from __future__ import annotations
 
@@ -56,9 +56,9 @@ class MetaAnalysis(SimpleInterface):
     """Pool site releases: pooled regression and fixed/random-effects meta-analysis.
 
     Validates the releases and checks that they can be pooled
-    (:func:`fednipype.coordinator.load_releases`), pools them
-    (:func:`fednipype.coordinator.pool`) and writes the report
-    (:func:`fednipype.reports.write_meta_report`) into the node's working directory:
+    (:func:`fednipype.hub.pooling.load_releases`), pools them
+    (:func:`fednipype.hub.pooling.pool`) and writes the report
+    (:func:`fednipype.hub.reports.write_meta_report`) into the node's working directory:
     ``pooled_results.tsv``, ``site_estimates.tsv``, forest plots and ``index.html`` — the same
     files as the ``fednipype-meta`` command.
 
@@ -75,8 +75,8 @@ class MetaAnalysis(SimpleInterface):
     def _run_interface(self, runtime):
         from nipype.interfaces.base import isdefined
 
-        from fednipype.coordinator import load_releases, pool
-        from fednipype.reports import write_meta_report
+        from fednipype.hub.pooling import load_releases, pool
+        from fednipype.hub.reports import write_meta_report
 
         regions = self.inputs.regions if isdefined(self.inputs.regions) else None
         terms = self.inputs.terms if isdefined(self.inputs.terms) else None

@@ -63,7 +63,7 @@ from typing import IO, Any, NamedTuple
 from fednipype._version import __version__
 from fednipype.exceptions import FednipypeError, PolicyError, PrivacyBudgetExceeded
 from fednipype.io import atomic_write
-from fednipype.privacy.policy import SitePolicy, check_delta, check_epsilon
+from fednipype.site.policy import SitePolicy, check_delta, check_epsilon
 
 LOGGER = logging.getLogger(__name__)
 

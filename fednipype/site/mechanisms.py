@@ -61,7 +61,7 @@ from scipy.optimize import brentq
 from scipy.special import log_ndtr
 
 from fednipype.exceptions import DataError, DisclosureError, FednipypeError, PolicyError
-from fednipype.privacy.policy import DEFAULT_MIN_COHORT, check_delta, check_epsilon
+from fednipype.site.policy import DEFAULT_MIN_COHORT, check_delta, check_epsilon
 
 LOGGER = logging.getLogger(__name__)
 
@@ -414,7 +414,7 @@ class DPResult:
 class DPSufficientStatistics:
     """Noisy sufficient statistics of per-region linear models ``y_r = Z beta_r + e``.
 
-    Field names match ``fednipype.meta.SufficientStatistics`` (see :meth:`meta_fields`).
+    Field names match ``fednipype.hub.regression.SufficientStatistics`` (see :meth:`meta_fields`).
 
     Attributes
     ----------
@@ -453,7 +453,7 @@ class DPSufficientStatistics:
     mechanism: Mechanism
 
     def meta_fields(self) -> dict[str, Any]:
-        """The fields ``fednipype.meta.SufficientStatistics`` is built from.
+        """The fields ``fednipype.hub.regression.SufficientStatistics`` is built from.
 
         That class wants the first term named ``"intercept"``: pass ``terms`` accordingly.
         """

@@ -41,7 +41,7 @@ from pathlib import Path
 
 from fednipype.exceptions import FednipypeError
 
-LOGGER = logging.getLogger("fednipype.cli.meta")
+LOGGER = logging.getLogger("fednipype.cli.hub")
 
 PROG = "fednipype-meta"
 
@@ -135,8 +135,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    from fednipype.coordinator import load_releases, pool
-    from fednipype.reports import TSV_NAME, write_meta_report
+    from fednipype.hub.pooling import load_releases, pool
+    from fednipype.hub.reports import TSV_NAME, write_meta_report
 
     out_dir: Path = args.output_dir
     tmp: Path | None = None

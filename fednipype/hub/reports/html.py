@@ -17,7 +17,7 @@ from fednipype import __version__
 from fednipype.io import atomic_write_text
 
 if TYPE_CHECKING:
-    from fednipype.coordinator import PoolResult
+    from fednipype.hub.pooling import PoolResult
 
 __all__ = ["render_summary", "write_summary"]
 
@@ -82,8 +82,8 @@ def render_summary(
 
     Parameters
     ----------
-    result : fednipype.coordinator.PoolResult
-        What :func:`fednipype.coordinator.pool` returned.
+    result : fednipype.hub.pooling.PoolResult
+        What :func:`fednipype.hub.pooling.pool` returned.
     plots : mapping, optional
         ``(region, term)`` → link to its forest plot (relative to the page).
     notes : iterable of str

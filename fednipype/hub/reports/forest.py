@@ -71,11 +71,11 @@ def forest_figure(
     Parameters
     ----------
     site_table : pandas.DataFrame
-        Per-site estimates (:attr:`fednipype.coordinator.PoolResult.sites`): ``site``,
+        Per-site estimates (:attr:`fednipype.hub.pooling.PoolResult.sites`): ``site``,
         ``region``, ``term``, ``estimate``, ``ci_low``, ``ci_high`` and optionally
         ``weight_re`` (percent; sizes the squares).
     pooled_rows : pandas.DataFrame
-        Pooled results (:attr:`fednipype.coordinator.PoolResult.results`): rows with
+        Pooled results (:attr:`fednipype.hub.pooling.PoolResult.results`): rows with
         ``method`` ``fixed_effect``, ``random_effects_*`` and ``pooled_regression``.
     region, term : str
         The cell to draw.
