@@ -65,13 +65,13 @@ def _interleaved_medians(funcs: dict, repeats: int, before: dict | None = None) 
 
 
 def _clear_caches() -> None:
-    from fednipype import features
+    from fednipype import grids, images
 
     for cached in (
-        features._load_atlas_cached,
-        features._atlas_on_grid_cached,
-        features._read_label_table_cached,
-        features._sha256_cached,
+        grids._load_atlas_cached,
+        grids._atlas_on_grid_cached,
+        grids._read_label_table_cached,
+        images._sha256_cached,
     ):
         cached.cache_clear()
     gc.collect()

@@ -20,58 +20,79 @@ region
 A region with ``voxel_count`` 0 (absent from the image's field of view, masked out, or all
 NaN) has ``n/a`` volume, mean and SD.  Whole-brain totals (the union of the atlas regions, and
 the whole image) and provenance (atlas name and SHA-256, space, image kind, units) go into
-the JSON sidecar written next to the TSV by :func:`write_features`.
+the JSON sidecar written next to the TSV by :func:`write_features`; :func:`read_features` and
+:func:`read_sidecar` read them back, validated.
 
-Grids and spaces
-----------------
-The image must already be in the atlas's template space.  On the same grid the atlas is used
-as is; on a different grid of the same space it is resampled to the image's grid by nearest
-neighbour (:func:`nibabel.processing.resample_from_to` with ``order=0``), once per grid: the
-result is cached for the life of the process.  Grids whose axes differ only by permutations
-and flips (e.g. LAS vs RAS storage) are compatible, since resampling works in world
-coordinates.  An oblique grid relative to the atlas (a native-space image), grids that do not
-overlap, or an explicit space mismatch (the image's ``space-`` entity or argument vs the
-atlas's ``tpl-``/``space-`` entity or argument) raise :class:`~fednipype.exceptions.ImageError`.
+Images are read and checked by :mod:`fednipype.images`; the atlas is put on the image's grid
+(resampled by nearest neighbour, cached per grid) by :mod:`fednipype.grids`, whose
+:func:`~fednipype.grids.warm_atlas_cache` is importable from here too; the per-region
+statistics are bincounts over the labelled voxels only (:mod:`fednipype.reductions`, which
+describes the memory model).
 
 Validation
 ----------
-Every problem is an :class:`~fednipype.exceptions.ImageError` naming the file: a missing,
-zero-byte, truncated or non-NIfTI file (e.g. an HTML page saved as ``.nii.gz``); an image that
-is not 3-D (a 4-D image whose 4th dimension is 1 is squeezed to 3-D and accepted); an image
-whose every voxel is NaN; a probability map with values outside [0, 1] by more than
-:data:`PROBABILITY_TOLERANCE`; atlas labels absent from the ``dseg.tsv``.  The reverse, rows of
-the ``dseg.tsv`` whose label the atlas image lacks, is only logged as a warning: those regions
-get ``voxel_count`` 0 and ``n/a`` values, so tables keep one row per ``dseg.tsv`` row.
-
-Memory and speed
-----------------
-The image is read in its stored dtype; only the voxels inside an atlas region are gathered
-(at cached, ascending Fortran-order positions) and converted to float64 with the file's
-scaling; every per-region statistic is an ``np.bincount`` over them, in chunks of
-:data:`CHUNK_VOXELS` that bound the temporaries.  No Python loop runs over regions or voxels,
-and no full-size float64 copy of the image is made.  Peak traced memory is about 1.2x the
-image's float64 array for an atlas covering 15 % of the grid (bench/features.py) and stays
-below 3x for a float32 image whose every voxel is labelled.
+Every problem is an :class:`~fednipype.exceptions.ImageError` naming the file: the image
+checks of :mod:`fednipype.images` (missing, zero-byte, truncated or non-NIfTI files, images
+that are not 3-D, all-NaN images, probabilities outside [0, 1]), the grid and space checks of
+:mod:`fednipype.grids`, an atlas without any label, grids that do not overlap (no atlas
+region in the image's field of view), and atlas labels absent from the ``dseg.tsv``.  The
+reverse, rows of the ``dseg.tsv`` whose label the atlas image lacks, is only logged as a
+warning: those regions get ``voxel_count`` 0 and ``n/a`` values, so tables keep one row per
+``dseg.tsv`` row.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import re
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import nibabel as nb
 import numpy as np
 import pandas as pd
 
+from fednipype import __version__
+from fednipype.atlas import Atlas, default_atlas
+from fednipype.bids import (
+    collect_images,
+    derivative_path,
+    get_subjects,
+    load_layout,
+    write_derivative_description,
+)
 from fednipype.exceptions import BIDSError, ImageError
+from fednipype.grids import (
+    atlas_grid,
+    atlas_label_values,
+    mask_on_grid,
+    read_label_table,
+    resolve_space,
+    warm_atlas_cache,
+)
+from fednipype.images import (
+    bids_entities,
+    check_values,
+    file_sha256,
+    fortran_flat,
+    open_image,
+    read_voxels,
+)
 from fednipype.io import atomic_write_json, atomic_write_text
+from fednipype.reductions import gather_values, regional_statistics
+
+__all__ = [
+    "FEATURE_COLUMNS",
+    "IMAGE_KINDS",
+    "FeatureResult",
+    "extract_dataset_features",
+    "extract_features",
+    "read_features",
+    "read_sidecar",
+    "warm_atlas_cache",
+    "write_features",
+]
 
 LOGGER = logging.getLogger(__name__)
 
@@ -87,16 +108,7 @@ FEATURE_COLUMNS: tuple[str, ...] = (
 )
 #: Kinds of images :func:`extract_features` accepts.
 IMAGE_KINDS: tuple[str, ...] = ("probseg", "intensity")
-#: Probabilities may stray this far outside [0, 1] (interpolation round-off) before an error.
-PROBABILITY_TOLERANCE = 1e-4
-#: Largest deviation of the two grids' relative direction cosines from a signed permutation.
-ORIENTATION_TOLERANCE = 1e-3
-#: Voxels per chunk in the per-region reductions (bounds their temporaries to ~2 MB each).
-CHUNK_VOXELS = 1 << 18
-#: Largest difference (mm) between two affines' entries for the grids to count as the same.
-AFFINE_TOLERANCE = 1e-4
 
-_ENTITY = re.compile(r"(?:^|_)(?P<key>[a-zA-Z0-9]+)-(?P<value>[a-zA-Z0-9]+)")
 _VALUE_UNITS = {"probseg": "probability", "intensity": "arbitrary"}
 
 
@@ -116,527 +128,9 @@ class FeatureResult:
     sidecar: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class _Grid:
-    """An atlas's labelled voxels on an image grid, as flat Fortran-order positions.
-
-    NIfTI arrays are stored in Fortran order and nibabel returns them so; gathering the
-    labelled voxels at ascending Fortran-order positions reads the image's memory
-    sequentially (boolean indexing in C order would stride through it, ~10x slower).
-    """
-
-    shape: tuple[int, ...]
-    index: np.ndarray  # ascending flat positions (order="F") of voxels with a label > 0
-    labels: np.ndarray  # their labels, in the atlas's integer type
-    counts: np.ndarray  # np.bincount(labels): voxels per label on this grid
-    resampled: bool
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading and validating images
-# ---------------------------------------------------------------------------------------------
-
-
-def bids_entities(path: str | os.PathLike[str]) -> dict[str, str]:
-    """BIDS ``key-value`` entities of a file name (``tpl`` included, the suffix excluded).
-
-    >>> bids_entities("sub-01_ses-1_space-MNI152NLin2009cAsym_label-GM_probseg.nii.gz")["space"]
-    'MNI152NLin2009cAsym'
-    """
-    name = Path(path).name.split(".")[0]
-    return {m["key"]: m["value"] for m in _ENTITY.finditer(name)}
-
-
-def _file_key(path: Path) -> tuple[str, int, int]:
-    """Identity of a file's current content for caches: resolved path, mtime, size."""
-    stat = path.stat()
-    return str(path.resolve()), stat.st_mtime_ns, stat.st_size
-
-
-def _check_file(path: Path, role: str) -> None:
-    if not path.is_file():
-        raise ImageError(f"{path}: {role} does not exist or is not a file")
-    if path.stat().st_size == 0:
-        raise ImageError(f"{path}: {role} is an empty (zero-byte) file; expected a NIfTI image")
-
-
-def _open(path: Path, role: str) -> nb.Nifti1Image:
-    """Open a NIfTI image (header only) and check it is a 3-D image of numbers.
-
-    A 4-D (5-D …) image whose extra dimensions are all 1 counts as 3-D.  Every failure is an
-    ImageError naming the file.
-    """
-    _check_file(path, role)
-    try:
-        img = nb.load(path)
-    except Exception as exc:  # nibabel raises many types for non-NIfTI or corrupt headers
-        raise ImageError(
-            f"{path}: cannot read the {role} as a NIfTI image ({type(exc).__name__}: {exc})"
-        ) from exc
-    if not isinstance(img, nb.Nifti1Image | nb.Nifti2Image):
-        raise ImageError(
-            f"{path}: the {role} is a {type(img).__name__}; expected a NIfTI-1/2 image"
-        )
-    shape = img.shape
-    if len(shape) < 3 or any(s != 1 for s in shape[3:]):
-        raise ImageError(
-            f"{path}: the {role} has shape {shape}; expected a 3-D image (a 4-D image is "
-            "accepted only with a single volume)"
-        )
-    if img.get_data_dtype().kind not in "buif":
-        raise ImageError(
-            f"{path}: the {role} has voxel type {img.get_data_dtype()}; expected integer or "
-            "real values"
-        )
-    return img
-
-
-def _read(img: nb.Nifti1Image, path: Path, role: str) -> tuple[np.ndarray, float, float]:
-    """The voxel array in its stored dtype (squeezed to 3-D), and the file's slope and inter."""
-    try:
-        if nb.is_proxy(img.dataobj):
-            raw = np.asarray(img.dataobj.get_unscaled())
-            slope, inter = float(img.dataobj.slope), float(img.dataobj.inter)
-        else:  # in-memory images (not produced by nb.load, kept for completeness)
-            raw, slope, inter = np.asarray(img.dataobj), 1.0, 0.0
-    except Exception as exc:  # EOFError, zlib.error, OSError, ValueError on truncated data
-        raise ImageError(
-            f"{path}: the {role}'s voxel data cannot be read; the file is truncated or "
-            f"corrupt ({type(exc).__name__}: {exc})"
-        ) from exc
-    if raw.ndim > 3:
-        raw = raw.reshape(raw.shape[:3])  # singleton 4th (5th…) dimensions: a view, no copy
-    if not (np.isfinite(slope) and np.isfinite(inter)) or slope == 0:
-        raise ImageError(f"{path}: the {role} has invalid scaling slope={slope}, inter={inter}")
-    return raw, slope, inter
-
-
-def _load(path: Path, role: str) -> tuple[nb.Nifti1Image, np.ndarray, float, float]:
-    """Open and read an image: ``(img, raw, slope, inter)``; see :func:`_open`, :func:`_read`."""
-    img = _open(path, role)
-    return (img, *_read(img, path, role))
-
-
-def read_label_table(path: str | os.PathLike[str]) -> pd.DataFrame:
-    """Read a BIDS-style ``dseg.tsv`` label table.
-
-    Parameters
-    ----------
-    path : path-like
-        Tab-separated table with at least the columns ``index`` (positive integers, unique)
-        and ``name``; other columns (``color``, ``hemisphere`` …) are ignored.  Quoted names
-        are unquoted.
-
-    Returns
-    -------
-    pandas.DataFrame
-        Columns ``index`` (int64) and ``name`` (str), sorted by ``index``.
-
-    Raises
-    ------
-    ImageError
-        If the file is missing or malformed, naming the file and the column.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ImageError(f"{path}: atlas label table does not exist")
-    return _read_label_table_cached(*_file_key(path)).copy()
-
-
-@lru_cache(maxsize=32)
-def _read_label_table_cached(path_str: str, _mtime: int, _size: int) -> pd.DataFrame:
-    path = Path(path_str)
-    try:
-        table = pd.read_csv(
-            path, sep="\t", dtype={"name": str}, na_values=["n/a"], keep_default_na=False
-        )
-    except Exception as exc:  # EmptyDataError, ParserError, UnicodeDecodeError
-        raise ImageError(f"{path}: cannot read the atlas label table ({exc})") from exc
-    table.columns = [str(c).strip().lstrip("\ufeff") for c in table.columns]
-    missing = [c for c in ("index", "name") if c not in table.columns]
-    if missing:
-        raise ImageError(
-            f"{path}: atlas label table lacks the column(s) {missing}; expected 'index' and "
-            f"'name' (found {list(table.columns)})"
-        )
-    index = pd.to_numeric(table["index"], errors="coerce")
-    if index.isna().any() or (index != np.round(index)).any() or (index < 1).any():
-        raise ImageError(f"{path}: column 'index' must hold positive integers")
-    if index.duplicated().any():
-        dup = sorted(index[index.duplicated()].astype(int).unique().tolist())
-        raise ImageError(f"{path}: column 'index' has duplicated values {dup}")
-    if table["name"].isna().any():
-        raise ImageError(f"{path}: column 'name' has empty values")
-    out = pd.DataFrame({"index": index.astype(np.int64), "name": table["name"].astype(str)})
-    return out.sort_values("index", kind="stable").reset_index(drop=True)
-
-
-@lru_cache(maxsize=32)
-def _sha256_cached(path_str: str, _mtime: int, _size: int) -> str:
-    digest = hashlib.sha256()
-    with open(path_str, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """SHA-256 of a file's bytes (cached while the file's mtime and size are unchanged)."""
-    return _sha256_cached(*_file_key(Path(path)))
-
-
-# ---------------------------------------------------------------------------------------------
-# Putting an atlas or a mask on the image's grid
-# ---------------------------------------------------------------------------------------------
-
-
-def _direction_cosines(affine: np.ndarray) -> np.ndarray:
-    rzs = affine[:3, :3]
-    return rzs / np.linalg.norm(rzs, axis=0)
-
-
-def check_grids_compatible(
-    image_affine: np.ndarray, other_affine: np.ndarray, *, image: str, other: str
-) -> None:
-    """Refuse grids whose axes are oblique to each other (different spaces).
-
-    Two grids of the same template space differ by voxel size, field of view, and at most a
-    permutation and flips of their axes.  A rotation beyond :data:`ORIENTATION_TOLERANCE`
-    means the image is not in the atlas's space (e.g. a native-space image).
-
-    Parameters
-    ----------
-    image_affine, other_affine : numpy.ndarray
-        4 × 4 voxel-to-world affines.
-    image, other : str
-        File names used in the error message.
-
-    Raises
-    ------
-    ImageError
-        If the affines are singular or oblique to each other.
-    """
-    for aff, name in ((image_affine, image), (other_affine, other)):
-        if not np.all(np.isfinite(aff)) or abs(np.linalg.det(aff[:3, :3])) < 1e-12:
-            raise ImageError(f"{name}: the affine is singular or not finite:\n{aff}")
-    relative = _direction_cosines(other_affine).T @ _direction_cosines(image_affine)
-    nearest = np.round(relative)
-    is_signed_permutation = np.array_equal(
-        np.abs(nearest).sum(axis=0), np.ones(3)
-    ) and np.array_equal(np.abs(nearest).sum(axis=1), np.ones(3))
-    deviation = float(np.abs(relative - nearest).max())
-    if not is_signed_permutation or deviation > ORIENTATION_TOLERANCE:
-        raise ImageError(
-            f"{image} and {other}: the grids are oblique to each other (direction cosines "
-            f"differ by {deviation:.3g} from an axis permutation/flip; tolerance "
-            f"{ORIENTATION_TOLERANCE}); the image is not in the atlas's space"
-        )
-
-
-def _same_grid(shape_a, affine_a, shape_b, affine_b) -> bool:
-    return tuple(shape_a) == tuple(shape_b) and np.allclose(
-        affine_a, affine_b, rtol=0.0, atol=AFFINE_TOLERANCE
-    )
-
-
-def _labels_from_raw(path: Path, raw: np.ndarray, slope: float, inter: float) -> np.ndarray:
-    """Integer labels from an atlas's stored array (float-stored labels must be integral)."""
-    if raw.dtype.kind in "biu" and slope == 1.0 and inter == 0.0:
-        labels = raw
-    else:
-        # Labels stored as floats or with scaling: rebuild the integers, then check them.
-        values = raw.astype(np.float64) * slope + inter
-        if not np.all(np.isfinite(values)) or np.any(values != np.round(values)):
-            raise ImageError(f"{path}: atlas image values must be integers (labels)")
-        labels = values.astype(np.int64)
-    if labels.dtype.kind == "i" and labels.size and labels.min() < 0:
-        raise ImageError(f"{path}: atlas image has negative labels")
-    if labels.dtype.kind == "b":
-        labels = labels.astype(np.uint8)
-    return labels
-
-
-def _flat(array: np.ndarray) -> np.ndarray:
-    """Flatten in Fortran order (NIfTI's on-disk order): a view of what nibabel returns."""
-    return array.reshape(-1, order="F")
-
-
-def _labelled_voxels(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Flat (Fortran-order) positions of the labelled voxels, ascending, and their labels.
-
-    Positions are int32 when the grid allows it and labels keep the atlas's (small) integer
-    type: the cache costs 5 bytes per labelled voxel for a uint8 atlas, not 16.
-    """
-    flat = _flat(labels)
-    index = np.flatnonzero(flat > 0)  # nonzero() on a bool array is ~4x faster than on ints
-    if flat.size < np.iinfo(np.int32).max:
-        index = index.astype(np.int32)
-    return index, flat[index]
-
-
-@dataclass(frozen=True)
-class _AtlasImage:
-    """An atlas image read once: labels, affine, labelled voxels and the labels present."""
-
-    labels: np.ndarray
-    affine: np.ndarray
-    grid: _Grid
-    present: np.ndarray  # sorted label values > 0 found in the image
-
-
-@lru_cache(maxsize=8)
-def _load_atlas_cached(path_str: str, _mtime: int, _size: int) -> _AtlasImage:
-    path = Path(path_str)
-    img, raw, slope, inter = _load(path, "atlas image")
-    labels = _labels_from_raw(path, raw, slope, inter)
-    labels.setflags(write=False)
-    index, region_labels = _labelled_voxels(labels)
-    counts = np.bincount(region_labels)
-    present = np.flatnonzero(counts)
-    grid = _Grid(labels.shape, index, region_labels, counts, resampled=False)
-    return _AtlasImage(labels, img.affine.copy(), grid, present[present > 0])
-
-
-@lru_cache(maxsize=16)
-def _atlas_on_grid_cached(
-    path_str: str, mtime: int, size: int, shape: tuple[int, ...], affine_bytes: bytes
-) -> _Grid:
-    """The atlas's labelled voxels on a grid (shape, affine); cached per atlas file and grid."""
-    atlas = _load_atlas_cached(path_str, mtime, size)
-    affine = np.frombuffer(affine_bytes, dtype=np.float64).reshape(4, 4)
-    if _same_grid(atlas.labels.shape, atlas.affine, shape, affine):
-        return atlas.grid
-    resampled = _resample_nearest(atlas.labels, atlas.affine, shape, affine)
-    index, region_labels = _labelled_voxels(resampled)
-    return _Grid(tuple(shape), index, region_labels, np.bincount(region_labels), resampled=True)
-
-
-def _resample_nearest(
-    data: np.ndarray, affine: np.ndarray, shape: tuple[int, ...], target_affine: np.ndarray
-) -> np.ndarray:
-    from nibabel.processing import resample_from_to
-
-    source = nb.Nifti1Image(data, affine)
-    # order=0: nearest neighbour keeps labels intact; outside the source's field of view is 0.
-    out = resample_from_to(source, (shape, target_affine), order=0, mode="constant", cval=0)
-    return np.asarray(out.dataobj)
-
-
-def atlas_on_grid(
-    atlas_file: str | os.PathLike[str],
-    shape: tuple[int, ...],
-    affine: np.ndarray,
-    *,
-    image_name: str = "image",
-) -> tuple[np.ndarray, bool]:
-    """Return the atlas's labels sampled on an image grid (nearest neighbour if needed).
-
-    Parameters
-    ----------
-    atlas_file : path-like
-        Integer label image (0 is background).
-    shape : tuple of int
-        The image grid's 3-D shape.
-    affine : numpy.ndarray
-        The image grid's 4 × 4 affine.
-    image_name : str
-        Name of the image, used in error messages.
-
-    Returns
-    -------
-    labels : numpy.ndarray
-        Integer array of ``shape`` (0 outside every region).
-    resampled : bool
-        Whether the atlas had to be resampled.
-
-    Raises
-    ------
-    ImageError
-        If the atlas cannot be read, is not an integer 3-D image, its grid is oblique to the
-        image's, or it does not overlap the image's field of view.
-    """
-    grid = _atlas_grid(atlas_file, shape, affine, image_name=image_name)
-    dtype = np.min_scalar_type(int(grid.labels.max())) if grid.labels.size else np.uint8
-    labels = np.zeros(grid.shape, dtype=dtype, order="F")
-    _flat(labels)[grid.index] = grid.labels
-    return labels, grid.resampled
-
-
-def _atlas_grid(
-    atlas_file: str | os.PathLike[str],
-    shape: tuple[int, ...],
-    affine: np.ndarray,
-    *,
-    image_name: str,
-) -> _Grid:
-    path = Path(atlas_file)
-    _check_file(path, "atlas image")
-    key = _file_key(path)
-    atlas = _load_atlas_cached(*key)
-    affine = np.ascontiguousarray(affine, dtype=np.float64)
-    shape = tuple(int(s) for s in shape[:3])
-    check_grids_compatible(affine, atlas.affine, image=image_name, other=str(path))
-    return _atlas_on_grid_cached(*key, shape, affine.tobytes())
-
-
-def warm_atlas_cache(
-    atlas_file: str | os.PathLike[str], reference_image: str | os.PathLike[str] | None = None
-) -> None:
-    """Read an atlas into this process's cache, and put it on a reference image's grid.
-
-    Call it before forking worker processes (Nipype's MultiProc) so that they inherit the
-    cached atlas and the resampling code instead of each loading them.
-
-    Parameters
-    ----------
-    atlas_file : path-like
-        Integer label image.
-    reference_image : path-like, optional
-        An image whose grid (read from its header only) the atlas is resampled to.
-    """
-    import nibabel.processing  # noqa: F401  (imports scipy.ndimage: ~0.6 s, once)
-
-    path = Path(atlas_file)
-    _check_file(path, "atlas image")
-    _load_atlas_cached(*_file_key(path))
-    if reference_image is not None:
-        header = nb.load(reference_image).header
-        shape = tuple(int(s) for s in header.get_data_shape()[:3])
-        _atlas_grid(path, shape, header.get_best_affine(), image_name=str(reference_image))
-
-
-def atlas_label_values(atlas_file: str | os.PathLike[str]) -> np.ndarray:
-    """Sorted label values (> 0) present in an atlas image (cached per file)."""
-    path = Path(atlas_file)
-    _check_file(path, "atlas image")
-    return _load_atlas_cached(*_file_key(path)).present.copy()
-
-
-def _mask_on_grid(
-    mask_file: Path, shape: tuple[int, ...], affine: np.ndarray, image_name: str
-) -> np.ndarray:
-    img, raw, slope, inter = _load(mask_file, "brain mask")
-    check_grids_compatible(affine, img.affine, image=image_name, other=str(mask_file))
-    # Positive is in the mask; NaN is out.  A positive slope without intercept keeps the sign
-    # of the stored values, so the (usual) integer mask is compared without conversion.
-    mask = (raw * slope + inter) > 0 if (inter != 0.0 or slope < 0) else raw > 0
-    if _same_grid(mask.shape, img.affine, shape, affine):
-        return mask
-    return _resample_nearest(mask.astype(np.uint8), img.affine, shape, affine) > 0
-
-
 # ---------------------------------------------------------------------------------------------
 # The computation
 # ---------------------------------------------------------------------------------------------
-
-
-def regional_statistics(
-    values: np.ndarray,
-    labels: np.ndarray,
-    n_labels: int,
-    *,
-    label_counts: np.ndarray | None = None,
-) -> dict[str, np.ndarray]:
-    """Per-label count, NaN count, sum, mean and SD (ddof=0) of values, by ``np.bincount``.
-
-    Parameters
-    ----------
-    values : numpy.ndarray
-        1-D float64 values (NaN and ±inf are excluded and counted).
-    labels : numpy.ndarray
-        1-D non-negative integer labels (any integer dtype), same length.
-    n_labels : int
-        Length of the outputs (labels ≥ ``n_labels`` are not allowed).
-    label_counts : numpy.ndarray, optional
-        ``np.bincount(labels)`` if already known (saves a pass).
-
-    Returns
-    -------
-    dict of numpy.ndarray
-        ``count``, ``nan_count``, ``sum``, ``mean``, ``std`` and ``sum_sq_dev`` (sum of squared
-        deviations from the label's mean) indexed by label; mean and SD are NaN where
-        ``count`` is 0.
-
-    Examples
-    --------
-    >>> stats = regional_statistics(np.array([1.0, 3.0, np.nan, 5.0]), np.array([1, 1, 1, 2]), 3)
-    >>> stats["count"].tolist(), stats["nan_count"].tolist(), stats["mean"].tolist()[1:]
-    ([0, 2, 1], [0, 1, 0], [2.0, 5.0])
-    """
-    # Chunks bound the temporaries (label casts to intp, deviations) to CHUNK_VOXELS each,
-    # whatever the fraction of the grid the atlas covers.
-    chunks = [slice(start, start + CHUNK_VOXELS) for start in range(0, values.size, CHUNK_VOXELS)]
-    nan_count = np.zeros(n_labels, dtype=np.int64)
-    total = np.zeros(n_labels)
-    count = np.zeros(n_labels, dtype=np.int64)
-    all_finite = True
-    for part in chunks:
-        v, lab = values[part], labels[part]
-        finite = np.isfinite(v)
-        if finite.all():
-            total += np.bincount(lab, weights=v, minlength=n_labels)
-            if label_counts is None:
-                count += np.bincount(lab, minlength=n_labels)
-        else:
-            all_finite = False
-            nan_count += np.bincount(lab[~finite], minlength=n_labels)
-            total += np.bincount(lab[finite], weights=v[finite], minlength=n_labels)
-            if label_counts is None:
-                count += np.bincount(lab[finite], minlength=n_labels)
-    if label_counts is not None:  # every labelled voxel, minus the non-finite ones
-        count[: min(n_labels, len(label_counts))] = label_counts[:n_labels]
-        count -= nan_count
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = total / count
-    # Second pass, deviations from the region mean: keeps the SD accurate when mean >> SD.
-    sum_sq = np.zeros(n_labels)
-    for part in chunks:
-        v, lab = values[part], labels[part]
-        deviation = mean[lab]
-        deviation -= v
-        deviation *= deviation
-        if not all_finite:
-            finite = np.isfinite(v)
-            deviation, lab = deviation[finite], lab[finite]
-        sum_sq += np.bincount(lab, weights=deviation, minlength=n_labels)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        std = np.sqrt(sum_sq / count)
-    return {
-        "count": count,
-        "nan_count": nan_count,
-        "sum": total,
-        "mean": mean,
-        "std": std,
-        "sum_sq_dev": sum_sq,
-    }
-
-
-def _resolve_space(
-    in_file: Path, atlas_file: Path, image_space: str | None, atlas_space: str | None
-) -> str | None:
-    image_space = image_space or bids_entities(in_file).get("space")
-    atlas_entities = bids_entities(atlas_file)
-    atlas_space = atlas_space or atlas_entities.get("tpl") or atlas_entities.get("space")
-    if image_space and atlas_space and image_space != atlas_space:
-        raise ImageError(
-            f"{in_file}: the image is in space '{image_space}' but the atlas {atlas_file} is in "
-            f"space '{atlas_space}'; resample the image to the atlas's space first"
-        )
-    return atlas_space or image_space
-
-
-def _value_range(raw: np.ndarray, slope: float, inter: float) -> tuple[float, float] | None:
-    """Min and max of the finite real values (None if there is none), without a float copy."""
-    lo, hi = raw.min(), raw.max()
-    if raw.dtype.kind == "f" and not (np.isfinite(lo) and np.isfinite(hi)):
-        # Slow path, only for images holding NaN or ±inf: reduce over the finite voxels.
-        finite = np.isfinite(raw)
-        if not finite.any():
-            return None
-        lo = raw.min(where=finite, initial=np.inf)
-        hi = raw.max(where=finite, initial=-np.inf)
-    ends = sorted((float(lo) * slope + inter, float(hi) * slope + inter))
-    return ends[0], ends[1]
 
 
 def extract_features(
@@ -663,9 +157,10 @@ def extract_features(
         atlas image must have a row; rows whose label is absent from the atlas image (or from
         the image's field of view) give ``voxel_count`` 0 and ``n/a`` values, with a warning.
     image_kind : {"probseg", "intensity"}
-        ``probseg``: values are probabilities in [0, 1] (± :data:`PROBABILITY_TOLERANCE`);
-        the volume is the sum of probabilities × voxel volume.  ``intensity``: the volume is
-        the voxel count × voxel volume.
+        ``probseg``: values are probabilities in [0, 1] (±
+        :data:`~fednipype.images.PROBABILITY_TOLERANCE`); the volume is the sum of
+        probabilities × voxel volume.  ``intensity``: the volume is the voxel count × voxel
+        volume.
     mask_file : path-like, optional
         Brain mask (nonzero = inside) on the image's grid or on another grid of the same space
         (resampled by nearest neighbour).  Voxels outside it are ignored.
@@ -692,26 +187,16 @@ def extract_features(
     in_file, atlas_file, atlas_labels = Path(in_file), Path(atlas_file), Path(atlas_labels)
     if image_kind not in IMAGE_KINDS:
         raise ValueError(f"image_kind: expected one of {IMAGE_KINDS}, got {image_kind!r}")
-    space = _resolve_space(in_file, atlas_file, image_space, atlas_space)
+    space = resolve_space(in_file, atlas_file, image_space, atlas_space)
     table = read_label_table(atlas_labels)
 
-    img = _open(in_file, "image")
+    img = open_image(in_file, "image")
     shape, affine = tuple(img.shape[:3]), img.affine
     # The atlas first (cached after the first image): its one-off transients do not add to
     # the image's array in memory.
-    grid = _atlas_grid(atlas_file, shape, affine, image_name=str(in_file))
-    raw, slope, inter = _read(img, in_file, "image")
-    value_range = _value_range(raw, slope, inter)
-    if value_range is None:
-        raise ImageError(f"{in_file}: every voxel of the image is NaN or infinite")
-    if image_kind == "probseg" and (
-        value_range[0] < -PROBABILITY_TOLERANCE or value_range[1] > 1 + PROBABILITY_TOLERANCE
-    ):
-        raise ImageError(
-            f"{in_file}: probability map has values in [{value_range[0]:.6g}, "
-            f"{value_range[1]:.6g}]; expected probabilities in [0, 1] (tolerance "
-            f"{PROBABILITY_TOLERANCE}); use image_kind='intensity' for other images"
-        )
+    grid = atlas_grid(atlas_file, shape, affine, image_name=str(in_file))
+    raw, slope, inter = read_voxels(img, in_file, "image")
+    check_values(in_file, raw, slope, inter, probabilities=image_kind == "probseg")
 
     present = atlas_label_values(atlas_file)
     if present.size == 0:
@@ -742,20 +227,10 @@ def extract_features(
     index, region_labels = grid.index, grid.labels
     mask = None
     if mask_file is not None:
-        mask = _mask_on_grid(Path(mask_file), shape, affine, str(in_file))
-        keep = _flat(mask)[index]
+        mask = mask_on_grid(Path(mask_file), shape, affine, str(in_file))
+        keep = fortran_flat(mask)[index]
         index, region_labels = index[keep], region_labels[keep]
-    # The only float64 array: the labelled voxels, gathered in the image's memory order (in
-    # chunks, so no stored-dtype copy of them exists alongside).
-    values = np.empty(index.size, dtype=np.float64)
-    flat_raw = _flat(raw)
-    for start in range(0, index.size, CHUNK_VOXELS):
-        part = slice(start, start + CHUNK_VOXELS)
-        values[part] = flat_raw[index[part]]
-    if slope != 1.0:
-        values *= slope
-    if inter != 0.0:
-        values += inter
+    values = gather_values(raw, index, slope, inter)
     counts = grid.counts if mask is None else None
     stats = regional_statistics(values, region_labels, n_labels, label_counts=counts)
 
@@ -870,8 +345,6 @@ def _sidecar(
     resampled: bool,
     totals: dict[str, Any],
 ) -> dict[str, Any]:
-    from fednipype import __version__
-
     value_units = _VALUE_UNITS[image_kind]
     name = atlas_name or bids_entities(atlas_file).get("atlas") or atlas_file.name.split(".")[0]
     return {
@@ -1036,7 +509,7 @@ def extract_dataset_features(
     bids_dir: str | os.PathLike[str],
     output_dir: str | os.PathLike[str],
     *,
-    atlas=None,
+    atlas: Atlas | None = None,
     participant_label: list[str] | None = None,
     space: str = "MNI152NLin2009cAsym",
     label: str = "GM",
@@ -1065,15 +538,6 @@ def extract_dataset_features(
     list of pathlib.Path
         The ``sub-X[_ses-Y]_desc-regional_features.tsv`` files written.
     """
-    from fednipype.atlas import default_atlas
-    from fednipype.bids import (
-        collect_images,
-        derivative_path,
-        get_subjects,
-        load_layout,
-        write_derivative_description,
-    )
-
     atlas = atlas or default_atlas(2)
     layout = load_layout(bids_dir)
     records = collect_images(

@@ -30,10 +30,10 @@ from fednipype.features import (
     FEATURE_COLUMNS,
     extract_features,
     read_features,
-    read_label_table,
     read_sidecar,
     write_features,
 )
+from fednipype.grids import read_label_table
 
 AFFINE_2MM = np.diag([2.0, 2.0, 2.0, 1.0])
 AFFINE_2MM[:3, 3] = [-11.0, -13.0, -9.0]
