@@ -2,8 +2,9 @@
 
 Everything that parses a BIDS tree goes through :class:`bids.BIDSLayout`; this module adds the
 checks and conventions fednipype needs (clear errors naming the file and field, label filters
-that accept ``01`` and ``sub-01``, explicit typing of ``participants.tsv``) and the writing side
-of derivatives (paths and ``dataset_description.json``).
+that accept ``01`` and ``sub-01``, explicit typing of ``participants.tsv``) and the discovery
+of the participant level's work (:func:`collect_probseg_maps`, the one query of a whole site).
+Writing derivatives (paths, ``dataset_description.json``) is :mod:`fednipype.derivatives`.
 
 Enumeration never opens an image: zero-byte or non-NIfTI files are listed like any other, and
 fail later, per file, when a step reads them.
@@ -21,9 +22,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from fednipype import __version__
+# The writing side lives in fednipype.derivatives; names imported ``as`` themselves are
+# re-exported, for code that imports them from here.
+from fednipype.derivatives import BIDS_VERSION as BIDS_VERSION
+from fednipype.derivatives import FEATURES_DESC, FEATURES_SUFFIX
+from fednipype.derivatives import PIPELINE_NAME as PIPELINE_NAME
+from fednipype.derivatives import derivative_path as derivative_path
+from fednipype.derivatives import write_derivative_description as write_derivative_description
 from fednipype.exceptions import BIDSError
-from fednipype.io import atomic_write_json
 
 if TYPE_CHECKING:
     from bids import BIDSLayout
@@ -32,8 +38,6 @@ LOGGER = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = [".nii", ".nii.gz"]
 DEFAULT_SPACE = "MNI152NLin2009cAsym"
-PIPELINE_NAME = "fednipype"
-BIDS_VERSION = "1.9.0"
 
 #: Column names seen in the wild, mapped to fednipype's names (exact, case-sensitive match
 #: first, then case-insensitive).  ``Gender`` is taken as ``sex`` only when no ``sex`` exists.
@@ -247,6 +251,15 @@ class ImageRecord:
     session: str | None
     path: str
 
+    @property
+    def key(self) -> str:
+        """``sub-<subject>[_ses-<session>]``, e.g. for messages and file names.
+
+        >>> ImageRecord("01", "2", "x.nii.gz").key
+        'sub-01_ses-2'
+        """
+        return f"sub-{self.subject}" + (f"_ses-{self.session}" if self.session else "")
+
 
 def collect_images(
     layout: BIDSLayout,
@@ -286,6 +299,67 @@ def collect_images(
         if subject not in with_images:
             LOGGER.warning("sub-%s: no %s image found in %s", subject, kind, layout.root)
     return records
+
+
+def collect_probseg_maps(
+    bids_dir: str | Path,
+    *,
+    participant_label: Iterable[str] | None = None,
+    space: str = DEFAULT_SPACE,
+    label: str = "GM",
+) -> list[ImageRecord]:
+    """The probability maps the participant level processes: exactly one per subject/session.
+
+    One pybids query for the whole dataset (per-subject queries cost seconds on a site of 30).
+
+    Parameters
+    ----------
+    bids_dir : path-like
+        BIDS dataset whose ``derivatives/`` hold ``…_space-<space>_label-<label>_probseg``.
+    participant_label : iterable of str, optional
+        Subjects to keep (with or without ``sub-``); all by default.
+    space, label : str
+        Entities of the probability maps.
+
+    Returns
+    -------
+    list of ImageRecord
+        Sorted by subject and session.
+
+    Raises
+    ------
+    BIDSError
+        If the dataset cannot be read, a requested subject does not exist, no map is found at
+        all, or a subject/session has more than one.
+
+    Examples
+    --------
+    >>> maps = collect_probseg_maps("bids_examples/siteA", participant_label=["02"])
+    >>> [m.key for m in maps]
+    ['sub-02_ses-1', 'sub-02_ses-2']
+    """
+    layout = load_layout(bids_dir, derivatives=True)
+    subjects = get_subjects(layout, participant_label)
+    records = collect_images(layout, subjects, kind="probseg", label=label, space=space)
+    by_key: dict[tuple[str, str | None], list[ImageRecord]] = {}
+    for record in records:
+        by_key.setdefault((record.subject, record.session), []).append(record)
+    maps = []
+    for (subject, session), found in sorted(
+        by_key.items(), key=lambda kv: (kv[0][0], kv[0][1] or "")
+    ):
+        if len(found) > 1:
+            where = f"sub-{subject}" + (f" ses-{session}" if session else "")
+            raise BIDSError(
+                f"{where}: {len(found)} space-{space} label-{label} probseg images match "
+                f"({', '.join(Path(r.path).name for r in found)}); expected one"
+            )
+        maps.append(found[0])
+    if not maps:
+        raise BIDSError(
+            f"{bids_dir}: no space-{space} label-{label} probseg image found in its derivatives"
+        )
+    return maps
 
 
 def _find_column(columns: Sequence[str], canonical: str) -> str | None:
@@ -439,98 +513,6 @@ def match_participants(subjects: Sequence[str], table: pd.DataFrame) -> list[str
     return missing
 
 
-def derivative_path(
-    subject: str,
-    session: str | None = None,
-    *,
-    desc: str,
-    suffix: str,
-    extension: str,
-    datatype: str = "anat",
-    space: str | None = None,
-    output_dir: str | Path | None = None,
-) -> Path:
-    """BIDS-derivative path of an output, built with pybids' path patterns.
-
-    The path is relative unless ``output_dir`` is given, in which case it is joined to it.
-
-    Examples
-    --------
-    >>> str(derivative_path("01", "2", desc="regional", suffix="features", extension=".tsv"))
-    'sub-01/ses-2/anat/sub-01_ses-2_desc-regional_features.tsv'
-    >>> str(derivative_path("sub-03", desc="regional", suffix="features", extension=".json"))
-    'sub-03/anat/sub-03_desc-regional_features.json'
-    """
-    from bids.layout.writing import build_path
-
-    entities = {
-        "subject": _normalise_label(subject),
-        "desc": desc,
-        "suffix": suffix,
-        "extension": extension,
-        "datatype": datatype,
-    }
-    if session is not None:
-        entities["session"] = session
-    if space is not None:
-        entities["space"] = space
-    pattern = (
-        "sub-{subject}[/ses-{session}]/{datatype}/sub-{subject}[_ses-{session}]"
-        "[_space-{space}]_desc-{desc}_{suffix}{extension}"
-    )
-    built = build_path(entities, [pattern], strict=True)
-    if built is None:
-        raise BIDSError(f"cannot build a derivative path from entities {entities}")
-    return Path(output_dir) / built if output_dir is not None else Path(built)
-
-
-def write_derivative_description(
-    output_dir: str | Path, source_datasets: Sequence[str] = ()
-) -> Path:
-    """Write (atomically) the ``dataset_description.json`` of fednipype's derivatives.
-
-    Parameters
-    ----------
-    output_dir : path-like
-        Root of the derivative dataset.
-    source_datasets : sequence of str
-        URLs or DOIs of the input datasets (``SourceDatasets``).
-
-    Returns
-    -------
-    pathlib.Path
-        The file written.
-
-    Raises
-    ------
-    BIDSError
-        ``output_dir`` already holds another pipeline's derivative dataset.
-    """
-    out = Path(output_dir)
-    path = out / "dataset_description.json"
-    if path.exists():
-        existing = _read_description(out)
-        names = [g.get("Name") for g in existing.get("GeneratedBy", []) if isinstance(g, dict)]
-        if PIPELINE_NAME not in names:
-            raise BIDSError(
-                f"{path}: output folder already belongs to another dataset "
-                f"(GeneratedBy {names or 'absent'}); choose an empty output folder"
-            )
-    description = {
-        "Name": "fednipype regional features",
-        "BIDSVersion": BIDS_VERSION,
-        "DatasetType": "derivative",
-        "GeneratedBy": [
-            {
-                "Name": PIPELINE_NAME,
-                "Version": __version__,
-            }
-        ],
-        "SourceDatasets": [{"URL": s} for s in source_datasets],
-    }
-    return atomic_write_json(path, description)
-
-
 def summarize(bids_dir: str | Path, participant_label: Iterable[str] | None = None) -> dict:
     """Counts of one dataset for a summary table: subjects, sessions, images, phenotypes.
 
@@ -606,8 +588,8 @@ def find_feature_files(
     subjects = get_subjects(layout, participant_label)
     files = layout.get(
         subject=subjects,
-        desc="regional",
-        suffix="features",
+        desc=FEATURES_DESC,
+        suffix=FEATURES_SUFFIX,
         extension=".tsv",
         return_type="filename",
         invalid_filters="allow",
