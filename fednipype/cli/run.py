@@ -103,22 +103,5 @@ def _group(args) -> int:
     return 0
 
 
-def _crash_cause(workflow) -> str:
-    """The exception line of the newest crash file of ``workflow``."""
-    from pathlib import Path
-
-    from nipype.utils.filemanip import loadcrash
-
-    crashes = sorted(
-        Path(workflow.config["execution"]["crashdump_dir"]).glob("crash-*.pklz"),
-        key=lambda p: p.stat().st_mtime,
-    )
-    if not crashes:
-        return "see the Nipype log above"
-    lines = [line for line in "".join(loadcrash(str(crashes[-1]))["traceback"]).splitlines()]
-    errors = [line for line in lines if "Error:" in line or "Exceeded" in line]
-    return (errors or lines or ["unknown error"])[-1].strip()
-
-
 if __name__ == "__main__":
     raise SystemExit(main())
