@@ -10,6 +10,7 @@ from nipype.interfaces.base import (
     SimpleInterface,
     Str,
     TraitedSpec,
+    isdefined,
     traits,
 )
 
@@ -72,8 +73,7 @@ class RegionalFeatures(SimpleInterface):
     output_spec = _RegionalFeaturesOutputSpec
 
     def _run_interface(self, runtime):
-        from nipype.interfaces.base import isdefined
-
+        # Imported when the node runs (pandas, scipy): importing the interface stays fast.
         from fednipype.features import extract_features, write_features
 
         def optional(name):
