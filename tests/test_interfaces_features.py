@@ -11,6 +11,7 @@ from _features_fixtures import BUNDLED, probseg_path, save_nifti, write_dseg_tsv
 from nipype.pipeline import engine as pe
 
 from fednipype.atlas import default_atlas
+from fednipype.exceptions import BIDSError
 from fednipype.features import read_features, read_sidecar
 from fednipype.interfaces.bids import DerivativeDescription, DerivativesDataSink
 from fednipype.interfaces.features import RegionalFeatures
@@ -104,19 +105,19 @@ def test_node_is_cached_on_rerun(tmp_path):
     assert (tmp_path / "work" / "features" / "result_features.pklz").stat().st_mtime_ns == mtime
 
 
-def test_derivatives_sink_names_outputs_as_bids_derivatives(tmp_path):
+def test_derivatives_sink_names_outputs_after_the_source_file(tmp_path):
     src = tmp_path / "features.tsv"
     src.write_text("index\tname\n1\ta\n")
     meta = tmp_path / "features.json"
     meta.write_text(json.dumps({"Units": "mm3"}))
     out = tmp_path / "derivatives"
+    source = BUNDLED / "siteA" / "sub-01" / "ses-2" / "anat" / "sub-01_ses-2_T1w.nii.gz"
     sink = DerivativesDataSink(
         base_directory=str(out),
         in_file=str(src),
         meta_file=str(meta),
         meta_dict={"Extra": 1},
-        subject="01",
-        session="2",
+        source_file=str(source),
         desc="regional",
         suffix="features",
     )
@@ -130,10 +131,25 @@ def test_derivatives_sink_names_outputs_as_bids_derivatives(tmp_path):
     mtimes = expected.stat().st_mtime_ns, sidecar.stat().st_mtime_ns
     sink.run()
     assert (expected.stat().st_mtime_ns, sidecar.stat().st_mtime_ns) == mtimes
-    # No session: no ses- level.
-    sink.inputs.session = ""
+    # A source without session: no ses- level; a bare file name is enough.
+    sink.inputs.source_file = "sub-03_space-MNI152NLin2009cAsym_label-GM_probseg.nii.gz"
     no_session = sink.run().outputs.out_file
-    assert no_session.endswith("sub-01/anat/sub-01_desc-regional_features.tsv")
+    assert no_session.endswith("sub-03/anat/sub-03_desc-regional_features.tsv")
+
+
+def test_derivatives_sink_needs_a_bids_source_file(tmp_path):
+    src = tmp_path / "features.tsv"
+    src.write_text("index\tname\n1\ta\n")
+    sink = DerivativesDataSink(
+        base_directory=str(tmp_path / "out"), in_file=str(src), desc="regional", suffix="x"
+    )
+    with pytest.raises(ValueError, match="source_file"):  # mandatory, as in niworkflows
+        sink.run()
+    sink.inputs.source_file = str(tmp_path / "segmentation.nii.gz")
+    with pytest.raises(BIDSError, match="no 'sub-<label>' entity") as err:
+        sink.run()
+    assert "segmentation.nii.gz" in str(err.value)
+    assert not (tmp_path / "out").exists()
 
 
 def test_derivative_description(tmp_path):

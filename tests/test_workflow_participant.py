@@ -20,8 +20,8 @@ from _features_fixtures import (
 )
 
 from fednipype.atlas import default_atlas
+from fednipype.cli.participant import run_participant_wf
 from fednipype.features import extract_features, read_features, read_sidecar
-from fednipype.workflows.participant import run_participant_wf
 
 SITES = ("siteA", "siteB", "siteC")
 PROBSEG = re.compile(
@@ -142,7 +142,7 @@ def test_broken_subjects_fail_alone_with_their_reason(plugin, tmp_path, caplog):
     subjects = [f"{i:02d}" for i in range(1, 10)]
     site = copy_site("siteB", tmp_path, subjects)
     reasons = _break(site)
-    with caplog.at_level(logging.ERROR, logger="fednipype.workflows.participant"):
+    with caplog.at_level(logging.ERROR, logger="fednipype.cli.participant"):
         result = run_participant_wf(
             bids_dir=site,
             output_dir=tmp_path / "out" / "fednipype",

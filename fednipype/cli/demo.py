@@ -16,18 +16,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from fednipype.cli.participant import format_summary, run_participant_wf
 from fednipype.exceptions import FednipypeError
-
-COLUMNS = [
-    ("site", "site"),
-    ("subjects", "subjects"),
-    ("sessions", "sessions"),
-    ("t1w", "T1w"),
-    ("gm_probseg", "GM maps"),
-    ("participants_rows", "phenotype rows"),
-    ("age_missing", "age n/a"),
-    ("phenotypes", "phenotype columns"),
-]
 
 #: The demo's stand-in for a data owner's policy (public bounds chosen a priori: ages of adult
 #: cohorts, regional grey-matter volumes of the default atlas's ~13 cm3 parcels).
@@ -51,26 +41,6 @@ default = [0.0, 12000.0]
 def find_sites(root: Path) -> list[Path]:
     """Sub-folders of ``root`` that are BIDS datasets (hold a ``dataset_description.json``)."""
     return sorted(p for p in root.iterdir() if (p / "dataset_description.json").is_file())
-
-
-def format_summary(rows: Sequence[dict]) -> str:
-    """Render summary rows (from :func:`fednipype.bids.summarize`) as a text table.
-
-    Examples
-    --------
-    >>> print(format_summary([{"site": "a", "subjects": 2, "sessions": 2, "t1w": 2,
-    ...     "gm_probseg": 0, "participants_rows": 2, "age_missing": 0, "phenotypes": ["age"]}]))
-    site  subjects  sessions  T1w  GM maps  phenotype rows  age n/a  phenotype columns
-    a            2         2    2        0               2        0                age
-    """
-    import pandas as pd
-
-    table = pd.DataFrame(
-        [{title: row[key] for key, title in COLUMNS} for row in rows],
-        columns=[title for _, title in COLUMNS],
-    )
-    table["phenotype columns"] = table["phenotype columns"].map(", ".join)
-    return table.to_string(index=False)
 
 
 def _site_policy(site_dir: Path, site: str, total_epsilon: float) -> Path:
@@ -159,7 +129,6 @@ def _pipeline(args: argparse.Namespace, sites: list[Path]) -> int:
     from nipype import logging as nipype_logging
 
     from fednipype.cli import hub as meta
-    from fednipype.workflows.participant import run_participant_wf
     from fednipype.workflows.release import init_site_release_wf
 
     # Nipype reports every node at INFO; the demo prints its own progress.

@@ -42,10 +42,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _participant(args) -> int:
+    # Imported here: Nipype, pybids and nibabel take about a second; `fednipype --help` need not.
     from fednipype.atlas import Atlas
     from fednipype.bids import summarize
-    from fednipype.cli.demo import format_summary
-    from fednipype.workflows.participant import run_participant_wf
+    from fednipype.cli.participant import format_summary, run_participant_wf
 
     row = summarize(args.bids_dir, args.participant_label)
     print(format_summary([{"site": args.bids_dir.name, **row}]))
@@ -76,6 +76,7 @@ def _participant(args) -> int:
 
 
 def _group(args) -> int:
+    # Imported here: Nipype and pybids take about a second, and `fednipype --help` need not.
     from fednipype.workflows.release import init_site_release_wf
 
     site = args.site or args.bids_dir.name

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from nipype.interfaces.base import (
     BaseInterfaceInputSpec,
     Directory,
@@ -13,24 +16,30 @@ from nipype.interfaces.base import (
     traits,
 )
 
+from fednipype.derivatives import (
+    derivative_path,
+    source_entities,
+    write_derivative_description,
+    write_if_changed,
+)
+
 
 class _DerivativesDataSinkInputSpec(BaseInterfaceInputSpec):
     base_directory = Directory(
         mandatory=True, desc="root of the derivative dataset (the output directory)"
     )
     in_file = File(exists=True, mandatory=True, desc="file to store as a BIDS derivative")
+    source_file = File(
+        mandatory=True,
+        desc="the input the output derives from: subject and session are read from its BIDS "
+        "path (it need not exist)",
+    )
     meta_file = File(
         exists=True, desc="JSON file whose content becomes (part of) the sidecar of the output"
     )
     meta_dict = traits.Dict(
         key_trait=Str, desc="extra keys written into the sidecar (override meta_file's)"
     )
-    source_file = File(
-        desc="input the output derives from: subject and session are read from its BIDS name "
-        "when not given"
-    )
-    subject = Str(desc="subject label, with or without 'sub-' (or from source_file)")
-    session = Str(desc="session label without 'ses-'; empty or undefined when there is none")
     desc = Str(mandatory=True, desc="value of the 'desc-' entity")
     suffix = Str(mandatory=True, desc="BIDS suffix of the output, e.g. 'features'")
     space = Str(desc="value of the 'space-' entity, if any")
@@ -46,15 +55,19 @@ class _DerivativesDataSinkOutputSpec(TraitedSpec):
 class DerivativesDataSink(SimpleInterface):
     """Store a file under ``base_directory`` with a BIDS-derivative name, plus a sidecar.
 
-    The path comes from :func:`fednipype.bids.derivative_path`, e.g.
-    ``sub-01/ses-1/anat/sub-01_ses-1_desc-regional_features.tsv``.  Files are written
-    atomically, and only when their content changed, so re-running a workflow leaves
-    unchanged outputs untouched.  The sink always runs (it is cheap), so deleted outputs are
-    restored from the cache on the next run.
+    As niworkflows' sink of the same name, the output is named after ``source_file``
+    (mandatory): its subject and session, then the ``desc``, ``space`` and ``suffix`` given
+    here, e.g. ``sub-01/ses-1/anat/sub-01_ses-1_desc-regional_features.tsv``
+    (:func:`fednipype.derivatives.derivative_path`).  Files are written atomically, and only
+    when their content changed, so re-running a workflow leaves unchanged outputs untouched.
+    The sink always runs (it is cheap), so deleted outputs are restored from the cache on the
+    next run.
 
     Examples
     --------
-    >>> sink = DerivativesDataSink(desc="regional", suffix="features", subject="01")
+    >>> sink = DerivativesDataSink(
+    ...     desc="regional", suffix="features", source_file="sub-01/anat/sub-01_T1w.nii.gz"
+    ... )
     >>> sink.inputs.datatype
     'anat'
     """
@@ -64,33 +77,16 @@ class DerivativesDataSink(SimpleInterface):
     _always_run = True
 
     def _run_interface(self, runtime):
-        import json
-        from pathlib import Path
-
-        from fednipype.bids import derivative_path
-
         in_file = Path(self.inputs.in_file)
         extension = self.inputs.extension if isdefined(self.inputs.extension) else None
         if not extension:
             name = in_file.name
             extension = ".nii.gz" if name.endswith(".nii.gz") else in_file.suffix
-        session = self.inputs.session if isdefined(self.inputs.session) else None
-        subject = self.inputs.subject if isdefined(self.inputs.subject) else None
-        if isdefined(self.inputs.source_file):
-            from bids.layout import parse_file_entities
-
-            entities = parse_file_entities(self.inputs.source_file)
-            subject = subject or entities.get("subject")
-            session = session if session is not None else entities.get("session")
-        if not subject:
-            raise ValueError(
-                f"DerivativesDataSink: no subject given and none in source_file "
-                f"{self.inputs.source_file if isdefined(self.inputs.source_file) else '(unset)'}"
-            )
+        subject, session = source_entities(self.inputs.source_file)
         space = self.inputs.space if isdefined(self.inputs.space) else None
         out_file = derivative_path(
             subject,
-            session or None,
+            session,
             desc=self.inputs.desc,
             suffix=self.inputs.suffix,
             extension=extension,
@@ -98,7 +94,7 @@ class DerivativesDataSink(SimpleInterface):
             space=space or None,
             output_dir=self.inputs.base_directory,
         )
-        _write_if_changed(out_file, in_file.read_bytes())
+        write_if_changed(out_file, in_file.read_bytes())
         self._results["out_file"] = str(out_file)
 
         meta: dict = {}
@@ -108,22 +104,9 @@ class DerivativesDataSink(SimpleInterface):
             meta.update(self.inputs.meta_dict)
         if meta:
             out_meta = out_file.with_name(out_file.name.removesuffix(extension) + ".json")
-            text = json.dumps(meta, indent=2) + "\n"
-            _write_if_changed(out_meta, text.encode("utf-8"))
+            write_if_changed(out_meta, (json.dumps(meta, indent=2) + "\n").encode("utf-8"))
             self._results["out_meta"] = str(out_meta)
         return runtime
-
-
-def _write_if_changed(path, data: bytes) -> None:
-    """Write atomically unless the file already holds exactly ``data`` (keeps mtimes).
-
-    Derivatives can be recomputed: the rename keeps them whole without an ``fsync``.
-    """
-    from fednipype.io import atomic_write_bytes
-
-    if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
-        return
-    atomic_write_bytes(path, data, durable=False)
 
 
 class _DerivativeDescriptionInputSpec(BaseInterfaceInputSpec):
@@ -143,8 +126,6 @@ class DerivativeDescription(SimpleInterface):
     _always_run = True
 
     def _run_interface(self, runtime):
-        from fednipype.bids import write_derivative_description
-
         sources = self.inputs.source_datasets if isdefined(self.inputs.source_datasets) else []
         self._results["out_file"] = str(
             write_derivative_description(self.inputs.output_dir, source_datasets=sources)
