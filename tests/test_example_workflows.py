@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 
 import pandas as pd
+import pytest
 from conftest import BUNDLED, REPO
 
 from fednipype.atlas import default_atlas
@@ -18,12 +19,19 @@ def _load(name: str):
     return module
 
 
-def test_features_after_segmentation_example(tmp_path):
+@pytest.mark.parametrize(
+    ("site", "expected"),
+    [
+        ("siteA", [f"sub-{s}_ses-{k}" for s in ("01", "02") for k in ("1", "2")]),
+        ("siteB", ["sub-01", "sub-02"]),  # no sessions
+    ],
+)
+def test_features_after_segmentation_example(site, expected, tmp_path):
     example = _load("features_after_segmentation")
     out = tmp_path / "out"
     code = example.main(
         [
-            str(BUNDLED / "siteA"),
+            str(BUNDLED / site),
             str(out),
             "--participant-label",
             "01",
@@ -34,17 +42,12 @@ def test_features_after_segmentation_example(tmp_path):
     )
     assert code == 0
     written = sorted(out.rglob("*_desc-regional_features.tsv"))
-    assert [p.name for p in written] == [
-        f"sub-{s}_ses-{k}_desc-regional_features.tsv" for s in ("01", "02") for k in ("1", "2")
-    ]
+    assert [p.name for p in written] == [f"{e}_desc-regional_features.tsv" for e in expected]
     atlas = default_atlas(2)
-    for tsv in written:
-        entities = tsv.name.split("_")[:2]
-        source = next(
-            (BUNDLED / "siteA" / "derivatives").rglob(f"{'_'.join(entities)}_*_probseg.nii.gz")
-        )
-        expected = extract_features(source, atlas.image, atlas.labels).table
+    for tsv, prefix in zip(written, expected, strict=True):
+        source = next((BUNDLED / site / "derivatives").rglob(f"{prefix}_*_probseg.nii.gz"))
+        expected_table = extract_features(source, atlas.image, atlas.labels).table
         pd.testing.assert_series_equal(
-            pd.read_csv(tsv, sep="\t")["volume_mm3"], expected["volume_mm3"], rtol=1e-9
+            pd.read_csv(tsv, sep="\t")["volume_mm3"], expected_table["volume_mm3"], rtol=1e-9
         )
         assert tsv.with_suffix(".json").is_file()
