@@ -5,7 +5,7 @@ Run from the repository root::
     python bench/privacy_utility.py [--reps 5] [--out bench/results]
 
 For each ε (per site) it makes a real release per bundled site (OpenDP noise, a throwaway
-ledger), pools them with :func:`fednipype.hub.regression.pooled_regression`, and compares the pooled
+ledger), pools them with :func:`fednipype.hub.regression.pooled_regression` and compares the pooled
 age slope of every region with the planted slope in ``bids_examples/ground_truth.json``.
 The baseline, measured in the same run, is the noise-free pooled OLS fit of the same features
 (ε = ∞). It prints, per ε, the median over repetitions of the RMSE across regions, its ratio
@@ -58,15 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from fednipype.cli.demo import DEMO_POLICY
     from fednipype.features import extract_dataset_features
     from fednipype.hub.regression import pooled_regression
-    from fednipype.contract.document import (
-        make_release,
-        read_release,
-        sufficient_statistics,
-        unscale_coefficients,
-    )
+    from fednipype.hub.releases import load_releases
+    from fednipype.site.policy import example_policy
+    from fednipype.site.release import make_release
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=5)
@@ -94,12 +90,12 @@ def main(argv: list[str] | None = None) -> int:
         for eps in EPSILONS:
             rmse, sign, cover = [], [], []
             for rep in range(args.reps):
-                docs = {}
+                paths = []
                 for site in SITES:
                     folder = tmp / f"eps{eps}-{rep}-{site}"
                     folder.mkdir()
                     # the demo's public bounds, with a budget no run can exhaust
-                    policy = DEMO_POLICY.format(site=site, total_epsilon=1e9)
+                    policy = example_policy(dataset=site, total_epsilon=1e9)
                     (folder / "policy.toml").write_text(policy)
                     path = make_release(
                         features=features[site],
@@ -110,10 +106,10 @@ def main(argv: list[str] | None = None) -> int:
                         site=site,
                         out_path=folder / f"{site}_release.json",
                     )
-                    docs[site] = read_release(path)
-                stats = {s: sufficient_statistics(d) for s, d in docs.items()}
-                scaling = docs[SITES[0]]["statistics"]["linear_model"]["scaling"]
-                table = unscale_coefficients(pooled_regression(stats), scaling)
+                    paths.append(path)
+                releases = load_releases(paths)
+                stats = {r.site: r.statistics() for r in releases}
+                table = releases[0].scaling.unscale(pooled_regression(stats))
                 age = table[table["term"] == "age"]
                 est = age["estimate"].to_numpy()
                 rmse.append(float(np.sqrt(np.mean((est - planted) ** 2))))

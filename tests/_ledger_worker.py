@@ -12,7 +12,7 @@ hang-compute
     Charge once, print ``charged <id>``, then block on stdin while "computing".
 hang-write
     Charge once, start writing the release, print ``writing <id>``, then block on stdin
-    half-way through the file.
+    once the content is in the temporary file, before its hash is recorded and it is renamed.
 """
 
 import json
@@ -41,8 +41,8 @@ def main() -> int:
         for i in range(int(attempts)):
             try:
                 with ledger.reserve(epsilon, delta, "race", {"pid": pid, "i": i}) as spend:
-                    content = json.dumps({"pid": pid, "attempt": i, "charge": spend.charge_id})
-                    spend.write_release(outdir / f"w{pid}-{i}_release.json", content)
+                    doc = {"pid": pid, "attempt": i, "charge": spend.charge_id}
+                    spend.write_release(outdir / f"w{pid}-{i}_release.json", doc)
                     accepted.append(spend.charge_id)
             except PrivacyBudgetExceeded:
                 refused += 1
@@ -54,12 +54,15 @@ def main() -> int:
             print(f"charged {spend.charge_id}", flush=True)
             sys.stdin.readline()  # the test kills this process here
         elif mode == "hang-write":
-            with spend.open_release(outdir / f"w{pid}_release.json") as handle:
-                handle.write(b'{"partial": ')
-                handle.flush()
-                print(f"writing {spend.charge_id}", flush=True)
+            record = ledger.record_release
+
+            def hang_then_record(charge_id: int, digest: str) -> None:
+                print(f"writing {charge_id}", flush=True)
                 sys.stdin.readline()  # the test kills this process here
-                handle.write(b"true}")
+                record(charge_id, digest)
+
+            ledger.record_release = hang_then_record
+            spend.write_release(outdir / f"w{pid}_release.json", {"partial": True})
         else:
             raise SystemExit(f"unknown mode {mode!r}")
     return 0

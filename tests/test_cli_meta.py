@@ -245,7 +245,7 @@ def test_end_to_end_planted_effects_lie_inside_the_pooled_intervals(tmp_path, ca
     """
     from conftest import BUNDLED
 
-    from fednipype.contract.document import make_release
+    from fednipype.site.release import make_release
 
     epsilon = 1e9
     releases = []

@@ -3,7 +3,7 @@
 The release documents are built here from simulated raw rows (numpy), so every pooled number
 has an independent reference: statsmodels OLS on the pooled raw rows with site dummies for the
 pooled regression (without them for ``site_effects=False``), statsmodels OLS per site fed to
-:func:`fednipype.hub.regression.random_effects` for the meta-analysis.
+:func:`fednipype.hub.meta_analysis.random_effects` for the meta-analysis.
 """
 
 from __future__ import annotations
@@ -19,10 +19,11 @@ import pandas as pd
 import pytest
 import statsmodels.api as sm
 
-from fednipype.hub.pooling import RESULT_COLUMNS, load_releases, pool
-from fednipype.exceptions import MetaAnalysisError, ReleaseValidationError
-from fednipype.hub.regression import fixed_effect, random_effects
 from fednipype.contract.document import new_release, write_release
+from fednipype.exceptions import MetaAnalysisError, ReleaseValidationError
+from fednipype.hub.meta_analysis import fixed_effect, random_effects
+from fednipype.hub.pooling import RESULT_COLUMNS, pool
+from fednipype.hub.releases import load_releases
 
 REGIONS = ("L_P01", "R_P01", "L_P12")
 TERMS = ("intercept", "age", "sex[M]", "group[patient]")
@@ -130,17 +131,18 @@ def release_doc(
             "response": "volume_mm3",
             "terms": list(TERMS),
             "reference_levels": {"sex": "F", "group": "control"},
+            "sessions": "first session of each participant",
         },
         privacy={
             "epsilon": epsilon,
             "delta": delta,
             "min_cohort": 10,
-            "budget_split": {"linear_model": {"epsilon": epsilon, "delta": delta}},
+            "budget_split": {"sufficient_statistics": {"epsilon": epsilon, "delta": delta}},
             "bounds": {"age": [10.0, 90.0], "volume_mm3": [2000.0, 10000.0]},
             "ledger_charge": 1,
         },
         statistics={
-            "linear_model": {
+            "sufficient_statistics": {
                 **mechanism,
                 "terms": list(TERMS),
                 "regions": list(REGIONS),
@@ -148,7 +150,7 @@ def release_doc(
                 "zty": stats["zty"].tolist(),
                 "yty": stats["yty"].tolist(),
                 "n": float(stats["n"]),
-                "noise_variances": {"ztz": var, "zty": var, "yty": var},
+                "noise_variances": {"n": var, "ztz": var, "zty": var, "yty": var},
                 "scaling": copy.deepcopy(SCALING),
             }
         },
@@ -461,7 +463,7 @@ def test_malformed_release_is_named(tmp_path, two_docs):
     with pytest.raises(ReleaseValidationError, match="broken_release.json: not a readable JSON"):
         load_releases([good, broken])
     doc = copy.deepcopy(two_docs[1])
-    del doc["statistics"]["linear_model"]["zty"]
+    del doc["statistics"]["sufficient_statistics"]["zty"]
     invalid = _write(tmp_path, "invalid_release.json", doc)
     with pytest.raises(ReleaseValidationError, match="invalid_release.json: field statistics"):
         load_releases([good, invalid])
@@ -485,7 +487,7 @@ def test_malformed_release_is_named(tmp_path, two_docs):
 def test_mismatched_release_names_the_file_and_field(tmp_path, two_docs, mutate, field):
     first, other = two_docs
     if field == "atlas/regions":  # keep the document self-consistent
-        other["statistics"]["linear_model"]["regions"] = list(reversed(REGIONS))
+        other["statistics"]["sufficient_statistics"]["regions"] = list(reversed(REGIONS))
     mutate(other)
     a = _write(tmp_path, "a_release.json", first)
     b = _write(tmp_path, "b_release.json", other)
@@ -498,8 +500,11 @@ def test_different_model_terms_are_refused(tmp_path, two_docs):
     first, other = two_docs
     terms = ["intercept", "age", "sex[M]", "group[MCI]"]
     other["model"]["terms"] = terms
-    other["statistics"]["linear_model"]["terms"] = terms
-    other["statistics"]["linear_model"]["scaling"]["group[MCI]"] = {"center": 0.0, "scale": 1.0}
+    other["statistics"]["sufficient_statistics"]["terms"] = terms
+    other["statistics"]["sufficient_statistics"]["scaling"]["group[MCI]"] = {
+        "center": 0.0,
+        "scale": 1.0,
+    }
     a = _write(tmp_path, "a_release.json", first)
     b = _write(tmp_path, "b_release.json", other)
     with pytest.raises(
@@ -512,12 +517,15 @@ def test_different_model_terms_are_refused(tmp_path, two_docs):
 
 def test_different_scaling_is_refused(tmp_path, two_docs):
     first, other = two_docs
-    other["statistics"]["linear_model"]["scaling"]["age"] = {"center": 50.0, "scale": 45.0}
+    other["statistics"]["sufficient_statistics"]["scaling"]["age"] = {
+        "center": 50.0,
+        "scale": 45.0,
+    }
     a = _write(tmp_path, "a_release.json", first)
     b = _write(tmp_path, "b_release.json", other)
     with pytest.raises(
         ReleaseValidationError,
-        match=r"b_release.json: field statistics/linear_model/scaling/age differs from "
+        match=r"b_release.json: field statistics/sufficient_statistics/scaling/age differs from "
         r".*a_release.json",
     ):
         load_releases([a, b])
@@ -525,10 +533,10 @@ def test_different_scaling_is_refused(tmp_path, two_docs):
 
 def test_different_schema_version_is_named(tmp_path, two_docs):
     first, other = two_docs
-    other["schema_version"] = "2.0"
+    other["schema_version"] = "3.0"
     a = _write(tmp_path, "a_release.json", first)
     b = _write(tmp_path, "b_release.json", other)
-    with pytest.raises(ReleaseValidationError, match=r"b_release.json: schema_version '2.0'"):
+    with pytest.raises(ReleaseValidationError, match=r"b_release.json: schema_version .3\.0."):
         load_releases([a, b])
 
 
@@ -555,19 +563,32 @@ def test_same_site_twice_names_both_files(tmp_path, two_docs):
         load_releases([a, a2])
 
 
-def test_release_without_linear_model_is_refused(tmp_path, two_docs):
+def test_release_without_sufficient_statistics_is_refused(tmp_path, two_docs):
     doc = copy.deepcopy(two_docs[0])
-    lm = doc["statistics"].pop("linear_model")
-    doc["statistics"]["count"] = {
+    lm = doc["statistics"].pop("sufficient_statistics")
+    r = len(REGIONS)
+    doc["statistics"]["group_means"] = {
         **{k: lm[k] for k in ("mechanism", "epsilon", "delta", "sensitivity", "scale")},
         "noise_variance": 1.0,
-        "value": 40.2,
+        "regions": list(REGIONS),
+        "groups": {
+            g: {
+                "means": [1.0] * r,
+                "mean_noise_variance": [1.0] * r,
+                "count": 20.3,
+                "count_noise_variance": 1.0,
+            }
+            for g in ("control", "patient")
+        },
     }
-    doc["privacy"]["budget_split"] = {"count": doc["privacy"]["budget_split"]["linear_model"]}
-    path = _write(tmp_path, "count_release.json", doc)
-    with pytest.raises(ReleaseValidationError, match="count_release.json: field statistics/line"):
+    split = doc["privacy"]["budget_split"]
+    doc["privacy"]["budget_split"] = {"group_means": split["sufficient_statistics"]}
+    path = _write(tmp_path, "means_release.json", doc)
+    with pytest.raises(
+        ReleaseValidationError, match="means_release.json: field statistics/sufficient_statistics"
+    ):
         load_releases([path])
-    assert load_releases([path], require_linear_model=False)[0].site == "siteA"
+    assert load_releases([path], require_statistics=False)[0].site == "siteA"
 
 
 def test_no_release_is_an_error():

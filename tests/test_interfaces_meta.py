@@ -7,10 +7,11 @@ from nipype.pipeline import engine as pe
 from test_coordinator import write_sites
 
 from fednipype.cli import hub as meta
-from fednipype.hub.pooling import load_releases, pool
 from fednipype.exceptions import ReleaseValidationError
-from fednipype.interfaces.hub import MetaAnalysis
+from fednipype.hub.pooling import pool
+from fednipype.hub.releases import load_releases
 from fednipype.hub.reports import write_results_tsv
+from fednipype.interfaces.hub import MetaAnalysis
 
 
 @pytest.fixture(scope="module")

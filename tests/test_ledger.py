@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import fednipype
+from fednipype.contract.document import content_hash
 from fednipype.exceptions import FednipypeError, PolicyError, PrivacyBudgetExceeded
 from fednipype.io import atomic_write
 from fednipype.site.ledger import PrivacyLedger
@@ -84,7 +85,7 @@ def test_concurrent_charges_are_fail_closed(tmp_path):
     assert sorted(p.name for p in outdir.iterdir()) == [p.name for p in releases]  # no temp
     ledger = PrivacyLedger(ledger_path, DATASET, *TOTAL)
     recorded = {a.content_sha256 for a in ledger.audit_trail()}
-    assert recorded == {hashlib.sha256(p.read_bytes()).hexdigest() for p in releases}
+    assert recorded == {content_hash(json.loads(p.read_text())) for p in releases}
     ledger.verify()
 
     # The 11th charge is refused with a message naming the ledger, spent, remaining, request.
@@ -249,7 +250,7 @@ def test_new_object_and_new_output_folder_see_the_same_budget(tmp_path):
         outdir.mkdir()
         ledger = PrivacyLedger.from_policy(policy)  # a new object for each run
         with ledger.reserve(amount, 0.0, run, {}) as spend:
-            spend.write_release(outdir / "site_release.json", run)
+            spend.write_release(outdir / "site_release.json", {"run": run})
     again = PrivacyLedger(ledger_dir / "ledger.sqlite", "ds", 1.0, 1e-6)
     assert again.spent().epsilon == pytest.approx(0.7, abs=1e-15)
     assert len(again.audit_trail()) == 2
@@ -301,11 +302,9 @@ def test_reserve_is_fail_closed(tmp_path):
         with ledger.reserve(0.2, 0.0, "fails", {}):
             raise RuntimeError("computation failed")
     assert ledger.spent().epsilon == 0.2  # the charge stays
-    with pytest.raises(RuntimeError, match="serialising failed"):
+    with pytest.raises(ValueError, match="not JSON compliant"):
         with ledger.reserve(0.2, 0.0, "fails while writing", {}) as spend:
-            with spend.open_release(target) as handle:
-                handle.write(b"{partial")
-                raise RuntimeError("serialising failed")
+            spend.write_release(target, {"value": float("nan")})
     assert not target.exists()
     assert not [p for p in tmp_path.iterdir() if p.suffix == ".tmp"]
     # A refused charge computes nothing: the block never runs.
@@ -315,12 +314,24 @@ def test_reserve_is_fail_closed(tmp_path):
             ran.append(True)
     assert ran == []
     with ledger.reserve(0.1, 0.0, "ok", {}) as spend:
-        digest = spend.write_release(target, "{}")
+        digest = spend.write_release(target, {"a": 1})
         with pytest.raises(FednipypeError, match="already has its release"):
-            spend.write_release(target, "{}")
-    assert digest == hashlib.sha256(b"{}").hexdigest()
-    assert target.read_text() == "{}"
+            spend.write_release(target, {"a": 1})
+    # The one content hash: SHA-256 of the canonical JSON, independent of indentation.
+    assert digest == hashlib.sha256(b'{"a":1}').hexdigest()
+    assert json.loads(target.read_text()) == {"a": 1}
     assert ledger.audit_trail()[-1].content_sha256 == digest
+
+
+def test_noise_is_drawn_only_against_an_open_charge_that_covers_it(tmp_path):
+    ledger = PrivacyLedger(tmp_path / "l.sqlite", "d", 1.0, 1e-5)
+    with ledger.reserve(0.5, 1e-6, "two draws", {}) as spend:
+        spend.consume(0.3, 6e-7, "first")
+        with pytest.raises(PrivacyBudgetExceeded, match="second needs epsilon=0.3"):
+            spend.consume(0.3, 4e-7, "second")
+        spend.consume(0.2, 4e-7, "second")
+    with pytest.raises(PrivacyBudgetExceeded, match="is closed"):
+        spend.consume(0.01, 0.0, "late")
 
 
 def test_atomic_write_replaces_or_leaves_untouched(tmp_path):

@@ -1,4 +1,4 @@
-"""Tests of fednipype.hub.regression: metafor agreement, pooled OLS equivalence, DP coverage, bad input."""
+"""Hub maths: metafor agreement, pooled OLS equivalence, DP coverage, bad input."""
 
 from __future__ import annotations
 
@@ -15,15 +15,10 @@ from numpy.testing import assert_allclose
 from scipy import optimize, stats
 from statsmodels.stats.meta_analysis import combine_effects
 
+from fednipype.contract.statistics import SufficientStatistics
 from fednipype.exceptions import MetaAnalysisError
-from fednipype.hub.regression import (
-    MetaResult,
-    SufficientStatistics,
-    fixed_effect,
-    pooled_regression,
-    random_effects,
-    site_estimates,
-)
+from fednipype.hub.meta_analysis import MetaResult, fixed_effect, random_effects
+from fednipype.hub.regression import pooled_regression, site_estimates
 
 DATA = Path(__file__).parent / "data"
 
@@ -786,7 +781,6 @@ def _good_fields():
         ({"zty": [[3.0], [np.inf]]}, r"SufficientStatistics\.zty contains NaN or inf"),
         ({"yty": [20.0, 1.0]}, r"SufficientStatistics\.yty must have shape length 1"),
         ({"yty": ["x"]}, r"SufficientStatistics\.yty must be numeric"),
-        ({"n": 0}, r"SufficientStatistics\.n must be positive"),
         ({"n": np.nan}, r"SufficientStatistics\.n must be finite"),
         ({"n": "ten"}, r"SufficientStatistics\.n must be a number"),
         ({"ztz_noise_var": -1.0}, r"SufficientStatistics\.ztz_noise_var must be a variance >= 0"),
@@ -797,6 +791,13 @@ def _good_fields():
 def test_sufficient_statistics_bad_input(change, match):
     with pytest.raises(MetaAnalysisError, match=match):
         SufficientStatistics(**{**_good_fields(), **change})
+
+
+def test_pooled_regression_refuses_a_non_positive_n():
+    """A noisy n may be <= 0 in a release; the hub cannot solve with it (it floors n first)."""
+    stats_ = SufficientStatistics(**{**_good_fields(), "n": 0})
+    with pytest.raises(MetaAnalysisError, match=r"SufficientStatistics\.n must be positive"):
+        pooled_regression([stats_])
 
 
 def test_sufficient_statistics_are_read_only_copies():

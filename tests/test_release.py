@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 from conftest import BUNDLED
 
+from fednipype.contract.document import content_hash, read_release
 from fednipype.exceptions import (
     DisclosureError,
     PolicyError,
@@ -20,9 +21,11 @@ from fednipype.exceptions import (
     ReleaseValidationError,
 )
 from fednipype.features import extract_dataset_features
+from fednipype.hub.regression import pooled_regression
+from fednipype.hub.releases import load_releases
 from fednipype.site.ledger import PrivacyLedger
 from fednipype.site.policy import SitePolicy
-from fednipype.contract.document import make_release, read_release
+from fednipype.site.release import make_release
 
 SITES = ("siteB", "siteC")
 #: Every release these tests write, for the final leak scan.
@@ -78,12 +81,12 @@ def test_release_is_charged_recorded_and_valid(site_features, tmp_path):
     ledger = PrivacyLedger.from_policy(SitePolicy.from_toml(policy))
     trail = ledger.audit_trail()
     assert len(trail) == 1 and math.isclose(trail[0].epsilon, 1.0)
-    import hashlib
-
-    assert trail[0].content_sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    # One content hash: the ledger's audit row, the contract's hash and the hub's agree.
+    assert trail[0].content_sha256 == content_hash(doc)
+    assert trail[0].content_sha256 == load_releases([path])[0].content_hash
     assert doc["privacy"]["ledger_charge"] == trail[0].charge_id
     # siteC has 45 participants, one with age n/a: 44 rows, released with noise
-    lm = doc["statistics"]["linear_model"]
+    lm = doc["statistics"]["sufficient_statistics"]
     assert abs(lm["n"] - 44) < 8 * math.sqrt(lm["noise_variance"])
 
 
@@ -166,7 +169,7 @@ def test_unknown_statistic_is_refused(site_features, tmp_path):
             site_features["siteC"],
             policy,
             tmp_path / "x_release.json",
-            split={"linear_model": 0.5, "median": 0.5},
+            split={"sufficient_statistics": 0.5, "median": 0.5},
         )
     assert _spent(policy) == (0.0, 0.0)
 
@@ -196,20 +199,16 @@ def test_large_epsilon_recovers_planted_effects(site_features, tmp_path):
     At ε = 1 per site the DP noise of the bundled sites (24–45 participants) is far larger than
     the planted effects (see bench/privacy_utility.py); this checks the statistics themselves.
     """
-    from fednipype.hub.regression import pooled_regression
-    from fednipype.contract.document import sufficient_statistics, unscale_coefficients
-
     truth = json.loads((BUNDLED / "ground_truth.json").read_text())
     policy = _policy(tmp_path / "policy", epsilon=1e5, delta=1e-2)
-    docs = {}
+    paths = []
     for site in ("siteB", "siteC"):
         out = tmp_path / f"{site}_release.json"
         _release(site_features[site], policy, out, site=site, epsilon=2e4, delta=1e-3)
-        docs[site] = read_release(out)
-    stats = {site: sufficient_statistics(doc) for site, doc in docs.items()}
-    table = unscale_coefficients(
-        pooled_regression(stats), docs["siteC"]["statistics"]["linear_model"]["scaling"]
-    )
+        paths.append(out)
+    releases = load_releases(paths)
+    stats = {release.site: release.statistics() for release in releases}
+    table = releases[1].scaling.unscale(pooled_regression(stats))
     age = table[table["term"] == "age"].set_index("region")
     expected = {r["name"]: r["age_slope_mm3_per_year"] for r in truth["regions"]}
     signs = np.sign(age["estimate"]) == np.sign(pd.Series(expected))

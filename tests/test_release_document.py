@@ -8,7 +8,6 @@ import re
 
 import pytest
 
-from fednipype.exceptions import ReleaseValidationError
 from fednipype.contract.document import (
     content_hash,
     new_release,
@@ -17,6 +16,7 @@ from fednipype.contract.document import (
     validate,
     write_release,
 )
+from fednipype.exceptions import ReleaseValidationError
 
 REGIONS = ["L_P01", "R_P01"]
 TERMS = ["intercept", "age", "sex[M]", "group[patient]"]
@@ -52,29 +52,41 @@ def _doc() -> dict:
             "response": "volume_mm3",
             "terms": TERMS,
             "reference_levels": {"sex": "F", "group": "control"},
+            "sessions": "first session of each participant",
         },
         privacy={
             "epsilon": 1.0,
             "delta": 1e-5,
             "min_cohort": 10,
             "budget_split": {
-                "count": {"epsilon": 0.1, "delta": 0.0},
-                "linear_model": {"epsilon": 0.9, "delta": 1e-5},
+                "group_means": {"epsilon": 0.1, "delta": 1e-6},
+                "sufficient_statistics": {"epsilon": 0.9, "delta": 9e-6},
             },
             "bounds": {"age": [18.0, 90.0], "volume_mm3": [0.0, 20000.0]},
             "ledger_charge": 3,
         },
         statistics={
-            "count": {**_mechanism(0.1, 0.0), "mechanism": "laplace", "value": 23.7},
-            "linear_model": {
-                **_mechanism(0.9, 1e-5),
+            "group_means": {
+                **_mechanism(0.1, 1e-6),
+                "regions": REGIONS,
+                "groups": {
+                    "control": {
+                        "means": [7000.0] * r,
+                        "mean_noise_variance": [4.0] * r,
+                        "count": 12.3,
+                        "count_noise_variance": 100.0,
+                    },
+                },
+            },
+            "sufficient_statistics": {
+                **_mechanism(0.9, 9e-6),
                 "terms": TERMS,
                 "regions": REGIONS,
                 "ztz": [[1.0] * p for _ in range(p)],
                 "zty": [[0.5] * r for _ in range(p)],
                 "yty": [2.0] * r,
                 "n": 23.7,
-                "noise_variances": {"ztz": 100.0, "zty": 100.0, "yty": 100.0},
+                "noise_variances": {"n": 100.0, "ztz": 100.0, "zty": 100.0, "yty": 100.0},
                 "scaling": {"age": {"center": 54.0, "scale": 36.0}},
             },
         },
@@ -99,20 +111,20 @@ def test_a_well_formed_release_round_trips(tmp_path):
         (lambda d: d.__setitem__("site", "sub-07"), "site"),
         (lambda d: d["atlas"]["regions"].__setitem__(0, "sub-01"), "atlas/regions/0"),
         (
-            lambda d: d["statistics"]["count"].__setitem__("values", [61.2, 70.3]),
-            "statistics/count",
+            lambda d: d["statistics"]["group_means"].__setitem__("values", [61.2, 70.3]),
+            "statistics/group_means",
         ),
         (lambda d: d["statistics"].__setitem__("per_subject", {"x": 1}), "statistics"),
         (
-            lambda d: d["statistics"]["linear_model"].__setitem__("residuals", [1.0]),
-            "statistics/linear_model",
+            lambda d: d["statistics"]["sufficient_statistics"].__setitem__("residuals", [1.0]),
+            "statistics/sufficient_statistics",
         ),
         (lambda d: d["privacy"].__setitem__("epsilon", 0), "privacy/epsilon"),
         (lambda d: d["privacy"].__setitem__("unit", "record"), "privacy/unit"),
         (lambda d: d["privacy"]["bounds"].__setitem__("age", [1.0]), "privacy/bounds/age"),
         (
-            lambda d: d["statistics"]["linear_model"].__setitem__("n", "23"),
-            "statistics/linear_model/n",
+            lambda d: d["statistics"]["sufficient_statistics"].__setitem__("n", "23"),
+            "statistics/sufficient_statistics/n",
         ),
     ],
 )
@@ -125,36 +137,38 @@ def test_schema_refuses_identifiers_paths_and_unknown_fields(mutate, field):
 
 def test_shapes_must_follow_terms_and_regions():
     doc = _doc()
-    doc["statistics"]["linear_model"]["zty"][0].append(1.0)
+    doc["statistics"]["sufficient_statistics"]["zty"][0].append(1.0)
     with pytest.raises(ReleaseValidationError, match="zty: expected 4×2"):
         validate(doc, "x.json")
     doc = _doc()
-    doc["statistics"]["linear_model"]["yty"] = [1.0, 2.0, 3.0]
+    doc["statistics"]["sufficient_statistics"]["yty"] = [1.0, 2.0, 3.0]
     with pytest.raises(ReleaseValidationError, match="yty: expected 2 values"):
         validate(doc, "x.json")
 
 
 def test_budget_split_must_sum_to_the_declared_total():
     doc = _doc()
-    doc["privacy"]["budget_split"]["count"]["epsilon"] = 0.5
-    doc["statistics"]["count"]["epsilon"] = 0.5
+    doc["privacy"]["budget_split"]["group_means"]["epsilon"] = 0.5
+    doc["statistics"]["group_means"]["epsilon"] = 0.5
     with pytest.raises(ReleaseValidationError, match="budget_split: parts sum to"):
         validate(doc, "x.json")
 
 
 def test_non_finite_numbers_are_refused():
     doc = _doc()
-    doc["statistics"]["linear_model"]["yty"][1] = float("nan")
-    with pytest.raises(ReleaseValidationError, match="linear_model/yty/1: expected a finite"):
+    doc["statistics"]["sufficient_statistics"]["yty"][1] = float("nan")
+    with pytest.raises(
+        ReleaseValidationError, match="sufficient_statistics/yty/1: expected a finite"
+    ):
         validate(doc, "x.json")
 
 
 def test_other_schema_version_is_named(tmp_path):
     doc = _doc()
-    doc["schema_version"] = "2.0"
+    doc["schema_version"] = "3.0"
     path = tmp_path / "future_release.json"
     path.write_text(json.dumps(doc))
-    with pytest.raises(ReleaseValidationError, match=r"future_release.json: schema_version '2.0'"):
+    with pytest.raises(ReleaseValidationError, match=r"future_release.json: schema_version '3.0'"):
         read_release(path)
 
 

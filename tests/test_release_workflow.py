@@ -9,9 +9,9 @@ import pytest
 from conftest import BUNDLED
 
 from fednipype.cli import budget
+from fednipype.contract.document import read_release
 from fednipype.features import extract_dataset_features
 from fednipype.interfaces.release import DPRelease
-from fednipype.contract.document import read_release
 from fednipype.workflows.release import init_site_release_wf
 
 

@@ -20,9 +20,10 @@ import pandas as pd
 from conftest import BUNDLED
 from scipy.stats import norm
 
-from fednipype.hub.regression import SufficientStatistics, pooled_regression
-from fednipype.site.mechanisms import dp_sufficient_statistics
-from fednipype.contract.document import unscale_coefficients
+from fednipype.contract.scaling import Scaling
+from fednipype.hub.regression import pooled_regression
+from fednipype.site.ledger import PrivacyLedger
+from fednipype.site.mechanisms import prepare_sufficient_statistics
 
 REGIONS = ["L_P12", "R_P12", "L_P27"]
 TERMS = ["intercept", "age", "sex[M]", "group[patient]"]
@@ -37,7 +38,7 @@ def _truth():
     return {name: regions[name] for name in REGIONS}
 
 
-def test_epsilon_one_recovers_planted_effects_with_large_sites():
+def test_epsilon_one_recovers_planted_effects_with_large_sites(tmp_path):
     truth = _truth()
     rng = np.random.default_rng(20261128)
     age_c, age_s = (AGE_BOUNDS[0] + AGE_BOUNDS[1]) / 2, (AGE_BOUNDS[1] - AGE_BOUNDS[0]) / 2
@@ -60,7 +61,8 @@ def test_epsilon_one_recovers_planted_effects_with_large_sites():
             ]
         )
         z = np.column_stack([np.ones(n), (age - age_c) / age_s, 2 * male - 1, 2 * patient - 1])
-        released = dp_sufficient_statistics(
+        ledger = PrivacyLedger(tmp_path / f"site{site}.sqlite", f"site{site}", 1.0, 1e-5)
+        prepared = prepare_sufficient_statistics(
             z,
             (y - y_c) / y_s,
             ([1.0, -1.0, -1.0, -1.0], [1.0, 1.0, 1.0, 1.0]),
@@ -70,11 +72,14 @@ def test_epsilon_one_recovers_planted_effects_with_large_sites():
             terms=TERMS,
             regions=REGIONS,
         )
-        stats[f"site{site}"] = SufficientStatistics(**released.meta_fields())
-    scaling = {"age": {"center": age_c, "scale": age_s}}
-    scaling |= {t: {"center": 0.5, "scale": 0.5} for t in TERMS[2:]}
-    scaling |= {r: {"center": y_c, "scale": y_s} for r in REGIONS}
-    table = unscale_coefficients(pooled_regression(stats), scaling).set_index(["region", "term"])
+        with ledger.reserve(1.0, 1e-5, "utility test", prepared.audit_parameters()) as spend:
+            stats[f"site{site}"] = prepared.release(spend)
+    scaling = Scaling.from_bounds(
+        numeric={"age": AGE_BOUNDS},
+        dummies=TERMS[2:],
+        regions=dict.fromkeys(REGIONS, Y_BOUNDS),
+    )
+    table = scaling.unscale(pooled_regression(stats)).set_index(["region", "term"])
 
     keys = {"age": "age_slope_mm3_per_year", "sex[M]": "male_mm3", "group[patient]": "patient_mm3"}
     z_limit = norm.isf(1e-6 / 2 / 9)  # two-sided, Bonferroni over 9 estimates: ≈ 5.9

@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fednipype.exceptions import FednipypeError
+from fednipype.site.ledger import PrivacyLedger
+from fednipype.site.policy import SitePolicy
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -24,9 +26,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     int
         0 on success, 1 when the policy or the ledger cannot be read.
     """
-    from fednipype.site.ledger import PrivacyLedger
-    from fednipype.site.policy import SitePolicy
-
     parser = argparse.ArgumentParser(prog="fednipype-budget", description=__doc__.split(":")[1])
     parser.add_argument("--policy", type=Path, required=True, help="the site policy (TOML)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")

@@ -39,7 +39,11 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from fednipype import __version__
 from fednipype.exceptions import FednipypeError
+from fednipype.hub.pooling import pool
+from fednipype.hub.releases import load_releases
+from fednipype.hub.reports import TSV_NAME, write_meta_report
 
 LOGGER = logging.getLogger("fednipype.cli.hub")
 
@@ -48,8 +52,6 @@ PROG = "fednipype-meta"
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser of ``fednipype-meta``."""
-    from fednipype import __version__
-
     parser = argparse.ArgumentParser(
         prog=PROG,
         description=(
@@ -135,8 +137,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    from fednipype.hub.pooling import load_releases, pool
-    from fednipype.hub.reports import TSV_NAME, write_meta_report
 
     out_dir: Path = args.output_dir
     tmp: Path | None = None

@@ -1,1 +1,1 @@
-"""The release contract, the only thing that crosses between a site and the hub; imports neither side."""
+"""The release contract: the only thing that crosses from a site to the hub; imports neither."""

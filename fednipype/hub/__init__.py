@@ -1,1 +1,1 @@
-"""Code that runs at the hub: loading and checking releases, pooling maths and reports; imports nothing of the site."""
+"""Code that runs at the hub: reading releases, pooling, reports; imports nothing of a site."""

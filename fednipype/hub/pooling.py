@@ -1,24 +1,18 @@
-"""The coordinator: check that site releases can be pooled, then pool them two ways side by side.
+"""Pooling site releases two ways side by side: pooled regression and meta-analysis.
 
-A consortium coordinator receives one release file per site (:mod:`fednipype.contract.document`). This
-module
+:func:`pool` takes releases checked by :func:`fednipype.hub.releases.load_releases` and pools
+their sufficient statistics as
 
-* reads and validates every file and refuses to pool releases that do not describe the same
-  analysis — schema version, atlas (image hash and regions), feature, model (response, terms,
-  reference levels, sessions) and the public scaling of every covariate and region — or that
-  count a site twice (:func:`load_releases`);
-* pools their linear-model statistics (:func:`pool`) as
+- a **pooled regression** (mega-analysis): one least-squares problem solved exactly from the
+  sites' sufficient statistics, with an intercept per site (site as a fixed effect) and common
+  slopes, :func:`fednipype.hub.regression.pooled_regression`;
+- a **meta-analysis** of each site's own estimates, fixed-effect and random-effects
+  (:func:`fednipype.hub.meta_analysis.fixed_effect`,
+  :func:`fednipype.hub.meta_analysis.random_effects`),
 
-  - a **pooled regression** (mega-analysis): one least-squares problem solved exactly from the
-    sites' sufficient statistics, with an intercept per site (site as a fixed effect) and
-    common slopes, :func:`fednipype.hub.regression.pooled_regression`;
-  - a **meta-analysis** of each site's own estimates, fixed-effect and random-effects
-    (:func:`fednipype.hub.regression.fixed_effect`, :func:`fednipype.hub.regression.random_effects`),
-
-  with every number converted back to the original units of the feature and the covariates
-  (:func:`fednipype.contract.document.unscale_coefficients`).
-
-Nothing here draws plots or writes files: :mod:`fednipype.hub.reports` does that.
+with every number converted back to the original units of the feature and the covariates
+(:meth:`fednipype.contract.scaling.Scaling.unscale`). Nothing here draws plots or writes
+files: :mod:`fednipype.hub.reports` does that.
 """
 
 from __future__ import annotations
@@ -26,15 +20,17 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from fednipype.exceptions import MetaAnalysisError, ReleaseValidationError
+from fednipype.exceptions import MetaAnalysisError
+from fednipype.hub.meta_analysis import RE_METHODS, TESTS, fixed_effect, random_effects
+from fednipype.hub.regression import pooled_regression, site_estimates
+from fednipype.hub.releases import SiteRelease, load_releases, short_list
 
 LOGGER = logging.getLogger(__name__)
 
@@ -42,8 +38,6 @@ __all__ = [
     "RESULT_COLUMNS",
     "SITE_COLUMNS",
     "PoolResult",
-    "SiteRelease",
-    "load_releases",
     "pool",
 ]
 
@@ -96,249 +90,6 @@ SITE_COLUMNS = (
 POOLED_REGRESSION = "pooled_regression"
 FIXED_EFFECT = "fixed_effect"
 RE_PREFIX = "random_effects_"
-
-
-# --------------------------------------------------------------------------------------------
-# Reading and checking releases
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, eq=False)
-class SiteRelease:
-    """One validated release file.
-
-    Attributes
-    ----------
-    path : pathlib.Path
-        The file it was read from (named in every error message).
-    doc : dict
-        The validated document.
-    content_hash : str
-        :func:`fednipype.contract.document.content_hash` of ``doc``.
-    """
-
-    path: Path
-    doc: dict[str, Any]
-    content_hash: str
-
-    @property
-    def site(self) -> str:
-        """The site label."""
-        return str(self.doc["site"])
-
-    @property
-    def dataset(self) -> str:
-        """The dataset name."""
-        return str(self.doc["dataset"])
-
-    @property
-    def epsilon(self) -> float:
-        """Total ε the release spent."""
-        return float(self.doc["privacy"]["epsilon"])
-
-    @property
-    def delta(self) -> float:
-        """Total δ the release spent."""
-        return float(self.doc["privacy"]["delta"])
-
-    @property
-    def linear_model(self) -> dict[str, Any]:
-        """The ``statistics/linear_model`` block."""
-        return self.doc["statistics"]["linear_model"]
-
-    @property
-    def n(self) -> float:
-        """The (noisy) number of participants of the linear model."""
-        return float(self.linear_model["n"])
-
-    @property
-    def scaling(self) -> dict[str, dict[str, float]]:
-        """Centers and scales of the covariates and regions (``linear_model/scaling``)."""
-        return self.linear_model["scaling"]
-
-    def statistics(self):
-        """The linear-model statistics, in the scaled units they were released in.
-
-        Returns
-        -------
-        fednipype.hub.regression.SufficientStatistics
-        """
-        from fednipype.contract.document import sufficient_statistics
-
-        try:
-            return sufficient_statistics(self.doc)
-        except MetaAnalysisError as err:
-            raise ReleaseValidationError(
-                f"{self.path}: field statistics/linear_model: {err}"
-            ) from err
-
-
-def load_releases(
-    paths: Iterable[str | os.PathLike[str]], *, require_linear_model: bool = True
-) -> list[SiteRelease]:
-    """Read and validate release files and check that they can be pooled.
-
-    Every file is validated against the release schema first
-    (:func:`fednipype.contract.document.read_release`). The releases must then agree with the first one on
-    ``schema_version``, ``atlas/sha256``, ``atlas/regions``, ``feature``, ``model/response``,
-    ``model/terms``, ``model/reference_levels``, ``model/sessions`` and, for every term except
-    the intercept and every region, ``statistics/linear_model/scaling`` (the affine map the
-    statistics were released in). A site may appear once: two files with the same content, or
-    two releases of the same site label, are refused (the second would count its participants
-    twice).
-
-    Parameters
-    ----------
-    paths : iterable of path-like
-        Release files, one per site.
-    require_linear_model : bool
-        Refuse releases without ``statistics/linear_model`` (the only statistic pooled here).
-
-    Returns
-    -------
-    list of SiteRelease
-        In the order given.
-
-    Raises
-    ------
-    ReleaseValidationError
-        A file is missing, malformed or invalid (naming it and the field); two files are the
-        same release or come from the same site (naming both); a release differs from the
-        first on one of the fields above (naming the file, the field and the first file).
-    """
-    from fednipype.contract.document import content_hash, read_release
-
-    paths = [Path(p) for p in paths]
-    if not paths:
-        raise ReleaseValidationError("no release files given: pass at least one *_release.json")
-    releases = []
-    for path in paths:
-        doc = read_release(path)
-        releases.append(SiteRelease(path=path, doc=doc, content_hash=content_hash(doc)))
-    for release in releases:
-        if require_linear_model and "linear_model" not in release.doc["statistics"]:
-            raise ReleaseValidationError(
-                f"{release.path}: field statistics/linear_model: missing; the coordinator pools "
-                f"linear-model statistics (this release holds "
-                f"{', '.join(sorted(release.doc['statistics']))})"
-            )
-    _check_unique(releases)
-    first = releases[0]
-    if require_linear_model:
-        _check_scaling_complete(first)
-    for release in releases[1:]:
-        _check_compatible(first, release, require_linear_model)
-    LOGGER.info(
-        "%d release(s) can be pooled: sites %s",
-        len(releases),
-        ", ".join(r.site for r in releases),
-    )
-    return releases
-
-
-def _check_unique(releases: Sequence[SiteRelease]) -> None:
-    seen_hash: dict[str, SiteRelease] = {}
-    seen_site: dict[str, SiteRelease] = {}
-    for release in releases:
-        earlier = seen_hash.get(release.content_hash)
-        if earlier is not None:
-            raise ReleaseValidationError(
-                f"{earlier.path} and {release.path} are the same release (identical content, "
-                f"sha256 {release.content_hash[:12]}…): pass each site's release once"
-            )
-        earlier = seen_site.get(release.site)
-        if earlier is not None:
-            raise ReleaseValidationError(
-                f"{earlier.path} and {release.path} are both releases of site "
-                f"{release.site!r}: pool one release per site (the same participants would be "
-                "counted twice)"
-            )
-        seen_hash[release.content_hash] = release
-        seen_site[release.site] = release
-
-
-def _scaled_names(release: SiteRelease) -> list[str]:
-    """Every name the linear model's scaling must cover: non-intercept terms, then regions."""
-    terms = [t for t in release.doc["model"]["terms"] if t != "intercept"]
-    return [*terms, *release.doc["atlas"]["regions"]]
-
-
-def _check_scaling_complete(release: SiteRelease) -> None:
-    scaling = release.scaling
-    missing = [name for name in _scaled_names(release) if name not in scaling]
-    if missing:
-        raise ReleaseValidationError(
-            f"{release.path}: field statistics/linear_model/scaling: no center/scale for "
-            f"{_short_list(missing)}; every term except the intercept and every region needs one"
-        )
-    if release.doc["model"]["terms"][0] != "intercept":
-        raise ReleaseValidationError(
-            f"{release.path}: field model/terms: the first term must be 'intercept'; got "
-            f"{release.doc['model']['terms'][0]!r}"
-        )
-
-
-def _get(doc: dict[str, Any], field_path: str) -> Any:
-    node: Any = doc
-    for key in field_path.split("/"):
-        if not isinstance(node, dict) or key not in node:
-            return None
-        node = node[key]
-    return node
-
-
-#: Fields that must be equal across releases, in the order they are checked.
-COMPATIBLE_FIELDS = (
-    "schema_version",
-    "atlas/sha256",
-    "atlas/regions",
-    "feature",
-    "model/response",
-    "model/terms",
-    "model/reference_levels",
-    "model/sessions",
-)
-
-
-def _check_compatible(first: SiteRelease, release: SiteRelease, linear_model: bool) -> None:
-    for field_path in COMPATIBLE_FIELDS:
-        expected, found = _get(first.doc, field_path), _get(release.doc, field_path)
-        if found != expected:
-            raise ReleaseValidationError(
-                f"{release.path}: field {field_path} differs from {first.path}: "
-                f"{_difference(found, expected)}; releases can only be pooled when they "
-                "describe the same analysis"
-            )
-    if not linear_model:
-        return
-    scaling, reference = release.scaling, first.scaling
-    for name in _scaled_names(first):
-        found = scaling.get(name)
-        expected = reference[name]
-        if found is None or any(
-            float(found[key]) != float(expected[key]) for key in ("center", "scale")
-        ):
-            raise ReleaseValidationError(
-                f"{release.path}: field statistics/linear_model/scaling/{name} differs from "
-                f"{first.path}: {found!r} vs {expected!r}; the sites declared different public "
-                "bounds, so their statistics are in different units"
-            )
-
-
-def _difference(found: Any, expected: Any) -> str:
-    """A short description of how ``found`` differs from ``expected``."""
-    if isinstance(found, list) and isinstance(expected, list):
-        if len(found) != len(expected):
-            return f"{len(found)} entries vs {len(expected)}"
-        for i, (a, b) in enumerate(zip(found, expected, strict=True)):
-            if a != b:
-                return f"entry {i} is {a!r}, not {b!r}"
-    return f"{found!r} vs {expected!r}"
-
-
-def _short_list(names: Sequence[str], limit: int = 8) -> str:
-    shown = ", ".join(repr(n) for n in names[:limit])
-    return shown + (f" … ({len(names)} in all)" if len(names) > limit else "")
 
 
 # --------------------------------------------------------------------------------------------
@@ -460,7 +211,7 @@ def pool(
     Knapp–Hartung test would have 0 degrees of freedom, so — as metafor's NA — the standard
     error, p-value and interval of that random-effects row are NaN. The intercept, in original
     units, is the expected feature value at the covariates' centers
-    (:func:`fednipype.contract.document.unscale_coefficients`).
+    (:meth:`fednipype.contract.scaling.Scaling.unscale`).
 
     Raises
     ------
@@ -469,9 +220,6 @@ def pool(
     MetaAnalysisError
         Unknown method, test or region, or statistics that cannot be solved.
     """
-    from fednipype.hub.regression import RE_METHODS, TESTS, pooled_regression, site_estimates
-    from fednipype.contract.document import unscale_coefficients
-
     items = list(releases)
     if not items or not all(isinstance(r, SiteRelease) for r in items):
         items = load_releases([r.path if isinstance(r, SiteRelease) else r for r in items])
@@ -491,8 +239,8 @@ def pool(
     scaling = items[0].scaling
     pooled = pooled_regression(stats, site_effects=site_effects, level=level)
     per_site = site_estimates(stats, level=level)
-    pooled = unscale_coefficients(_keep_regions(pooled, selected), scaling)
-    per_site = unscale_coefficients(_keep_regions(per_site, selected), scaling)
+    pooled = scaling.unscale(_keep_regions(pooled, selected))
+    per_site = scaling.unscale(_keep_regions(per_site, selected))
 
     notes = _noise_notes(pooled, per_site)
     rows: list[dict[str, Any]] = []
@@ -543,8 +291,8 @@ def _select_regions(all_regions: list[str], regions: Sequence[str] | None) -> li
     unknown = [r for r in regions if r not in all_regions]
     if unknown:
         raise MetaAnalysisError(
-            f"region(s) {_short_list(unknown)} are not in the releases' atlas; its regions are "
-            f"{_short_list(all_regions)}"
+            f"region(s) {short_list(unknown)} are not in the releases' atlas; its regions are "
+            f"{short_list(all_regions)}"
         )
     if not regions:
         raise MetaAnalysisError("regions is empty: name at least one region, or pass None")
@@ -574,7 +322,7 @@ def _noise_notes(pooled: pd.DataFrame, per_site: pd.DataFrame) -> list[str]:
     floored = pooled.loc[pooled["sigma2_floored"], "region"].unique()
     if len(floored):
         notes.append(
-            f"pooled regression: residual variance of {_short_list(list(floored))} fell below "
+            f"pooled regression: residual variance of {short_list(list(floored))} fell below "
             "the DP noise level and was floored at one noise sd (sigma2_floored)"
         )
     floored_sites = list(dict.fromkeys(per_site.loc[per_site["sigma2_floored"], "site"]))
@@ -599,7 +347,7 @@ def _coverage_notes(results: pd.DataFrame, n_sites: int) -> list[str]:
     for (term, k), cell in short.groupby(["term", "k"], sort=False):
         notes.append(
             f"term {term}: only {k} of {n_sites} sites could estimate it in "
-            f"{_short_list(list(cell['region']))}; the meta-analysis there pools k = {k}"
+            f"{short_list(list(cell['region']))}; the meta-analysis there pools k = {k}"
             + (" (tau2 = 0, Q = 0, I2 = 0, as metafor)" if k == 1 else "")
         )
     return notes
@@ -663,8 +411,6 @@ def _meta_rows(
     cell: pd.DataFrame, region: str, term: str, method: str, test: str, level: float
 ) -> tuple[dict[str, Any], dict[str, Any], np.ndarray, np.ndarray]:
     """Fixed-effect and random-effects rows for one region and term, and the site weights."""
-    from fednipype.hub.regression import fixed_effect, random_effects
-
     re_label = RE_PREFIX + method
     k = len(cell)
     if k == 0:

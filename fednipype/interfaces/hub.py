@@ -1,4 +1,4 @@
-"""Nipype interface of the coordinator (a thin wrapper over fednipype.hub.pooling and reports)."""
+"""Nipype interface of the hub (a thin wrapper over fednipype.hub: pooling and reports)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,13 @@ from nipype.interfaces.base import (
     SimpleInterface,
     Str,
     TraitedSpec,
+    isdefined,
     traits,
 )
+
+from fednipype.hub.pooling import pool
+from fednipype.hub.releases import load_releases
+from fednipype.hub.reports import write_meta_report
 
 
 class _MetaAnalysisInputSpec(BaseInterfaceInputSpec):
@@ -56,7 +61,7 @@ class MetaAnalysis(SimpleInterface):
     """Pool site releases: pooled regression and fixed/random-effects meta-analysis.
 
     Validates the releases and checks that they can be pooled
-    (:func:`fednipype.hub.pooling.load_releases`), pools them
+    (:func:`fednipype.hub.releases.load_releases`), pools them
     (:func:`fednipype.hub.pooling.pool`) and writes the report
     (:func:`fednipype.hub.reports.write_meta_report`) into the node's working directory:
     ``pooled_results.tsv``, ``site_estimates.tsv``, forest plots and ``index.html`` — the same
@@ -73,11 +78,6 @@ class MetaAnalysis(SimpleInterface):
     output_spec = _MetaAnalysisOutputSpec
 
     def _run_interface(self, runtime):
-        from nipype.interfaces.base import isdefined
-
-        from fednipype.hub.pooling import load_releases, pool
-        from fednipype.hub.reports import write_meta_report
-
         regions = self.inputs.regions if isdefined(self.inputs.regions) else None
         terms = self.inputs.terms if isdefined(self.inputs.terms) else None
         releases = load_releases(self.inputs.in_releases)

@@ -1,4 +1,4 @@
-"""Nipype interfaces for the DP release (thin wrappers over fednipype.contract.document)."""
+"""Nipype interfaces for the site's DP release (thin wrappers over fednipype.site.release)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,13 @@ from nipype.interfaces.base import (
     SimpleInterface,
     Str,
     TraitedSpec,
+    isdefined,
     traits,
 )
+
+from fednipype.bids import find_feature_files
+from fednipype.site.design import ModelSpec
+from fednipype.site.release import make_release
 
 
 class _DPReleaseInputSpec(BaseInterfaceInputSpec):
@@ -40,7 +45,7 @@ class _DPReleaseOutputSpec(TraitedSpec):
 
 
 class DPRelease(SimpleInterface):
-    """Make a site's differentially private release (see :func:`fednipype.contract.document.make_release`).
+    """Make a site's differentially private release (:func:`fednipype.site.release.make_release`).
 
     The release is charged to the dataset's privacy ledger before it exists, written
     atomically to ``out_file`` and validated against the release schema.  ``epsilon`` and the
@@ -56,11 +61,6 @@ class DPRelease(SimpleInterface):
     output_spec = _DPReleaseOutputSpec
 
     def _run_interface(self, runtime):
-        from nipype.interfaces.base import isdefined
-
-        from fednipype.site.design import ModelSpec
-        from fednipype.contract.document import make_release
-
         path = make_release(
             features=list(self.inputs.in_features),
             participants=self.inputs.participants_file,
@@ -94,10 +94,6 @@ class FeatureFiles(SimpleInterface):
     output_spec = _FeatureFilesOutputSpec
 
     def _run_interface(self, runtime):
-        from nipype.interfaces.base import isdefined
-
-        from fednipype.bids import find_feature_files
-
         labels = (
             self.inputs.participant_label if isdefined(self.inputs.participant_label) else None
         )

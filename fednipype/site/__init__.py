@@ -1,1 +1,1 @@
-"""Code that runs at a site: the design matrix, the privacy layer (policy, ledger, mechanisms) and the release."""
+"""Code that runs at a site: design matrix, privacy (policy, ledger, mechanisms), the release."""

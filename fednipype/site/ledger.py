@@ -47,108 +47,32 @@ Budget(epsilon=0.4, delta=0.0)
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
-import os
 import re
 import sqlite3
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any, NamedTuple
+from typing import Any, NamedTuple
 
 from fednipype._version import __version__
+from fednipype.contract.calibration import check_delta, check_epsilon
 from fednipype.exceptions import FednipypeError, PolicyError, PrivacyBudgetExceeded
-from fednipype.io import atomic_write
-from fednipype.site.policy import SitePolicy, check_delta, check_epsilon
+from fednipype.site.ledger_schema import SCHEMA_VERSION, schema_statements
+from fednipype.site.policy import SitePolicy
+from fednipype.site.spend import Spend
 
 LOGGER = logging.getLogger(__name__)
 
-#: Version of the ledger's table layout, stored in the file.
-SCHEMA_VERSION = "1"
 #: Relative slack allowed over the total budget, for binary rounding of decimal budgets only.
 RELATIVE_TOLERANCE = 1e-12
 #: Seconds a process waits for another one's charge to finish before giving up.
 BUSY_TIMEOUT_SECONDS = 300.0
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (
-    key TEXT PRIMARY KEY,
-    value TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS budget_history (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    time TEXT NOT NULL,
-    total_epsilon REAL NOT NULL CHECK (total_epsilon > 0),
-    total_delta REAL NOT NULL CHECK (total_delta >= 0 AND total_delta < 1),
-    reason TEXT NOT NULL,
-    software_version TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS charge (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    epsilon REAL NOT NULL CHECK (epsilon > 0),
-    delta REAL NOT NULL CHECK (delta >= 0 AND delta < 1)
-);
-CREATE TABLE IF NOT EXISTS audit (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    charge_id INTEGER NOT NULL UNIQUE REFERENCES charge(id),
-    time TEXT NOT NULL,
-    purpose TEXT NOT NULL,
-    parameters TEXT NOT NULL,
-    epsilon REAL NOT NULL,
-    delta REAL NOT NULL,
-    software_version TEXT NOT NULL,
-    content_sha256 TEXT CHECK (
-        content_sha256 IS NULL
-        OR (length(content_sha256) = 64 AND content_sha256 NOT GLOB '*[^0-9a-f]*')
-    ),
-    released_time TEXT
-);
-CREATE TRIGGER IF NOT EXISTS meta_no_update BEFORE UPDATE ON meta
-BEGIN SELECT RAISE(ABORT, 'privacy ledger is append-only: meta cannot be changed'); END;
-CREATE TRIGGER IF NOT EXISTS meta_no_delete BEFORE DELETE ON meta
-BEGIN SELECT RAISE(ABORT, 'privacy ledger is append-only: meta cannot be deleted'); END;
-CREATE TRIGGER IF NOT EXISTS budget_no_update BEFORE UPDATE ON budget_history
-BEGIN SELECT RAISE(ABORT, 'privacy ledger is append-only: budget history cannot be changed');
-END;
-CREATE TRIGGER IF NOT EXISTS budget_no_delete BEFORE DELETE ON budget_history
-BEGIN SELECT RAISE(ABORT, 'privacy ledger is append-only: budget history cannot be deleted');
-END;
-CREATE TRIGGER IF NOT EXISTS charge_no_update BEFORE UPDATE ON charge
-BEGIN SELECT RAISE(ABORT, 'privacy ledger is append-only: charges cannot be changed'); END;
-CREATE TRIGGER IF NOT EXISTS charge_no_delete BEFORE DELETE ON charge
-BEGIN SELECT RAISE(ABORT, 'privacy ledger is append-only: charges cannot be deleted'); END;
-CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
-BEGIN SELECT RAISE(ABORT, 'privacy ledger is append-only: audit rows cannot be deleted'); END;
-CREATE TRIGGER IF NOT EXISTS audit_hash_once BEFORE UPDATE ON audit
-WHEN NOT (
-    OLD.content_sha256 IS NULL AND NEW.content_sha256 IS NOT NULL
-    AND OLD.released_time IS NULL AND NEW.released_time IS NOT NULL
-    AND NEW.id IS OLD.id AND NEW.charge_id IS OLD.charge_id AND NEW.time IS OLD.time
-    AND NEW.purpose IS OLD.purpose AND NEW.parameters IS OLD.parameters
-    AND NEW.epsilon IS OLD.epsilon AND NEW.delta IS OLD.delta
-    AND NEW.software_version IS OLD.software_version
-)
-BEGIN SELECT RAISE(ABORT,
-    'privacy ledger is append-only: an audit row only gets its release hash, once'); END;
-"""
-
-
-def _schema_statements() -> list[str]:
-    # executescript() would commit the open transaction first, so run statement by statement;
-    # sqlite3.complete_statement tells where a statement (a trigger body included) ends.
-    statements, current = [], ""
-    for line in _SCHEMA.splitlines(keepends=True):
-        current += line
-        if sqlite3.complete_statement(current):
-            statements.append(current.strip())
-            current = ""
-    return statements
 
 
 class Budget(NamedTuple):
@@ -295,7 +219,7 @@ class PrivacyLedger:
                 if str(mode).lower() != "wal":
                     raise PolicyError(f"{where}: cannot switch to WAL journal mode ({mode})")
             with self._write() as conn:
-                for statement in _schema_statements():
+                for statement in schema_statements():
                     conn.execute(statement)
                 meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
                 if not meta:
@@ -630,11 +554,14 @@ class PrivacyLedger:
         """Charge, then let the caller compute and write its release atomically.
 
         The charge is made on entering the block (refused before anything is computed if it
-        does not fit). Inside the block the caller computes the noisy result and writes it
-        with :meth:`Spend.write_release` or :meth:`Spend.open_release`, which write a hidden
-        temporary file, record its SHA-256 in the audit row and only then move it into place.
-        If the block fails, or the process dies, the charge stays (fail-closed) and no partial
-        release file appears.
+        does not fit). Inside the block the caller draws its noise against the yielded
+        :class:`~fednipype.site.spend.Spend` (:meth:`PreparedStatistic.release
+        <fednipype.site.mechanisms.PreparedStatistic.release>`) and writes the release with
+        :meth:`Spend.write_release <fednipype.site.spend.Spend.write_release>`, which writes a
+        hidden temporary file, records the release's content hash in the audit row and only
+        then moves it into place. If the block fails, or the process dies, the charge stays
+        (fail-closed) and no partial release file appears. When the block ends the spend is
+        closed: nothing more can be drawn against it.
 
         Parameters
         ----------
@@ -648,20 +575,23 @@ class PrivacyLedger:
         Yields
         ------
         Spend
-            The charge, with methods to write the release.
+            The charge, to draw noise against and to write the release with.
 
         Examples
         --------
         >>> import tempfile, pathlib
+        >>> from fednipype.contract.document import content_hash
         >>> folder = pathlib.Path(tempfile.mkdtemp())
         >>> ledger = PrivacyLedger(folder / "ledger.sqlite", "demo", 1.0, 0.0)
         >>> with ledger.reserve(0.5, 0.0, "count", {"statistic": "count"}) as spend:
-        ...     content = b'{"count": 41.7}'   # computed after the charge
-        ...     _ = spend.write_release(folder / "site_release.json", content)
-        >>> ledger.audit_trail()[0].content_sha256 == hashlib.sha256(content).hexdigest()
+        ...     doc = {"count": 41.7}   # computed after the charge
+        ...     _ = spend.write_release(folder / "site_release.json", doc)
+        >>> ledger.audit_trail()[0].content_sha256 == content_hash(doc)
         True
         """
-        spend = Spend(self, self.charge(epsilon, delta, purpose, parameters))
+        epsilon = check_epsilon(epsilon, f"privacy ledger {self.path}: charge epsilon")
+        delta = check_delta(delta, f"privacy ledger {self.path}: charge delta")
+        spend = Spend(self, self.charge(epsilon, delta, purpose, parameters), epsilon, delta)
         try:
             yield spend
         except BaseException:
@@ -671,76 +601,11 @@ class PrivacyLedger:
                 spend.charge_id,
             )
             raise
+        finally:
+            spend.close()
         if not spend.released:
             LOGGER.warning(
                 "privacy ledger %s: charge %d was spent without a release file",
                 self.path,
                 spend.charge_id,
             )
-
-
-class Spend:
-    """A charge made by :meth:`PrivacyLedger.reserve`, and the writing of its release."""
-
-    def __init__(self, ledger: PrivacyLedger, charge_id: int) -> None:
-        self.ledger = ledger
-        self.charge_id = charge_id
-        self.released = False
-
-    @contextlib.contextmanager
-    def open_release(self, path: str | Path) -> Iterator[IO[bytes]]:
-        """Write the release through a binary file object, atomically.
-
-        Parameters
-        ----------
-        path : str or Path
-            Final path of the release file.
-
-        Yields
-        ------
-        file object
-            Write the content into it; on success it is hashed, recorded, then moved into
-            place.
-        """
-        if self.released:
-            raise FednipypeError(
-                f"privacy ledger {self.ledger.path}: charge {self.charge_id} already has its "
-                "release; each release needs its own charge"
-            )
-        with atomic_write(path) as (handle, tmp_path):
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-            digest = _sha256_file(tmp_path)
-            # The hash is recorded before the file is moved into place, so any release file
-            # that exists has its hash in the ledger.
-            self.ledger.record_release(self.charge_id, digest)
-        self.released = True
-
-    def write_release(self, path: str | Path, content: bytes | str) -> str:
-        """Write the release content atomically and record its hash.
-
-        Parameters
-        ----------
-        path : str or Path
-            Final path of the release file.
-        content : bytes or str
-            The release (str is encoded as UTF-8).
-
-        Returns
-        -------
-        str
-            The SHA-256 of the content.
-        """
-        data = content.encode("utf-8") if isinstance(content, str) else bytes(content)
-        with self.open_release(path) as handle:
-            handle.write(data)
-        return hashlib.sha256(data).hexdigest()
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -65,6 +65,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from fednipype.contract.calibration import check_delta, check_epsilon, is_number
 from fednipype.exceptions import PolicyError
 
 LOGGER = logging.getLogger(__name__)
@@ -79,63 +80,8 @@ _LEDGER_KEYS = {"path", "dataset"}
 Bounds = tuple[float, float]
 
 
-def _is_number(value: Any) -> bool:
-    # bool is a subclass of int in Python; `true` is never a valid privacy parameter.
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
 def _where(source: Path | None, key: str) -> str:
     return f"{source}: '{key}'" if source is not None else f"site policy: '{key}'"
-
-
-def check_epsilon(value: Any, where: str) -> float:
-    """Return ``value`` as a float if it is a valid epsilon (finite, > 0).
-
-    Parameters
-    ----------
-    value : Any
-        The candidate epsilon.
-    where : str
-        Where the value comes from (file and key, or argument name), used in the error.
-
-    Returns
-    -------
-    float
-        The validated epsilon.
-
-    Raises
-    ------
-    PolicyError
-        If ``value`` is not a finite number greater than 0.
-    """
-    if not _is_number(value) or not math.isfinite(value) or value <= 0:
-        raise PolicyError(f"{where}: epsilon must be a finite number > 0, got {value!r}")
-    return float(value)
-
-
-def check_delta(value: Any, where: str) -> float:
-    """Return ``value`` as a float if it is a valid delta (0 <= delta < 1).
-
-    Parameters
-    ----------
-    value : Any
-        The candidate delta.
-    where : str
-        Where the value comes from, used in the error.
-
-    Returns
-    -------
-    float
-        The validated delta.
-
-    Raises
-    ------
-    PolicyError
-        If ``value`` is not a number in [0, 1).
-    """
-    if not _is_number(value) or not math.isfinite(value) or not 0 <= value < 1:
-        raise PolicyError(f"{where}: delta must be a number with 0 <= delta < 1, got {value!r}")
-    return float(value)
 
 
 def check_bounds(value: Any, where: str) -> Bounds:
@@ -162,7 +108,7 @@ def check_bounds(value: Any, where: str) -> Bounds:
         isinstance(value, str | bytes)
         or not isinstance(value, Sequence)
         or len(value) != 2
-        or not all(_is_number(v) for v in value)
+        or not all(is_number(v) for v in value)
     ):
         raise PolicyError(f"{where}: bounds must be a pair of numbers [lo, hi], got {value!r}")
     lo, hi = float(value[0]), float(value[1])
@@ -397,3 +343,57 @@ class SitePolicy:
         """
         pairs = [self.feature_bounds(r) for r in regions]
         return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+#: The policy the bundled example sites run under: public bounds chosen a priori (ages of adult
+#: cohorts; regional grey-matter volumes of the default atlas's ~13 cm³ parcels).
+_EXAMPLE_POLICY = """# An example site's policy; a real site's data owner writes their own.
+[budget]
+epsilon = {total_epsilon!r}
+delta = {total_delta!r}
+
+[ledger]
+path = "{ledger}"
+dataset = "{dataset}"
+
+[bounds]
+age = [18.0, 90.0]
+
+[bounds.features]
+default = [0.0, 12000.0]
+"""
+
+
+def example_policy(
+    *,
+    dataset: str,
+    total_epsilon: float,
+    total_delta: float = 1e-4,
+    ledger: str = "ledger.sqlite",
+) -> str:
+    """The TOML text of a site policy for the bundled example sites (demo, benchmarks, tests).
+
+    Parameters
+    ----------
+    dataset : str
+        The dataset the budget belongs to.
+    total_epsilon, total_delta : float
+        The dataset's total budget.
+    ledger : str
+        The ledger's path, relative to the policy file.
+
+    Returns
+    -------
+    str
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "policy.toml"
+    >>> _ = path.write_text(example_policy(dataset="siteA", total_epsilon=10.0))
+    >>> SitePolicy.from_toml(path).covariate_bounds("age")
+    (18.0, 90.0)
+    """
+    return _EXAMPLE_POLICY.format(
+        dataset=dataset, total_epsilon=total_epsilon, total_delta=total_delta, ledger=ledger
+    )

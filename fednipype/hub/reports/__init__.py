@@ -2,8 +2,8 @@
 
 :func:`write_meta_report` writes everything the coordinator hands out for one
 :class:`fednipype.hub.pooling.PoolResult` into a folder; the modules do one thing each
-(:mod:`fednipype.hub.reports.forest`, :mod:`fednipype.hub.reports.html`). matplotlib is imported only
-when a plot is drawn.
+(:mod:`fednipype.hub.reports.forest`, :mod:`fednipype.hub.reports.html`). matplotlib is
+imported only when a plot is drawn.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fednipype.exceptions import MetaAnalysisError
+from fednipype.hub.reports.forest import forest_plot
+from fednipype.hub.reports.html import write_summary
 from fednipype.io import atomic_write_text
 
 if TYPE_CHECKING:
@@ -145,8 +147,6 @@ def write_meta_report(
     MetaAnalysisError
         A requested term or region is not in the results.
     """
-    from fednipype.hub.reports.forest import forest_plot
-    from fednipype.hub.reports.html import write_summary
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -100,9 +100,9 @@ def render_summary(
     model = first["model"]
     scaling = result.releases[0].scaling
     centers = ", ".join(
-        f"{_esc(t)} = {_num(scaling[t]['center'])}"
+        f"{_esc(t)} = {_num(scaling.center(t))}"
         for t in model["terms"]
-        if t != "intercept" and t in scaling
+        if t != "intercept" and t in scaling.maps
     )
     reference = ", ".join(f"{_esc(k)} = {_esc(v)}" for k, v in model["reference_levels"].items())
     test = "Knapp–Hartung t" if result.test == "knha" else "Wald z"
