@@ -1,37 +1,23 @@
-"""Shared fixtures: the bundled example sites and the community's bids-examples when present."""
+"""Shared fixtures: the bundled sites and their features, site policies, simulated releases.
+
+Session-scoped where the work is read-only for the tests using it (features extracted once,
+releases written once). Constants and helpers the fixtures use live in ``support.py``.
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from support import BIDS_EXAMPLES, BUNDLED, REPO, SITES, write_sites
+
+from fednipype.features import extract_dataset_features
+from fednipype.site.policy import example_policy
 
 os.environ.setdefault("NIPYPE_NO_ET", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
-
-REPO = Path(__file__).resolve().parents[1]
-BUNDLED = REPO / "bids_examples"
-SITES = ("siteA", "siteB", "siteC")
-
-
-def _find_bids_examples() -> Path | None:
-    """The BIDS community's ``bids-examples`` layouts: ``$BIDS_EXAMPLES_DIR`` or a copy near
-    the repository (its parent folder or one of that folder's sub-folders)."""
-    env = os.environ.get("BIDS_EXAMPLES_DIR")
-    if env:
-        return Path(env) if Path(env).is_dir() else None
-    parent = REPO.parent
-    candidates = [parent / "bids-examples"] + sorted(parent.glob("*/bids-examples"))
-    return next((c for c in candidates if c.is_dir()), None)
-
-
-BIDS_EXAMPLES = _find_bids_examples()
-COMMUNITY_DATASETS = (
-    sorted(p.name for p in BIDS_EXAMPLES.iterdir() if (p / "dataset_description.json").is_file())
-    if BIDS_EXAMPLES
-    else []
-)
 
 
 @pytest.fixture(scope="session")
@@ -52,3 +38,52 @@ def bids_examples_dir() -> Path:
             "(set BIDS_EXAMPLES_DIR to a checkout to run these tests)"
         )
     return BIDS_EXAMPLES
+
+
+@pytest.fixture(scope="session")
+def bundled_derivatives(tmp_path_factory) -> dict[str, Path]:
+    """Participant-level derivatives (regional features) of every bundled site, made once."""
+    root = tmp_path_factory.mktemp("bundled-features")
+    for site in SITES:
+        extract_dataset_features(BUNDLED / site, root / site)
+    return {site: root / site for site in SITES}
+
+
+@pytest.fixture(scope="session")
+def bundled_features(bundled_derivatives) -> dict[str, list[Path]]:
+    """The feature tables of every bundled site, in subject/session order."""
+    return {
+        site: sorted(folder.rglob("*_desc-regional_features.tsv"))
+        for site, folder in bundled_derivatives.items()
+    }
+
+
+@pytest.fixture
+def site_policy() -> Callable[..., Path]:
+    """Factory of site policies: ``site_policy(folder, dataset=..., epsilon=..., ...)``.
+
+    Writes ``folder/policy.toml`` with the example sites' public bounds and a ledger beside it
+    (``extra`` is TOML text put first, e.g. ``"min_cohort = 20\\n"``).
+    """
+
+    def make(
+        folder: Path,
+        *,
+        dataset: str = "siteC",
+        epsilon: float = 10.0,
+        delta: float = 1e-4,
+        extra: str = "",
+    ) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / "policy.toml"
+        text = example_policy(dataset=dataset, total_epsilon=epsilon, total_delta=delta)
+        path.write_text(extra + text, encoding="utf-8")
+        return path
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def three_site_releases(tmp_path_factory):
+    """Three simulated sites' noise-free releases and their raw rows (``support.write_sites``)."""
+    return write_sites(tmp_path_factory.mktemp("three-site-releases"))

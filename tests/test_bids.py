@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from bids import BIDSLayout
-from conftest import BUNDLED, COMMUNITY_DATASETS, SITES
+from support import BUNDLED, COMMUNITY_DATASETS, SITES
 
 from fednipype import bids as fbids
 from fednipype.exceptions import BIDSError

@@ -12,14 +12,13 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
-from test_coordinator import REGIONS, TERMS, release_doc, simulate_site, write_sites
+from support import BUNDLED, REGIONS, SITES, TERMS, release_doc, simulate_site
 
 from fednipype.cli import hub as meta
 from fednipype.hub.pooling import pool
 from fednipype.hub.reports import plot_filename, write_meta_report
 from fednipype.hub.reports.forest import forest_figure
-
-SITES = ("siteA", "siteB", "siteC")
+from fednipype.site.release import make_release
 
 
 class _Links(HTMLParser):
@@ -41,9 +40,9 @@ def _links(page: Path) -> list[str]:
     return parser.links
 
 
-@pytest.fixture(scope="module")
-def releases(tmp_path_factory) -> list[Path]:
-    return write_sites(tmp_path_factory.mktemp("releases"))[0]
+@pytest.fixture
+def releases(three_site_releases) -> list[Path]:
+    return three_site_releases[0]
 
 
 def _leftovers(folder: Path) -> list[Path]:
@@ -218,16 +217,10 @@ TRUTH_KEYS = {
 }
 
 
-def _site_features(site: str, out: Path) -> list[Path]:
-    from conftest import BUNDLED
-
-    from fednipype.features import extract_dataset_features
-
-    return extract_dataset_features(BUNDLED / site, out)
-
-
 @pytest.mark.slow
-def test_end_to_end_planted_effects_lie_inside_the_pooled_intervals(tmp_path, capsys):
+def test_end_to_end_planted_effects_lie_inside_the_pooled_intervals(
+    bundled_features, site_policy, tmp_path, capsys
+):
     """Bundled siteA/B/C → regional volumes → one DP release per site → fednipype-meta.
 
     The budget is deliberately absurd (ε = 1e9 per site, far beyond any privacy guarantee):
@@ -243,23 +236,13 @@ def test_end_to_end_planted_effects_lie_inside_the_pooled_intervals(tmp_path, ca
     no patient effect. The pooled regression fits one intercept per site, so the site offsets
     (which differ with the sites' age ranges) do not bias its slopes.
     """
-    from conftest import BUNDLED
-
-    from fednipype.site.release import make_release
-
     epsilon = 1e9
     releases = []
     for site in SITES:
-        policy = tmp_path / "policies" / site / "policy.toml"
-        policy.parent.mkdir(parents=True)
-        policy.write_text(
-            f"[budget]\nepsilon = {epsilon}\ndelta = 1e-5\n"
-            f'[ledger]\npath = "ledger.sqlite"\ndataset = "bundled-{site}"\n'
-            "[bounds]\nage = [18.0, 90.0]\n[bounds.features]\ndefault = [2000.0, 14000.0]\n"
-        )
+        policy = site_policy(tmp_path / "policies" / site, dataset=site, epsilon=epsilon)
         releases.append(
             make_release(
-                features=_site_features(site, tmp_path / "features" / site),
+                features=bundled_features[site],
                 participants=BUNDLED / site,
                 policy=policy,
                 epsilon=epsilon,

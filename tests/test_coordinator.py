@@ -18,157 +18,22 @@ import numpy as np
 import pandas as pd
 import pytest
 import statsmodels.api as sm
+from support import (
+    COVARIATES,
+    EFFECTS,
+    REGIONS,
+    SCALING,
+    TERMS,
+    release_doc,
+    simulate_site,
+    write_sites,
+)
 
-from fednipype.contract.document import new_release, write_release
+from fednipype.contract.document import write_release
 from fednipype.exceptions import MetaAnalysisError, ReleaseValidationError
 from fednipype.hub.meta_analysis import fixed_effect, random_effects
 from fednipype.hub.pooling import RESULT_COLUMNS, pool
 from fednipype.hub.releases import load_releases
-
-REGIONS = ("L_P01", "R_P01", "L_P12")
-TERMS = ("intercept", "age", "sex[M]", "group[patient]")
-COVARIATES = TERMS[1:]
-#: Public scaling (from bounds age [10, 90], sex dummy [0, 1], volumes [2000, 10000]).
-SCALING = {
-    "age": {"center": 50.0, "scale": 40.0},
-    "sex[M]": {"center": 0.5, "scale": 0.5},
-    "group[patient]": {"center": 0.0, "scale": 1.0},
-    **{region: {"center": 6000.0, "scale": 4000.0} for region in REGIONS},
-}
-#: Planted effects per region: baseline at age 50, age slope, male, patient.
-EFFECTS = {
-    "L_P01": (6900.0, -17.0, 207.0, 0.0),
-    "R_P01": (6700.0, -15.0, 200.0, 0.0),
-    "L_P12": (7960.0, -23.7, 239.0, -637.0),
-}
-SITE_DESIGN = {
-    # site: (n, age range, offset, residual sd)
-    "siteA": (40, (20.0, 45.0), 0.0, 140.0),
-    "siteB": (55, (45.0, 80.0), 140.0, 160.0),
-    "siteC": (70, (25.0, 85.0), -200.0, 150.0),
-}
-
-
-def simulate_site(site: str, seed: int = 7, *, patients: bool = True) -> pd.DataFrame:
-    """Raw rows of one site: covariates in original units and one volume per region."""
-    n, (lo, hi), offset, sd = SITE_DESIGN[site]
-    rng = np.random.default_rng([seed, sorted(SITE_DESIGN).index(site)])
-    rows = pd.DataFrame(
-        {
-            "age": rng.uniform(lo, hi, n),
-            "sex[M]": (rng.random(n) < 0.5).astype(float),
-            "group[patient]": (np.arange(n) % 2 == 0).astype(float) if patients else 0.0,
-        }
-    )
-    for region, (base, age, male, patient) in EFFECTS.items():
-        rows[region] = (
-            base
-            + age * (rows["age"] - 50.0)
-            + male * rows["sex[M]"]
-            + patient * rows["group[patient]"]
-            + offset
-            + rng.normal(0.0, sd, n)
-        )
-    return rows
-
-
-def scaled_statistics(rows: pd.DataFrame) -> dict:
-    """ZᵀZ, Zᵀy, yᵀy, n of the rows in the released (scaled) units, computed with numpy."""
-    z = np.column_stack(
-        [np.ones(len(rows))]
-        + [(rows[t] - SCALING[t]["center"]) / SCALING[t]["scale"] for t in COVARIATES]
-    )
-    y = np.column_stack([(rows[r] - SCALING[r]["center"]) / SCALING[r]["scale"] for r in REGIONS])
-    return {"ztz": z.T @ z, "zty": z.T @ y, "yty": (y * y).sum(axis=0), "n": float(len(rows))}
-
-
-def release_doc(
-    site: str,
-    rows: pd.DataFrame,
-    *,
-    noise_sd: float = 0.0,
-    seed: int = 0,
-    epsilon: float = 1.0,
-    delta: float = 1e-5,
-) -> dict:
-    """A schema-valid release of ``rows``; DP-like Gaussian noise of sd ``noise_sd`` if > 0.
-
-    The schema requires the mechanism's nominal ``scale``/``noise_variance`` to be > 0; a
-    noise-free document declares nominal values there and zero ``noise_variances``, which is
-    what the coordinator uses.
-    """
-    stats = scaled_statistics(rows)
-    p, r = len(TERMS), len(REGIONS)
-    if noise_sd > 0.0:
-        rng = np.random.default_rng(seed)
-        upper = np.triu(rng.normal(0.0, noise_sd, (p, p)))
-        stats["ztz"] = stats["ztz"] + upper + np.triu(upper, 1).T
-        stats["zty"] = stats["zty"] + rng.normal(0.0, noise_sd, (p, r))
-        stats["yty"] = stats["yty"] + rng.normal(0.0, noise_sd, r)
-        stats["n"] = stats["n"] + rng.normal(0.0, noise_sd)
-    var = noise_sd**2
-    mechanism = {
-        "mechanism": "gaussian",
-        "calibration": "analytic Gaussian (Balle and Wang 2018)",
-        "epsilon": epsilon,
-        "delta": delta,
-        "sensitivity": 3.0,
-        "sensitivity_norm": "l2",
-        "scale": noise_sd if noise_sd > 0 else 1.0,
-        "noise_variance": var if var > 0 else 1.0,
-    }
-    doc = new_release(
-        dataset=f"example {site}",
-        site=site,
-        atlas={
-            "name": "fednipype",
-            "space": "MNI152NLin2009cAsym",
-            "sha256": "a" * 64,
-            "regions": list(REGIONS),
-        },
-        feature="volume_mm3",
-        model={
-            "response": "volume_mm3",
-            "terms": list(TERMS),
-            "reference_levels": {"sex": "F", "group": "control"},
-            "sessions": "first session of each participant",
-        },
-        privacy={
-            "epsilon": epsilon,
-            "delta": delta,
-            "min_cohort": 10,
-            "budget_split": {"sufficient_statistics": {"epsilon": epsilon, "delta": delta}},
-            "bounds": {"age": [10.0, 90.0], "volume_mm3": [2000.0, 10000.0]},
-            "ledger_charge": 1,
-        },
-        statistics={
-            "sufficient_statistics": {
-                **mechanism,
-                "terms": list(TERMS),
-                "regions": list(REGIONS),
-                "ztz": stats["ztz"].tolist(),
-                "zty": stats["zty"].tolist(),
-                "yty": stats["yty"].tolist(),
-                "n": float(stats["n"]),
-                "noise_variances": {"n": var, "ztz": var, "zty": var, "yty": var},
-                "scaling": copy.deepcopy(SCALING),
-            }
-        },
-    )
-    return copy.deepcopy(doc)
-
-
-def write_sites(
-    folder: Path, sites=tuple(SITE_DESIGN), *, seed: int = 7, noise_sd: float = 0.0, **kwargs
-) -> tuple[list[Path], dict[str, pd.DataFrame]]:
-    """Simulate the sites, write one release file each; return the paths and the raw rows."""
-    folder.mkdir(parents=True, exist_ok=True)
-    paths, raw = [], {}
-    for i, site in enumerate(sites):
-        raw[site] = simulate_site(site, seed, **kwargs)
-        doc = release_doc(site, raw[site], noise_sd=noise_sd, seed=seed * 100 + i)
-        paths.append(write_release(doc, folder / f"{site}_release.json"))
-    return paths, raw
 
 
 def ols(rows: pd.DataFrame, region: str):
@@ -196,11 +61,6 @@ def _rel(a, b) -> float:
     return float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-300)))
 
 
-@pytest.fixture(scope="module")
-def three_sites(tmp_path_factory):
-    return write_sites(tmp_path_factory.mktemp("releases"))
-
-
 def _row(results: pd.DataFrame, region: str, term: str, method: str) -> pd.Series:
     rows = results[
         (results["region"] == region) & (results["term"] == term) & (results["method"] == method)
@@ -224,8 +84,8 @@ def _assert_slopes_match(row: pd.Series, fit, term: str, n: int) -> None:
     assert row["df"] == fit.df_resid and row["k"] == 3 and row["n"] == n
 
 
-def test_pooled_regression_equals_statsmodels_ols_with_site_dummies(three_sites):
-    paths, raw = three_sites
+def test_pooled_regression_equals_statsmodels_ols_with_site_dummies(three_site_releases):
+    paths, raw = three_site_releases
     result = pool(load_releases(paths))
     assert list(result.results.columns) == list(RESULT_COLUMNS)
     assert result.site_effects
@@ -248,8 +108,8 @@ def test_pooled_regression_equals_statsmodels_ols_with_site_dummies(three_sites)
     assert not result.results["psd_projected"].any() and not result.notes
 
 
-def test_common_intercept_equals_statsmodels_ols_on_pooled_rows(three_sites):
-    paths, raw = three_sites
+def test_common_intercept_equals_statsmodels_ols_on_pooled_rows(three_site_releases):
+    paths, raw = three_site_releases
     result = pool(paths, site_effects=False)
     assert not result.site_effects
     pooled_rows = pd.concat(raw.values(), ignore_index=True)
@@ -268,10 +128,10 @@ def test_common_intercept_equals_statsmodels_ols_on_pooled_rows(three_sites):
         assert _rel(row["ci_low"], prediction["mean_ci_lower"].iloc[0]) < 1e-9
 
 
-def test_site_intercepts_recover_the_planted_male_effects(three_sites):
+def test_site_intercepts_recover_the_planted_male_effects(three_site_releases):
     """The sites differ in age range and offset: with a common intercept R_P01's male effect
     comes out near 134 mm³ for a planted 200, outside its interval."""
-    paths, _ = three_sites
+    paths, _ = three_site_releases
     fixed, common = pool(paths).results, pool(paths, site_effects=False).results
     for region, (_, _, male, _) in EFFECTS.items():
         row = _row(fixed, region, "sex[M]", "pooled_regression")
@@ -304,8 +164,8 @@ def test_site_intercepts_remove_the_pull_of_site_offsets(tmp_path):
         assert b["ci_low"] > age  # 600 mm³ over 40 years: +15 mm³ per year of pull
 
 
-def test_site_table_equals_statsmodels_ols_per_site(three_sites):
-    paths, raw = three_sites
+def test_site_table_equals_statsmodels_ols_per_site(three_site_releases):
+    paths, raw = three_site_releases
     result = pool(paths)
     for site, rows in raw.items():
         for region in REGIONS:
@@ -322,8 +182,8 @@ def test_site_table_equals_statsmodels_ols_per_site(three_sites):
 
 
 @pytest.mark.parametrize(("method", "test"), [("REML", "z"), ("DL", "knha"), ("PM", "z")])
-def test_meta_analysis_equals_random_effects_on_per_site_ols(three_sites, method, test):
-    paths, raw = three_sites
+def test_meta_analysis_equals_random_effects_on_per_site_ols(three_site_releases, method, test):
+    paths, raw = three_site_releases
     result = pool(paths, method=method, test=test)
     for region in REGIONS:
         for term in COVARIATES:
@@ -383,8 +243,8 @@ def test_a_single_release_follows_metafor_k1(tmp_path):
     assert "0 degrees of freedom" in knha["note"]
 
 
-def test_regions_subset_and_bad_arguments(three_sites):
-    paths, _ = three_sites
+def test_regions_subset_and_bad_arguments(three_site_releases):
+    paths, _ = three_site_releases
     result = pool(paths, regions=["L_P12", "L_P01"])
     assert result.regions == ["L_P01", "L_P12"]  # atlas order
     assert set(result.sites["region"]) == {"L_P01", "L_P12"}

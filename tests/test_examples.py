@@ -7,7 +7,7 @@ import importlib.util
 import json
 
 import pandas as pd
-from conftest import BUNDLED, SITES
+from support import BUNDLED, SITES
 
 
 def _load_generator():

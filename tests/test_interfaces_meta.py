@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 from nipype.pipeline import engine as pe
-from test_coordinator import write_sites
 
 from fednipype.cli import hub as meta
 from fednipype.exceptions import ReleaseValidationError
@@ -14,9 +13,9 @@ from fednipype.hub.reports import write_results_tsv
 from fednipype.interfaces.hub import MetaAnalysis
 
 
-@pytest.fixture(scope="module")
-def releases(tmp_path_factory):
-    return write_sites(tmp_path_factory.mktemp("releases"))[0]
+@pytest.fixture
+def releases(three_site_releases):
+    return three_site_releases[0]
 
 
 def test_interface_writes_the_librarys_table(releases, tmp_path):

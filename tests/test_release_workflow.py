@@ -6,35 +6,25 @@ import json
 import math
 
 import pytest
-from conftest import BUNDLED
+from support import BUNDLED
 
 from fednipype.cli import budget
 from fednipype.contract.document import read_release
-from fednipype.features import extract_dataset_features
 from fednipype.interfaces.release import DPRelease
 from fednipype.workflows.release import init_site_release_wf
 
 
-@pytest.fixture(scope="module")
-def derivatives(tmp_path_factory):
-    out = tmp_path_factory.mktemp("siteB") / "derivatives"
-    extract_dataset_features(BUNDLED / "siteB", out)
-    return out
+@pytest.fixture
+def derivatives(bundled_derivatives):
+    return bundled_derivatives["siteB"]
 
 
-def _policy(folder, epsilon=2.0):
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "policy.toml"
-    path.write_text(
-        f"[budget]\nepsilon = {epsilon}\ndelta = 1e-4\n"
-        '[ledger]\npath = "ledger.sqlite"\ndataset = "siteB"\n'
-        "[bounds]\nage = [18.0, 90.0]\n[bounds.features]\ndefault = [0.0, 12000.0]\n"
-    )
-    return path
+@pytest.fixture
+def policy(site_policy, tmp_path):
+    return site_policy(tmp_path / "owner", dataset="siteB", epsilon=2.0)
 
 
-def test_site_release_workflow_charges_once_per_run(derivatives, tmp_path, capsys):
-    policy = _policy(tmp_path / "owner")
+def test_site_release_workflow_charges_once_per_run(derivatives, policy, tmp_path, capsys):
     wf = init_site_release_wf(
         bids_dir=BUNDLED / "siteB",
         derivatives_dir=derivatives,
@@ -70,22 +60,22 @@ def test_site_release_workflow_charges_once_per_run(derivatives, tmp_path, capsy
     assert len(json.loads(capsys.readouterr().out)["audit_trail"]) == 2
 
 
-def test_dprelease_requires_epsilon(derivatives, tmp_path):
+def test_dprelease_requires_epsilon(derivatives, policy, tmp_path):
     node = DPRelease(
         in_features=[str(p) for p in sorted(derivatives.rglob("*_features.tsv"))],
         participants_file=str(BUNDLED / "siteB" / "participants.tsv"),
-        policy_file=str(_policy(tmp_path)),
+        policy_file=str(policy),
         site="siteB",
         out_file=str(tmp_path / "x_release.json"),
     )
     with pytest.raises(ValueError, match="epsilon"):
         node.run(cwd=str(tmp_path))
-    assert not (tmp_path / "ledger.sqlite").exists()
+    assert not (policy.parent / "ledger.sqlite").exists()
     assert not (tmp_path / "x_release.json").exists()
 
 
-def test_budget_command_errors(tmp_path, capsys):
-    assert budget.main(["--policy", str(_policy(tmp_path))]) == 1
+def test_budget_command_errors(policy, tmp_path, capsys):
+    assert budget.main(["--policy", str(policy)]) == 1
     assert "no privacy ledger yet" in capsys.readouterr().err
     bad = tmp_path / "bad.toml"
     bad.write_text("[budget]\nepsilon = -1\n")

@@ -17,8 +17,8 @@ import json
 
 import numpy as np
 import pandas as pd
-from conftest import BUNDLED
 from scipy.stats import norm
+from support import BUNDLED
 
 from fednipype.contract.scaling import Scaling
 from fednipype.hub.regression import pooled_regression

@@ -18,6 +18,8 @@ import numpy as np
 import pandas as pd
 
 from fednipype.exceptions import BIDSError, FednipypeError
+from fednipype.features import read_features
+from fednipype.images import bids_entities
 
 LOGGER = logging.getLogger(__name__)
 
@@ -104,14 +106,10 @@ def load_feature_table(tsvs: Sequence[str | Path], feature: str = "volume_mm3") 
         A file is not named as a BIDS derivative, lacks the column, or the files disagree on
         their regions.
     """
-    from bids.layout import parse_file_entities
-
-    from fednipype.features import read_features
-
     rows, index, regions = [], [], None
     for tsv in tsvs:
-        entities = parse_file_entities(str(tsv))
-        if "subject" not in entities:
+        entities = bids_entities(tsv)
+        if "sub" not in entities:
             raise BIDSError(f"{tsv}: file name has no sub-<label> entity")
         table = read_features(tsv)
         if feature not in table.columns:
@@ -124,7 +122,7 @@ def load_feature_table(tsvs: Sequence[str | Path], feature: str = "volume_mm3") 
         elif names != regions:
             raise FednipypeError(f"{tsv}: regions differ from {tsvs[0]} (different atlas?)")
         rows.append(table[feature].to_numpy(dtype=float))
-        index.append((f"sub-{entities['subject']}", str(entities.get("session", ""))))
+        index.append((f"sub-{entities['sub']}", entities.get("ses", "")))
     if not rows:
         raise FednipypeError("no regional-feature files were given")
     if len(set(index)) != len(index):

@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
+
+from fednipype.interfaces.release import DPRelease, FeatureFiles
 
 
 def init_site_release_wf(
@@ -71,10 +74,6 @@ def init_site_release_wf(
     >>> sorted(wf.list_node_names())
     ['dp_release', 'feature_files', 'outputnode']
     """
-    from nipype.interfaces import utility as niu
-
-    from fednipype.interfaces.release import DPRelease, FeatureFiles
-
     bids_dir = Path(bids_dir).absolute()
     derivatives_dir = Path(derivatives_dir).absolute()
     site = site or bids_dir.name

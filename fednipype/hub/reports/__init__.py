@@ -14,15 +14,12 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from fednipype.exceptions import MetaAnalysisError
+from fednipype.hub.pooling import PoolResult
 from fednipype.hub.reports.forest import forest_plot
 from fednipype.hub.reports.html import write_summary
 from fednipype.io import atomic_write_text
-
-if TYPE_CHECKING:
-    from fednipype.hub.pooling import PoolResult
 
 LOGGER = logging.getLogger(__name__)
 

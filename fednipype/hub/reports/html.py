@@ -11,13 +11,11 @@ import math
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fednipype import __version__
+from fednipype.hub.pooling import PoolResult
 from fednipype.io import atomic_write_text
-
-if TYPE_CHECKING:
-    from fednipype.hub.pooling import PoolResult
 
 __all__ = ["render_summary", "write_summary"]
 
