@@ -26,8 +26,8 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS_REQUIRE = {
-    "test": ["pytest>=7.4"],
-    "dev": ["pytest>=7.4", "ruff>=0.5"],
+    "test": ["pytest>=7.4", "import-linter>=2.1"],
+    "dev": ["pytest>=7.4", "import-linter>=2.1", "ruff>=0.5"],
 }
 
 setup(
