@@ -101,7 +101,7 @@ def load_layout(
     >>> layout.get_subjects()[:3]
     ['01', '02', '03']
     """
-    from bids import BIDSLayout
+    from bids import BIDSLayout  # pybids takes ~0.4 s to import: only when a dataset is read
 
     root = Path(bids_dir).expanduser().resolve()
     if not root.is_dir():
@@ -169,7 +169,7 @@ def get_sessions(layout: BIDSLayout, subject: str) -> list[str]:
 
 
 def _session_filter(session: str | None) -> dict:
-    from bids.layout import Query
+    from bids.layout import Query  # pybids, slow to import (loaded by then: a layout exists)
 
     return {"session": Query.NONE if session is None else session}
 
