@@ -8,7 +8,7 @@ import sys
 
 import pandas as pd
 import pytest
-from conftest import BUNDLED, SITES
+from support import BUNDLED, SITES
 
 from fednipype.cli import demo, run
 

@@ -6,7 +6,7 @@ import importlib.util
 
 import pandas as pd
 import pytest
-from conftest import BUNDLED, REPO
+from support import BUNDLED, REPO
 
 from fednipype.atlas import default_atlas
 from fednipype.features import extract_features
