@@ -201,8 +201,9 @@ def bench_workflow(repeats: int, site: str = "siteB") -> dict[str, float]:
     from nipype import config
     from nipype import logging as nipype_logging
 
+    from fednipype.bids import collect_probseg_maps
+    from fednipype.cli.participant import run_participant_wf
     from fednipype.features import extract_features, write_features
-    from fednipype.workflows.participant import collect_jobs, run_participant_wf
 
     config.set("logging", "workflow_level", "CRITICAL")
     nipype_logging.update_logging(config)
@@ -217,8 +218,8 @@ def bench_workflow(repeats: int, site: str = "siteB") -> dict[str, float]:
 
     def loop():
         out = fresh()
-        for job in collect_jobs(bids_dir):
-            result = extract_features(job.in_file, *_atlas_files())
+        for job in collect_probseg_maps(bids_dir):
+            result = extract_features(job.path, *_atlas_files())
             write_features(result, out / f"{job.key}_desc-regional_features.tsv")
 
     def workflow(plugin, plugin_args=None, poll=None):
@@ -234,13 +235,13 @@ def bench_workflow(repeats: int, site: str = "siteB") -> dict[str, float]:
         assert result.ok and len(result.outputs) == result.n_jobs, result.failures
         return root
 
-    n = len(collect_jobs(bids_dir))
+    n = len(collect_probseg_maps(bids_dir))
     mp2 = {"n_procs": 2}
     try:
         loop()  # imports and OS file cache
         med = _interleaved_medians(
             {
-                "query": lambda: collect_jobs(bids_dir),
+                "query": lambda: collect_probseg_maps(bids_dir),
                 "loop": loop,
                 "Linear": lambda: workflow("Linear"),
                 "MultiProc": lambda: workflow("MultiProc", mp2),

@@ -22,13 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-# The writing side lives in fednipype.derivatives; names imported ``as`` themselves are
-# re-exported, for code that imports them from here.
-from fednipype.derivatives import BIDS_VERSION as BIDS_VERSION
 from fednipype.derivatives import FEATURES_DESC, FEATURES_SUFFIX
-from fednipype.derivatives import PIPELINE_NAME as PIPELINE_NAME
-from fednipype.derivatives import derivative_path as derivative_path
-from fednipype.derivatives import write_derivative_description as write_derivative_description
 from fednipype.exceptions import BIDSError
 
 if TYPE_CHECKING:

@@ -55,13 +55,8 @@ import pandas as pd
 
 from fednipype import __version__
 from fednipype.atlas import Atlas, default_atlas
-from fednipype.bids import (
-    collect_images,
-    derivative_path,
-    get_subjects,
-    load_layout,
-    write_derivative_description,
-)
+from fednipype.bids import collect_images, get_subjects, load_layout
+from fednipype.derivatives import derivative_path, write_derivative_description
 from fednipype.exceptions import BIDSError, ImageError
 from fednipype.grids import (
     atlas_grid,

@@ -11,6 +11,7 @@ from bids import BIDSLayout
 from support import BUNDLED, COMMUNITY_DATASETS, SITES
 
 from fednipype import bids as fbids
+from fednipype.derivatives import derivative_path, write_derivative_description
 from fednipype.exceptions import BIDSError
 
 
@@ -223,11 +224,11 @@ def test_subject_without_participants_row_warns(tmp_path, caplog):
 
 
 def test_derivative_path_and_description(tmp_path):
-    path = fbids.derivative_path(
+    path = derivative_path(
         "sub-01", "1", desc="regional", suffix="features", extension=".tsv", output_dir=tmp_path
     )
     assert path == tmp_path / "sub-01/ses-1/anat/sub-01_ses-1_desc-regional_features.tsv"
-    written = fbids.write_derivative_description(tmp_path, ["file:///data/siteA"])
+    written = write_derivative_description(tmp_path, ["file:///data/siteA"])
     description = json.loads(written.read_text())
     assert description["DatasetType"] == "derivative"
     assert description["GeneratedBy"][0]["Name"] == "fednipype"
@@ -245,7 +246,7 @@ def test_derivative_description_refuses_foreign_folder(tmp_path):
         )
     )
     with pytest.raises(BIDSError, match="belongs to another dataset"):
-        fbids.write_derivative_description(tmp_path)
+        write_derivative_description(tmp_path)
 
 
 def test_summary_counts_match_disk():

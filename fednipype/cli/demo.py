@@ -16,26 +16,18 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import pandas as pd
+from nipype import config
+from nipype import logging as nipype_logging
+
+from fednipype.bids import summarize
+from fednipype.cli import hub as meta
 from fednipype.cli.participant import format_summary, run_participant_wf
 from fednipype.exceptions import FednipypeError
-
-#: The demo's stand-in for a data owner's policy (public bounds chosen a priori: ages of adult
-#: cohorts, regional grey-matter volumes of the default atlas's ~13 cm3 parcels).
-DEMO_POLICY = """# Written by fednipype-demo for an example site; a real site writes its own.
-[budget]
-epsilon = {total_epsilon}
-delta = 1e-4
-
-[ledger]
-path = "ledger.sqlite"
-dataset = "{site}"
-
-[bounds]
-age = [18.0, 90.0]
-
-[bounds.features]
-default = [0.0, 12000.0]
-"""
+from fednipype.hub.reports import TSV_NAME
+from fednipype.io import atomic_write_text
+from fednipype.site.policy import example_policy
+from fednipype.workflows.release import init_site_release_wf
 
 
 def find_sites(root: Path) -> list[Path]:
@@ -46,18 +38,12 @@ def find_sites(root: Path) -> list[Path]:
 def _site_policy(site_dir: Path, site: str, total_epsilon: float) -> Path:
     path = site_dir / "policy.toml"
     if not path.exists():
-        from fednipype.io import atomic_write_text
-
-        atomic_write_text(path, DEMO_POLICY.format(site=site, total_epsilon=total_epsilon))
+        atomic_write_text(path, example_policy(dataset=site, total_epsilon=total_epsilon))
     return path
 
 
 def _effects_table(meta_dir: Path, truth_file: Path, regions: list[str]) -> str:
     """Pooled age and patient effects next to the planted ones, for the demo's last table."""
-    import pandas as pd
-
-    from fednipype.hub.reports import TSV_NAME
-
     results = pd.read_csv(meta_dir / TSV_NAME, sep="\t")
     pooled = results[results["method"] == "pooled_regression"].set_index(["region", "term"])
     truth = {}
@@ -83,8 +69,6 @@ def _effects_table(meta_dir: Path, truth_file: Path, regions: list[str]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the demo over every BIDS dataset below ``sites_dir``; return the exit code."""
-    from fednipype.bids import summarize
-
     parser = argparse.ArgumentParser(prog="fednipype-demo", description=__doc__.splitlines()[0])
     parser.add_argument("sites_dir", type=Path, help="folder holding one BIDS dataset per site")
     parser.add_argument("output_dir", type=Path, help="folder for the demo's outputs")
@@ -125,12 +109,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _pipeline(args: argparse.Namespace, sites: list[Path]) -> int:
     """Participant features, one DP release per site, then the coordinator's meta-analysis."""
-    from nipype import config
-    from nipype import logging as nipype_logging
-
-    from fednipype.cli import hub as meta
-    from fednipype.workflows.release import init_site_release_wf
-
     # Nipype reports every node at INFO; the demo prints its own progress.
     config.update_config({"logging": {"workflow_level": "WARNING"}})
     nipype_logging.update_logging(config)
