@@ -1,10 +1,12 @@
-"""BIDS queries over pybids: subjects, sessions, images, the participants table, derivatives.
+"""BIDS queries over pybids: subjects, sessions, images, derivatives, feature tables.
 
 Everything that parses a BIDS tree goes through :class:`bids.BIDSLayout`; this module adds the
 checks and conventions fednipype needs (clear errors naming the file and field, label filters
-that accept ``01`` and ``sub-01``, explicit typing of ``participants.tsv``) and the discovery
-of the participant level's work (:func:`collect_probseg_maps`, the one query of a whole site).
-Writing derivatives (paths, ``dataset_description.json``) is :mod:`fednipype.derivatives`.
+that accept ``01`` and ``sub-01``, a broken unrelated derivative skipped with a warning naming
+it, fMRIPrep's BIDS filter files, a choice among resolutions) and the discovery of the
+participant level's work (:func:`collect_probseg_maps`, the one query of a whole site).
+The participants table is :mod:`fednipype.participants` (its readers are importable from here
+too); writing derivatives is :mod:`fednipype.derivatives`.
 
 Enumeration never opens an image: zero-byte or non-NIfTI files are listed like any other, and
 fail later, per file, when a step reads them.
@@ -20,10 +22,29 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
+from fednipype.bids_filters import choose_resolution, read_bids_filters, user_filters
 from fednipype.derivatives import FEATURES_DESC, FEATURES_SUFFIX
 from fednipype.exceptions import BIDSError
+from fednipype.images import bids_entities
+from fednipype.participants import match_participants, read_participants
+
+__all__ = [
+    "DEFAULT_SPACE",
+    "ImageRecord",
+    "collect_images",
+    "collect_probseg_maps",
+    "find_feature_files",
+    "get_probseg",
+    "get_sessions",
+    "get_subjects",
+    "get_t1w",
+    "load_layout",
+    "match_participants",
+    "read_bids_filters",
+    "read_participants",
+    "summarize",
+]
 
 if TYPE_CHECKING:
     from bids import BIDSLayout
@@ -32,18 +53,8 @@ LOGGER = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = [".nii", ".nii.gz"]
 DEFAULT_SPACE = "MNI152NLin2009cAsym"
-
-#: Column names seen in the wild, mapped to fednipype's names (exact, case-sensitive match
-#: first, then case-insensitive).  ``Gender`` is taken as ``sex`` only when no ``sex`` exists.
-COLUMN_ALIASES: dict[str, tuple[str, ...]] = {
-    "age": ("age", "Age", "AGE", "age_years", "age_at_scan", "age_at_first_scan_years"),
-    "sex": ("sex", "Sex", "SEX", "gender", "Gender", "GENDER"),
-    "group": ("group", "Group", "GROUP", "diagnosis", "Diagnosis", "dx", "DX"),
-}
-
-#: Values of ``sex`` mapped to BIDS's recommended ``M`` / ``F`` (case-insensitive).
-SEX_VALUES = {"m": "M", "male": "M", "f": "F", "female": "F", "o": "O", "other": "O"}
-MISSING_VALUES = {"n/a", "", "na", "nan", "NaN", "N/A"}
+#: ``sub-`` labels that are not participants (MEG empty-room recordings).
+NOT_PARTICIPANTS = frozenset({"emptyroom"})
 
 
 def _normalise_label(label: str) -> str:
@@ -66,6 +77,64 @@ def _read_description(root: Path) -> dict:
     return description
 
 
+def _resolve_root(bids_dir: str | Path, what: str = "the root of a BIDS dataset") -> Path:
+    """The resolved folder, or a BIDSError naming it (missing, a file, a symbolic-link loop)."""
+    try:
+        root = Path(bids_dir).expanduser().resolve(strict=True)
+    except RuntimeError as err:  # Python < 3.13: "Symlink loop from ..."
+        raise BIDSError(f"{bids_dir}: a symbolic-link loop; expected {what}") from err
+    except OSError as err:
+        reason = "a symbolic-link loop" if "loop" in str(err).lower() else "does not exist"
+        raise BIDSError(f"{bids_dir}: {reason}; expected {what}") from err
+    if not root.is_dir():
+        raise BIDSError(f"{bids_dir}: not a folder; expected {what}")
+    return root
+
+
+def check_derivative_dataset(root: Path) -> None:
+    """Refuse a derivative folder pybids cannot index: no or invalid description, no pipeline.
+
+    Raises
+    ------
+    BIDSError
+        Naming the folder's ``dataset_description.json`` and what is wrong with it.
+    """
+    description = _read_description(root)
+    generated = description.get("GeneratedBy")
+    legacy = description.get("PipelineDescription")
+    if not (
+        (isinstance(generated, list) and generated and isinstance(generated[0], dict)
+         and generated[0].get("Name"))
+        or (isinstance(legacy, dict) and legacy.get("Name"))
+    ):  # fmt: skip
+        raise BIDSError(
+            f"{root / 'dataset_description.json'}: a derivative dataset needs "
+            "'GeneratedBy': [{'Name': ...}]"
+        )
+
+
+def usable_derivatives(root: Path) -> list[Path]:
+    """The derivative datasets under ``root/derivatives`` that pybids can index.
+
+    A broken unrelated one (no, empty or invalid ``dataset_description.json``) is skipped with
+    a warning naming it, instead of stopping the enumeration of the whole dataset.
+    """
+    folder = root / "derivatives"
+    if not folder.is_dir():
+        return []
+    usable = []
+    for candidate in sorted(p for p in folder.iterdir() if p.is_dir()):
+        if candidate.name.startswith("."):
+            continue
+        try:
+            check_derivative_dataset(candidate)
+        except BIDSError as err:
+            LOGGER.warning("skipping the derivative dataset %s: %s", candidate, err)
+            continue
+        usable.append(candidate)
+    return usable
+
+
 def load_layout(
     bids_dir: str | Path, *, derivatives: bool | Sequence[str | Path] = True
 ) -> BIDSLayout:
@@ -76,9 +145,11 @@ def load_layout(
     bids_dir : path-like
         Root of the dataset; must hold a ``dataset_description.json``.
     derivatives : bool or sequence of path-like
-        ``True`` indexes every pipeline under ``bids_dir/derivatives``; a list indexes those
-        folders; ``False`` none.  A dataset whose own description says
-        ``"DatasetType": "derivative"`` is indexed as a derivative.
+        ``True`` indexes every usable pipeline under ``bids_dir/derivatives`` (a broken one is
+        skipped with a warning, :func:`usable_derivatives`); a list indexes those derivative
+        datasets (each must be valid: e.g. fMRIPrep's or sMRIPrep's output elsewhere);
+        ``False`` none.  A dataset whose own description says ``"DatasetType": "derivative"``
+        is indexed as a derivative.
 
     Returns
     -------
@@ -87,7 +158,8 @@ def load_layout(
     Raises
     ------
     BIDSError
-        The folder or its ``dataset_description.json`` is missing or invalid.
+        The folder (a symbolic-link loop included) or its ``dataset_description.json`` is
+        missing or invalid, or a derivative dataset given in the list is.
 
     Examples
     --------
@@ -97,26 +169,27 @@ def load_layout(
     """
     from bids import BIDSLayout  # pybids takes ~0.4 s to import: only when a dataset is read
 
-    root = Path(bids_dir).expanduser().resolve()
-    if not root.is_dir():
-        raise BIDSError(f"{root}: not a folder; expected the root of a BIDS dataset")
+    root = _resolve_root(bids_dir)
     description = _read_description(root)
     is_derivative = description.get("DatasetType") == "derivative"
-    deriv: bool | list[str] = derivatives if isinstance(derivatives, bool) else []
-    if not isinstance(derivatives, bool):
-        deriv = [str(Path(d).resolve()) for d in derivatives]
-    if deriv is True and not (root / "derivatives").is_dir():
-        deriv = False
+    if isinstance(derivatives, bool):
+        deriv = [str(p) for p in usable_derivatives(root)] if derivatives else []
+    else:
+        deriv = []
+        for folder in derivatives:
+            path = _resolve_root(folder, "a derivative dataset (--derivatives)")
+            check_derivative_dataset(path)
+            deriv.append(str(path))
     try:
         return BIDSLayout(
-            str(root), validate=False, derivatives=deriv, is_derivative=is_derivative
+            str(root), validate=False, derivatives=deriv or False, is_derivative=is_derivative
         )
     except Exception as err:  # pybids raises several unrelated types for bad trees
         raise BIDSError(f"{root}: pybids could not index the dataset: {err}") from err
 
 
 def get_subjects(layout: BIDSLayout, participant_label: Iterable[str] | None = None) -> list[str]:
-    """Subject labels (without ``sub-``), optionally filtered.
+    """Subject labels (without ``sub-``), optionally filtered; ``sub-emptyroom`` is not one.
 
     Parameters
     ----------
@@ -141,7 +214,7 @@ def get_subjects(layout: BIDSLayout, participant_label: Iterable[str] | None = N
     >>> get_subjects(layout, ["sub-02", "03"])
     ['02', '03']
     """
-    available = sorted(layout.get_subjects())
+    available = sorted(s for s in layout.get_subjects() if s not in NOT_PARTICIPANTS)
     if not available:
         raise BIDSError(f"{layout.root}: no subjects found (no sub-<label> folders with data)")
     if participant_label is None:
@@ -171,23 +244,32 @@ def _session_filter(session: str | None) -> dict:
 def get_t1w(layout: BIDSLayout, subject: str, session: str | None = None) -> list[str]:
     """Raw T1-weighted images of a subject (one session, or all when the dataset has none).
 
-    ``session=None`` selects images that have no session entity.
+    ``session=None`` selects images that have no session entity.  Preprocessed T1w images
+    (a derivative's, with ``space-`` or ``desc-``) are not raw and never counted.
     """
     return sorted(
         layout.get(
             subject=_normalise_label(subject),
-            suffix="T1w",
-            datatype="anat",
             extension=IMAGE_EXTENSIONS,
-            scope="raw" if not _is_derivative(layout) else "all",
             return_type="filename",
+            **_raw_t1w_filters(),
             **_session_filter(session),
         )
     )
 
 
-def _is_derivative(layout: BIDSLayout) -> bool:
-    return layout.get_dataset_description().get("DatasetType") == "derivative"
+def _raw_t1w_filters() -> dict:
+    """Raw T1w images only: in the raw scope, without ``space-`` or ``desc-`` (preprocessed)."""
+    from bids.layout import Query  # pybids, slow to import (loaded by then: a layout exists)
+
+    return {
+        "suffix": "T1w",
+        "datatype": "anat",
+        "scope": "raw",
+        "space": Query.NONE,
+        "desc": Query.NONE,
+        "invalid_filters": "allow",
+    }
 
 
 def get_probseg(
@@ -262,11 +344,28 @@ def collect_images(
     kind: str = "probseg",
     label: str = "GM",
     space: str = DEFAULT_SPACE,
+    filters: dict | None = None,
+    filter_source: str | Path | None = None,
 ) -> list[ImageRecord]:
     """All images of ``kind`` (``probseg`` or ``T1w``) for the given subjects, in one query.
 
-    Subjects without an image are logged; the caller decides whether an empty result is an
-    error.
+    ``T1w`` are raw images only (see :func:`get_t1w`).  Subjects without an image are logged;
+    the caller decides whether an empty result is an error.
+
+    Parameters
+    ----------
+    layout : bids.BIDSLayout
+        The dataset (with its derivatives for ``probseg``).
+    subjects : sequence of str
+        Subject labels.
+    kind : {"probseg", "T1w"}
+        What to collect.
+    label, space : str
+        Entities of the probability maps.
+    filters : dict, optional
+        Extra entity filters (a BIDS filter file's query; ``None`` values: entity absent).
+    filter_source : path-like, optional
+        Where ``filters`` come from, named in errors.
 
     Examples
     --------
@@ -276,15 +375,15 @@ def collect_images(
     [('01', '1'), ('01', '2')]
     """
     if kind == "probseg":
-        filters = {"suffix": "probseg", "label": label, "space": space, "scope": "all"}
-        filters["invalid_filters"] = "allow"
+        query = {"suffix": "probseg", "label": label, "space": space, "scope": "all"}
+        query["invalid_filters"] = "allow"
     elif kind == "T1w":
-        filters = {"suffix": "T1w", "datatype": "anat"}
-        filters["scope"] = "all" if _is_derivative(layout) else "raw"
+        query = _raw_t1w_filters()
     else:
         raise ValueError(f"kind: expected 'probseg' or 'T1w', got {kind!r}")
+    query.update(user_filters(layout, filters, filter_source))
     wanted = [_normalise_label(s) for s in subjects]
-    found = layout.get(subject=wanted, extension=IMAGE_EXTENSIONS, return_type="object", **filters)
+    found = layout.get(subject=wanted, extension=IMAGE_EXTENSIONS, return_type="object", **query)
     records = sorted(
         ImageRecord(f.entities["subject"], f.entities.get("session"), f.path) for f in found
     )
@@ -301,6 +400,11 @@ def collect_probseg_maps(
     participant_label: Iterable[str] | None = None,
     space: str = DEFAULT_SPACE,
     label: str = "GM",
+    derivatives: bool | Sequence[str | Path] = True,
+    res: str | None = None,
+    filters: dict | None = None,
+    filter_source: str | Path | None = None,
+    layout: BIDSLayout | None = None,
 ) -> list[ImageRecord]:
     """The probability maps the participant level processes: exactly one per subject/session.
 
@@ -314,6 +418,18 @@ def collect_probseg_maps(
         Subjects to keep (with or without ``sub-``); all by default.
     space, label : str
         Entities of the probability maps.
+    derivatives : bool or sequence of path-like
+        Where the maps are: ``True`` the dataset's own ``derivatives/``; or derivative
+        datasets elsewhere (fMRIPrep's or sMRIPrep's output), see :func:`load_layout`.
+    res : str, optional
+        ``res-`` entity of the maps to use; by default the native maps (no ``res-``), or the
+        one resolution present (:func:`fednipype.bids_filters.choose_resolution`).
+    filters : dict, optional
+        Extra entity filters of the maps (the ``probseg`` query of a BIDS filter file).
+    filter_source : path-like, optional
+        The filter file, named in errors.
+    layout : bids.BIDSLayout, optional
+        An index of the dataset already made with the same ``derivatives``.
 
     Returns
     -------
@@ -324,7 +440,7 @@ def collect_probseg_maps(
     ------
     BIDSError
         If the dataset cannot be read, a requested subject does not exist, no map is found at
-        all, or a subject/session has more than one.
+        all, or a subject/session has more than one at the chosen resolution.
 
     Examples
     --------
@@ -332,9 +448,17 @@ def collect_probseg_maps(
     >>> [m.key for m in maps]
     ['sub-02_ses-1', 'sub-02_ses-2']
     """
-    layout = load_layout(bids_dir, derivatives=True)
+    layout = layout or load_layout(bids_dir, derivatives=derivatives)
     subjects = get_subjects(layout, participant_label)
-    records = collect_images(layout, subjects, kind="probseg", label=label, space=space)
+    records = collect_images(
+        layout,
+        subjects,
+        kind="probseg",
+        label=label,
+        space=space,
+        filters=filters,
+        filter_source=filter_source,
+    )
     by_key: dict[tuple[str, str | None], list[ImageRecord]] = {}
     for record in records:
         by_key.setdefault((record.subject, record.session), []).append(record)
@@ -342,172 +466,36 @@ def collect_probseg_maps(
     for (subject, session), found in sorted(
         by_key.items(), key=lambda kv: (kv[0][0], kv[0][1] or "")
     ):
-        if len(found) > 1:
-            where = f"sub-{subject}" + (f" ses-{session}" if session else "")
+        where = f"sub-{subject}" + (f" ses-{session}" if session else "")
+        chosen = choose_resolution(found, res, where)
+        if len(chosen) > 1:
             raise BIDSError(
-                f"{where}: {len(found)} space-{space} label-{label} probseg images match "
-                f"({', '.join(Path(r.path).name for r in found)}); expected one"
+                f"{where}: {len(chosen)} space-{space} label-{label} probseg images match "
+                f"({', '.join(Path(r.path).name for r in chosen)}); expected one (narrow the "
+                "choice with --bids-filter-file)"
             )
-        maps.append(found[0])
+        if not chosen:
+            LOGGER.warning("%s: no probseg image at res-%s", where, res)
+            continue
+        maps.append(chosen[0])
     if not maps:
+        wanted = f" res-{res}" if res else ""
         raise BIDSError(
-            f"{bids_dir}: no space-{space} label-{label} probseg image found in its derivatives"
+            f"{bids_dir}: no space-{space} label-{label}{wanted} probseg image found in its "
+            "derivatives"
         )
     return maps
 
 
-def _find_column(columns: Sequence[str], canonical: str) -> str | None:
-    aliases = COLUMN_ALIASES[canonical]
-    for alias in aliases:
-        if alias in columns:
-            return alias
-    lowered = {c.lower(): c for c in columns}
-    for alias in aliases:
-        if alias.lower() in lowered:
-            return lowered[alias.lower()]
-    return None
-
-
-def read_participants(bids_dir: str | Path) -> pd.DataFrame:
-    """Read ``participants.tsv`` with explicit types.
-
-    ``participant_id`` is required and unique.  ``n/a`` (and empty cells) are missing values.
-    Common column variants are mapped to fednipype's names: ``Age`` → ``age`` (float, years),
-    ``Gender``/``Sex`` → ``sex`` (``M``/``F``/``O``), ``Group``/``diagnosis`` → ``group``
-    (string).  A byte-order mark and CRLF line ends are accepted.  Other columns are kept:
-    numeric when ``participants.json`` gives them ``Units``, strings otherwise.
-
-    Parameters
-    ----------
-    bids_dir : path-like
-        Dataset root (or the ``participants.tsv`` path itself).
-
-    Returns
-    -------
-    pandas.DataFrame
-        Indexed by ``participant_id``; ``attrs["source"]`` is the file and
-        ``attrs["renamed"]`` the column mapping applied.
-
-    Raises
-    ------
-    BIDSError
-        Missing or unreadable file, no ``participant_id`` column, duplicate or malformed IDs,
-        or a non-numeric value in a numeric column (naming the row and the value).
-
-    Examples
-    --------
-    >>> table = read_participants("bids_examples/siteC")
-    >>> row = table.loc["sub-01"]
-    >>> float(row["age"]), row["sex"], row["group"]
-    (26.5, 'F', 'patient')
-    >>> int(table["age"].isna().sum())  # one 'n/a'
-    1
-    """
-    path = Path(bids_dir)
-    if path.is_dir():
-        path = path / "participants.tsv"
-    if not path.is_file():
-        raise BIDSError(f"{path}: participants.tsv not found")
-    try:
-        raw = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError, pd.errors.ParserError) as err:
-        raise BIDSError(f"{path}: cannot be read as a tab-separated table ({err})") from err
-    raw.columns = [str(c).strip() for c in raw.columns]
-    raw = raw.apply(lambda col: col.str.strip())
-    if "participant_id" not in raw.columns:
-        raise BIDSError(
-            f"{path}: no 'participant_id' column; columns are {', '.join(raw.columns)}"
-        )
-    ids = raw["participant_id"]
-    bad = ids[~ids.str.match(r"^sub-[A-Za-z0-9]+$")]
-    if len(bad):
-        raise BIDSError(
-            f"{path}: participant_id must look like 'sub-<label>'; "
-            f"row {int(bad.index[0]) + 2} has {bad.iloc[0]!r}"
-        )
-    dupes = sorted(ids[ids.duplicated()].unique())
-    if dupes:
-        raise BIDSError(f"{path}: duplicate participant_id: {', '.join(dupes)}")
-
-    sidecar = _read_sidecar(path.with_suffix(".json"))
-    renamed: dict[str, str] = {}
-    for canonical in COLUMN_ALIASES:
-        if canonical in raw.columns:
-            continue
-        found = _find_column([c for c in raw.columns if c not in renamed], canonical)
-        if found is not None:
-            renamed[found] = canonical
-    table = raw.rename(columns=renamed)
-    if renamed:
-        LOGGER.info("%s: renamed columns %s", path, renamed)
-    missing = table.isin(MISSING_VALUES)
-    table = table.mask(missing)
-    for column in table.columns:
-        if column == "participant_id":
-            continue
-        original = next((k for k, v in renamed.items() if v == column), column)
-        if column == "age" or "Units" in sidecar.get(original, {}):
-            table[column] = _to_float(table[column], path, column, ids)
-        elif column == "sex":
-            table[column] = table[column].map(
-                lambda v: v if pd.isna(v) else SEX_VALUES.get(v.lower(), v)
-            )
-    table = table.set_index("participant_id")
-    table.attrs["source"] = str(path)
-    table.attrs["renamed"] = renamed
-    return table
-
-
-def _read_sidecar(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8-sig"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise BIDSError(f"{path}: not valid JSON ({err})") from err
-    return {k: v for k, v in meta.items() if isinstance(v, dict)} if isinstance(meta, dict) else {}
-
-
-def _to_float(values: pd.Series, path: Path, column: str, ids: pd.Series) -> pd.Series:
-    # BIDS recommends top-coding ages of 89 and over as "89+": read as the lower bound.
-    top_coded = values.str.fullmatch(r"\d+(\.\d+)?\+", na=False)
-    if top_coded.any():
-        LOGGER.warning(
-            "%s: column '%s' has top-coded values (%s) read as their lower bound",
-            path,
-            column,
-            ", ".join(sorted(set(values[top_coded]))),
-        )
-        values = values.where(~top_coded, values.str.rstrip("+"))
-    numbers = pd.to_numeric(values, errors="coerce")
-    bad = values.notna() & numbers.isna()
-    if bad.any():
-        row = bad.idxmax()
-        raise BIDSError(
-            f"{path}: column '{column}' expects numbers or n/a; {ids[row]} has {values[row]!r}"
-        )
-    return numbers.astype(float)
-
-
-def match_participants(subjects: Sequence[str], table: pd.DataFrame) -> list[str]:
-    """Subjects (labels without ``sub-``) that have no row in the participants table.
-
-    A subject with images but no phenotype row is not an error: participant-level feature
-    extraction needs no phenotype, and group-level statistics leave such subjects out.  Each
-    one is logged as a warning naming the table, and returned so callers can report them.
-    """
-    known = set(table.index)
-    missing = [s for s in subjects if f"sub-{_normalise_label(s)}" not in known]
-    for subject in missing:
-        LOGGER.warning(
-            "sub-%s has images but no row in %s: left out of group-level statistics",
-            subject,
-            table.attrs.get("source", "participants.tsv"),
-        )
-    return missing
-
-
-def summarize(bids_dir: str | Path, participant_label: Iterable[str] | None = None) -> dict:
+def summarize(
+    bids_dir: str | Path,
+    participant_label: Iterable[str] | None = None,
+    *,
+    derivatives: bool | Sequence[str | Path] = True,
+    filters: dict[str, dict] | None = None,
+    filter_source: str | Path | None = None,
+    layout: BIDSLayout | None = None,
+) -> dict:
     """Counts of one dataset for a summary table: subjects, sessions, images, phenotypes.
 
     Parameters
@@ -516,29 +504,47 @@ def summarize(bids_dir: str | Path, participant_label: Iterable[str] | None = No
         Dataset root.
     participant_label : iterable of str, optional
         Restrict to these subjects.
+    derivatives : bool or sequence of path-like
+        Where the probability maps are (see :func:`load_layout`).
+    filters : dict, optional
+        A BIDS filter file's queries (``probseg``, ``t1w``).
+    filter_source : path-like, optional
+        The filter file, named in errors.
+    layout : bids.BIDSLayout, optional
+        An index of the dataset already made with the same ``derivatives``.
 
     Returns
     -------
     dict
-        ``dataset, subjects, sessions, t1w, gm_probseg, participants_rows, age_missing,
-        phenotypes`` (column names), ``without_phenotypes`` (subjects without a row).
+        ``dataset, subjects, sessions, t1w`` (raw T1w images only), ``gm_probseg,
+        participants_rows, age_missing, phenotypes`` (column names), ``without_phenotypes``
+        (subjects without a row).
 
     Examples
     --------
     >>> summarize("bids_examples/siteA")["gm_probseg"]
     48
     """
-    layout = load_layout(bids_dir)
+    filters = filters or {}
+    layout = layout or load_layout(bids_dir, derivatives=derivatives)
     subjects = get_subjects(layout, participant_label)
     n_sessions = sum(max(len(get_sessions(layout, s)), 1) for s in subjects)
-    t1w = len(collect_images(layout, subjects, kind="T1w"))
-    probseg = len(collect_images(layout, subjects, kind="probseg"))
+    t1w = collect_images(
+        layout, subjects, kind="T1w", filters=filters.get("t1w"), filter_source=filter_source
+    )
+    probseg = collect_images(
+        layout,
+        subjects,
+        kind="probseg",
+        filters=filters.get("probseg"),
+        filter_source=filter_source,
+    )
     row = {
         "dataset": layout.get_dataset_description().get("Name", Path(layout.root).name),
         "subjects": len(subjects),
         "sessions": n_sessions,
-        "t1w": t1w,
-        "gm_probseg": probseg,
+        "t1w": len(t1w),
+        "gm_probseg": len(probseg),
         "participants_rows": 0,
         "age_missing": 0,
         "phenotypes": [],
@@ -555,23 +561,10 @@ def summarize(bids_dir: str | Path, participant_label: Iterable[str] | None = No
     return row
 
 
-def find_feature_files(
+def feature_tables(
     derivatives_dir: str | Path, participant_label: Iterable[str] | None = None
-) -> list[Path]:
-    """Regional-feature tables of a fednipype derivative dataset (one per subject/session).
-
-    Parameters
-    ----------
-    derivatives_dir : path-like
-        Output folder of the participant level (holds fednipype's
-        ``dataset_description.json``).
-    participant_label : iterable of str, optional
-        Subjects to keep, with or without ``sub-``.
-
-    Returns
-    -------
-    list of pathlib.Path
-        Sorted ``sub-X[_ses-Y]_desc-regional_features.tsv`` files.
+) -> dict[tuple[str | None, str | None, str | None], list[Path]]:
+    """Regional-feature tables of a fednipype derivative dataset, by (space, atlas, res).
 
     Raises
     ------
@@ -590,4 +583,67 @@ def find_feature_files(
     )
     if not files:
         raise BIDSError(f"{derivatives_dir}: no *_desc-regional_features.tsv files found")
-    return sorted(Path(f) for f in files)
+    groups: dict[tuple[str | None, str | None, str | None], list[Path]] = {}
+    for name in sorted(files):
+        entities = bids_entities(name)
+        key = (entities.get("space"), entities.get("atlas"), entities.get("res"))
+        groups.setdefault(key, []).append(Path(name))
+    return groups
+
+
+def find_feature_files(
+    derivatives_dir: str | Path,
+    participant_label: Iterable[str] | None = None,
+    *,
+    atlas: str | None = None,
+    res: str | None = None,
+) -> list[Path]:
+    """Regional-feature tables of a fednipype derivative dataset (one per subject/session).
+
+    Parameters
+    ----------
+    derivatives_dir : path-like
+        Output folder of the participant level (holds fednipype's
+        ``dataset_description.json``).
+    participant_label : iterable of str, optional
+        Subjects to keep, with or without ``sub-``.
+    atlas, res : str, optional
+        Keep the tables of this ``atlas-`` (and ``res-``) entity.  Needed only when the
+        folder holds tables of several atlases or resolutions.
+
+    Returns
+    -------
+    list of pathlib.Path
+        Sorted ``sub-X[_ses-Y][_space-S_atlas-A][_res-R]_desc-regional_features.tsv`` files.
+
+    Raises
+    ------
+    BIDSError
+        The folder is not a derivative dataset, holds no feature table (of ``atlas``), or
+        holds tables of several atlases/resolutions and none was chosen.
+    """
+    groups = feature_tables(derivatives_dir, participant_label)
+    keys = [
+        key
+        for key in groups
+        if (atlas is None or key[1] == atlas) and (res is None or key[2] == res)
+    ]
+    if not keys:
+        present = ", ".join(_describe_key(k) for k in groups)
+        raise BIDSError(
+            f"{derivatives_dir}: no feature table of atlas-{atlas or '*'} res-{res or '*'}; "
+            f"present: {present}"
+        )
+    if len(keys) > 1:
+        raise BIDSError(
+            f"{derivatives_dir}: feature tables of several atlases or resolutions "
+            f"({', '.join(_describe_key(k) for k in keys)}); choose one with --atlas/--res"
+        )
+    return groups[keys[0]]
+
+
+def _describe_key(key: tuple[str | None, str | None, str | None]) -> str:
+    space, atlas, res = key
+    parts = [f"space-{space}" if space else "", f"atlas-{atlas}" if atlas else "no atlas"]
+    parts.append(f"res-{res}" if res else "")
+    return " ".join(p for p in parts if p)

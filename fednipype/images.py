@@ -15,6 +15,7 @@ view.  :func:`file_key` identifies a file's current content for the caches of
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -28,6 +29,12 @@ from fednipype.exceptions import ImageError
 
 #: Probabilities may stray this far outside [0, 1] (interpolation round-off) before an error.
 PROBABILITY_TOLERANCE = 1e-4
+#: Most voxels an image may have (2**28, e.g. 645^3): a 0.5 mm whole-head grid has ~2**26.
+#: A header claiming more is refused before anything is allocated or resampled.
+MAX_VOXELS = 2**28
+#: Largest expansion of DEFLATE (gzip) data: ~1032:1. A ``.nii.gz`` whose header promises more
+#: bytes than its size allows is refused before anything is allocated.
+MAX_GZIP_RATIO = 1032
 
 _ENTITY = re.compile(r"(?:^|_)(?P<key>[a-zA-Z0-9]+)-(?P<value>[a-zA-Z0-9]+)")
 
@@ -48,10 +55,42 @@ def file_key(path: Path) -> tuple[str, int, int]:
     return str(path.resolve()), stat.st_mtime_ns, stat.st_size
 
 
+def unreadable_reason(path: Path) -> str | None:
+    """Why ``path`` cannot be read as a file, or ``None`` if it is a regular file.
+
+    Distinguishes a dangling symbolic link (e.g. a DataLad/git-annex file never fetched), a
+    symbolic-link loop, a folder and a missing path.
+
+    >>> unreadable_reason(Path("no/such/file.nii.gz"))
+    'does not exist'
+    """
+    try:
+        if path.is_symlink():
+            try:
+                path.resolve(strict=True)
+            except RuntimeError:  # Python < 3.13 reports a loop so
+                return "is a symbolic link in a loop"
+            except OSError as err:
+                if err.errno == errno.ELOOP:
+                    return "is a symbolic link in a loop"
+                return (
+                    "is a symbolic link to a missing file (a DataLad/git-annex file never "
+                    "fetched? run 'datalad get' on it)"
+                )
+        if path.is_file():
+            return None
+        if path.is_dir():
+            return "is a folder, not a file"
+        return "does not exist" if not path.exists() else "is not a regular file"
+    except OSError as err:
+        return f"cannot be read ({err.strerror or err})"
+
+
 def check_file(path: Path, role: str) -> None:
     """Refuse a path that is not a file, or an empty one; ``role`` names it in the error."""
-    if not path.is_file():
-        raise ImageError(f"{path}: {role} does not exist or is not a file")
+    reason = unreadable_reason(path)
+    if reason is not None:
+        raise ImageError(f"{path}: the {role} {reason}")
     if path.stat().st_size == 0:
         raise ImageError(f"{path}: {role} is an empty (zero-byte) file; expected a NIfTI image")
 
@@ -73,6 +112,7 @@ def open_image(path: Path, role: str) -> nb.Nifti1Image:
         raise ImageError(
             f"{path}: the {role} is a {type(img).__name__}; expected a NIfTI-1/2 image"
         )
+    check_header_size(img, path, role)
     shape = img.shape
     if len(shape) < 3 or any(s != 1 for s in shape[3:]):
         raise ImageError(
@@ -85,6 +125,44 @@ def open_image(path: Path, role: str) -> nb.Nifti1Image:
             "real values"
         )
     return img
+
+
+def check_header_size(img: nb.Nifti1Image | nb.Nifti2Image, path: Path, role: str) -> None:
+    """Refuse a header whose voxel count or data size the file cannot hold.
+
+    Reads nothing beyond the header: the claimed voxel count is capped at
+    :data:`MAX_VOXELS`, and the data the header promises (offset + voxels x bytes per voxel)
+    must fit in the file (uncompressed) or in what gzip can expand it to
+    (:data:`MAX_GZIP_RATIO`).  A 2 KB file claiming 2000^3 float64 voxels fails here, fast,
+    instead of making a later step allocate or resample onto its grid.
+
+    Raises
+    ------
+    ImageError
+        Naming the file, the claimed shape and size, and the file's size.
+    """
+    shape = tuple(int(s) for s in img.header.get_data_shape())
+    if any(s < 0 for s in shape):
+        raise ImageError(f"{path}: the {role}'s header has a negative dimension {shape}")
+    voxels = int(np.prod(shape, dtype=object)) if shape else 0
+    if voxels > MAX_VOXELS:
+        raise ImageError(
+            f"{path}: the {role}'s header claims {voxels:,} voxels {shape}; at most "
+            f"{MAX_VOXELS:,} are accepted (corrupt header?)"
+        )
+    itemsize = img.get_data_dtype().itemsize
+    offset = int(img.header.get("vox_offset", 0) or 0)
+    needed = offset + voxels * itemsize
+    size = path.stat().st_size
+    compressed = path.name.endswith(".gz")
+    capacity = size * MAX_GZIP_RATIO if compressed else size
+    if needed > capacity:
+        kind = "compressed " if compressed else ""
+        raise ImageError(
+            f"{path}: the {role}'s header claims {shape} voxels of {img.get_data_dtype()} "
+            f"({needed:,} bytes) but the {kind}file has {size:,} bytes; the file is truncated "
+            "or its header is corrupt"
+        )
 
 
 def read_voxels(img: nb.Nifti1Image, path: Path, role: str) -> tuple[np.ndarray, float, float]:

@@ -10,52 +10,55 @@ import pandas as pd
 import pytest
 from support import BUNDLED, SITES
 
-from fednipype.cli import demo, run
+from fednipype.cli import budget, demo, errors, run
 
 
-def test_participant_then_group_level(tmp_path, capsys):
+def test_participant_then_group_level(tmp_path, capsys, site_policy):
     out = tmp_path / "derivatives"
-    assert run.main([str(BUNDLED / "siteB"), str(out), "participant", "--n-procs", "2"]) == 0
+    code = run.main([str(BUNDLED / "siteB"), str(out), "participant", "--nprocs", "2"])
+    assert code == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
     assert "siteB" in printed and "30/30 feature tables" in printed
     description = json.loads((out / "dataset_description.json").read_text())
     assert description["DatasetType"] == "derivative"
     assert len(list(out.glob("sub-*/anat/sub-*_desc-regional_features.tsv"))) == 30
 
-    policy = tmp_path / "owner" / "policy.toml"
-    policy.parent.mkdir()
-    policy.write_text(
-        '[budget]\nepsilon = 1.5\ndelta = 1e-4\n[ledger]\npath = "ledger.sqlite"\n'
-        'dataset = "siteB"\n[bounds]\nage = [18.0, 90.0]\n'
-        "[bounds.features]\ndefault = [0.0, 12000.0]\n"
+    policy = site_policy(
+        tmp_path / "owner", dataset="siteB", epsilon=30.0, extra="min_cohort = 2\n", bind=False
     )
+    assert budget.main(["init", "--policy", str(policy)]) == 0
     group = [str(BUNDLED / "siteB"), str(out), "group", "--policy", str(policy)]
-    assert run.main([*group, "--epsilon", "1.0"]) == 0
+    assert run.main([*group, "--epsilon", "20"]) == 0, capsys.readouterr().err
     from fednipype.contract.document import read_release
 
-    assert read_release(out / "release" / "siteB_release.json")["site"] == "siteB"
+    # The release is outside the derivative dataset: in 'release' beside it.
+    releases = sorted((tmp_path / "release").glob("siteB*_release.json"))
+    assert len(releases) == 1 and read_release(releases[0])["site"] == "siteB"
+    assert not list(out.rglob("*_release.json"))
     capsys.readouterr()
-    assert run.main([*group, "--epsilon", "1.0"]) == 1
-    assert "PrivacyBudgetExceeded" in capsys.readouterr().err
+    assert run.main([*group, "--epsilon", "25"]) == errors.EXIT_PRIVACY
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("fednipype: error: ")]
+    assert len(lines) == 1 and "Traceback" not in err and "remaining" in lines[0]
 
 
 def test_group_level_requires_privacy_choices(tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        run.main([str(BUNDLED / "siteB"), str(tmp_path), "group", "--policy", "p.toml"])
-    assert exit_info.value.code == 2
+    code = run.main([str(BUNDLED / "siteB"), str(tmp_path), "group", "--policy", "p.toml"])
+    assert code == errors.EXIT_USAGE
     assert "--policy and --epsilon" in capsys.readouterr().err
 
 
-def test_missing_bids_dir_is_a_usage_error(tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        run.main([str(tmp_path / "nope"), str(tmp_path / "out"), "participant"])
-    assert exit_info.value.code == 2
-    assert "BIDS folder does not exist" in capsys.readouterr().err
+def test_missing_bids_dir_is_invalid_input(tmp_path, capsys):
+    code = run.main([str(tmp_path / "nope"), str(tmp_path / "out"), "participant"])
+    assert code == errors.EXIT_INVALID_INPUT
+    err = capsys.readouterr().err
+    assert "does not exist" in err and len(err.strip().splitlines()) == 1
 
 
 def test_invalid_dataset_exits_non_zero_naming_the_file(tmp_path, capsys):
     (tmp_path / "ds" / "sub-01" / "anat").mkdir(parents=True)
-    assert run.main([str(tmp_path / "ds"), str(tmp_path / "out"), "participant"]) == 1
+    code = run.main([str(tmp_path / "ds"), str(tmp_path / "out"), "participant"])
+    assert code == errors.EXIT_INVALID_INPUT
     err = capsys.readouterr().err
     assert "dataset_description.json" in err and str(tmp_path / "ds") in err
     assert not (tmp_path / "out").exists()
@@ -63,10 +66,21 @@ def test_invalid_dataset_exits_non_zero_naming_the_file(tmp_path, capsys):
 
 def test_unknown_participant_label_exits_non_zero(tmp_path, capsys):
     code = run.main(
-        [str(BUNDLED / "siteB"), str(tmp_path), "participant", "--participant-label", "sub-77"]
-    )
-    assert code == 1
+        [str(BUNDLED / "siteB"), str(tmp_path / "out"), "participant", "--participant-label",
+         "sub-77", "--skip-bids-validation"]
+    )  # fmt: skip
+    assert code == errors.EXIT_INVALID_INPUT
     assert "sub-77 match no subject" in capsys.readouterr().err
+
+
+def test_help_documents_exit_codes_without_duplicate_defaults(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "(default: None)" not in text and text.count("(default: all) (default") == 0
+    for code, meaning in errors.EXIT_CODES.items():
+        assert f"{code:<3} {meaning.split()[0]}" in text
 
 
 @pytest.fixture(scope="module")

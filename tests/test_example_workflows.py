@@ -42,7 +42,8 @@ def test_features_after_segmentation_example(site, expected, tmp_path):
     )
     assert code == 0
     written = sorted(out.rglob("*_desc-regional_features.tsv"))
-    assert [p.name for p in written] == [f"{e}_desc-regional_features.tsv" for e in expected]
+    names = "_space-MNI152NLin2009cAsym_atlas-fednipype_desc-regional_features.tsv"
+    assert [p.name for p in written] == [f"{e}{names}" for e in expected]
     atlas = default_atlas(2)
     for tsv, prefix in zip(written, expected, strict=True):
         source = next((BUNDLED / site / "derivatives").rglob(f"{prefix}_*_probseg.nii.gz"))

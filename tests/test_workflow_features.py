@@ -12,6 +12,8 @@ from fednipype.features import extract_features, read_features, read_sidecar
 from fednipype.workflows.features import init_regional_features_wf
 
 #: (raw T1w the lab segments, the map its segmentation step starts from, expected BIDS prefix)
+#: Entities after subject and session in the name of a feature table of the default atlas.
+NAME = "_space-MNI152NLin2009cAsym_atlas-fednipype_desc-regional_features"
 VISITS = [
     (
         BUNDLED / "siteA" / "sub-01" / "ses-2" / "anat" / "sub-01_ses-2_T1w.nii.gz",
@@ -93,14 +95,12 @@ def test_regional_features_wf_behind_a_lab_node(tmp_path):
     lab_maps = {inputs.t1w_file: outputs.out_file for inputs, outputs in ran["segmentation"]}
     # What the lab's node after the sub-workflow received from its outputnode, and computed.
     received = {inputs.features: outputs.volume_mm3 for inputs, outputs in ran["total_volume"]}
-    assert sorted(received) == sorted(
-        str(out / f"{v[2]}_desc-regional_features.tsv") for v in VISITS
-    )
+    assert sorted(received) == sorted(str(out / f"{v[2]}{NAME}.tsv") for v in VISITS)
     for features, volume in received.items():
         assert volume == read_features(features)["volume_mm3"].sum()
 
     for t1w, prior, prefix in VISITS:
-        tsv = out / f"{prefix}_desc-regional_features.tsv"
+        tsv = out / f"{prefix}{NAME}.tsv"
         lab_map = lab_maps[str(t1w)]
         assert lab_map.endswith("gm_probability.nii.gz")  # not a BIDS name: named from t1w
         direct = extract_features(lab_map, atlas.image, atlas.labels)
@@ -113,5 +113,5 @@ def test_regional_features_wf_behind_a_lab_node(tmp_path):
         assert sidecar["Source"] == "gm_probability.nii.gz"
         assert sidecar["Totals"] == direct.sidecar["Totals"]
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.*")) == sorted(
-        f"{v[2]}_desc-regional_features.{ext}" for v in VISITS for ext in ("json", "tsv")
+        f"{v[2]}{NAME}.{ext}" for v in VISITS for ext in ("json", "tsv")
     )

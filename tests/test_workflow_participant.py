@@ -24,6 +24,8 @@ from fednipype.cli.participant import run_participant_wf
 from fednipype.features import extract_features, read_features, read_sidecar
 
 SITES = ("siteA", "siteB", "siteC")
+#: Entities after subject and session in the name of a feature table of the default atlas.
+NAME = "_space-MNI152NLin2009cAsym_atlas-fednipype_desc-regional_features"
 PROBSEG = re.compile(
     r"^(?P<prefix>sub-[^_]+(_ses-[^_]+)?)_space-MNI152NLin2009cAsym_label-GM_probseg\.nii\.gz$"
 )
@@ -36,7 +38,7 @@ def expected_outputs(site_dir) -> set[str]:
         match = PROBSEG.match(path.name)
         if match:
             rel = path.parent.relative_to(site_dir / "derivatives" / "segmentation")
-            expected.add(f"{rel}/{match['prefix']}_desc-regional_features.tsv")
+            expected.add(f"{rel}/{match['prefix']}{NAME}.tsv")
     return expected
 
 
@@ -80,14 +82,7 @@ def test_every_subject_session_gets_a_bids_derivative(site, site_runs):
 def test_workflow_outputs_equal_the_library(site_runs):
     result, root = site_runs["siteA"]
     atlas = default_atlas(2)
-    tsv = (
-        root
-        / "fednipype"
-        / "sub-11"
-        / "ses-2"
-        / "anat"
-        / "sub-11_ses-2_desc-regional_features.tsv"
-    )
+    tsv = root / "fednipype" / "sub-11" / "ses-2" / "anat" / f"sub-11_ses-2{NAME}.tsv"
     direct = extract_features(
         probseg_path(BUNDLED / "siteA", "11", "2"), atlas.image, atlas.labels
     )
@@ -155,7 +150,7 @@ def test_broken_subjects_fail_alone_with_their_reason(plugin, tmp_path, caplog):
     assert done == ["07", "08", "09"]
     for subject in done:
         tsv = tmp_path / "out" / "fednipype" / f"sub-{subject}" / "anat"
-        assert len(read_features(tsv / f"sub-{subject}_desc-regional_features.tsv")) == 100
+        assert len(read_features(tsv / f"sub-{subject}{NAME}.tsv")) == 100
     failures = {f.subject: f for f in result.failures}
     assert sorted(failures) == sorted(reasons)
     for subject, reason in reasons.items():

@@ -25,7 +25,15 @@ from nipype.utils.filemanip import loadcrash
 from fednipype import features
 from fednipype.atlas import Atlas, default_atlas
 from fednipype.bids import DEFAULT_SPACE, ImageRecord, collect_probseg_maps
-from fednipype.derivatives import FEATURES_DESC, FEATURES_SUFFIX, derivative_path
+from fednipype.cli.console import Progress
+from fednipype.derivatives import (
+    FEATURES_DESC,
+    FEATURES_SUFFIX,
+    atlas_entity,
+    derivative_path,
+    describe_source,
+)
+from fednipype.images import bids_entities, open_image, unreadable_reason
 from fednipype.workflows.participant import init_participant_wf
 
 LOGGER = logging.getLogger(__name__)
@@ -151,6 +159,11 @@ def run_participant_wf(
     plugin: str = "MultiProc",
     plugin_args: dict[str, Any] | None = None,
     poll_sleep_duration: float | None = None,
+    derivatives: bool | Sequence[str | os.PathLike[str]] = True,
+    res: str | None = None,
+    filters: dict[str, dict] | None = None,
+    filter_source: str | os.PathLike[str] | None = None,
+    progress: Progress | None = None,
     name: str = "participant_wf",
 ) -> ParticipantRunResult:
     """Find a site's maps, build and run the participant workflow, report failures per subject.
@@ -158,13 +171,14 @@ def run_participant_wf(
     Nipype runs with ``stop_on_first_crash`` off; when some branches fail, Nipype's final
     ``RuntimeError`` is caught, the successful subjects' outputs stay written, and each
     failure is read back from this run's crash files and reported (logged as an error and
-    returned).
+    returned).  A map that cannot be read at all (a dangling or looping symbolic link, e.g. a
+    DataLad file never fetched) fails its subject before the run, with the reason.
 
     Parameters
     ----------
     bids_dir : path-like
         Root of the BIDS dataset; tissue probability maps are read from its derivatives
-        (:func:`fednipype.bids.collect_probseg_maps`).
+        (:func:`fednipype.bids.collect_probseg_maps`) or from ``derivatives``.
     output_dir : path-like
         Root of the derivative dataset written.
     participant_label : list of str, optional
@@ -188,6 +202,18 @@ def run_participant_wf(
         ``n_procs`` new jobs per check, so with sub-second jobs a long pause leaves workers
         idle) and Nipype's own default for cluster plugins, where each check queries the
         scheduler.
+    derivatives : bool or sequence of path-like
+        ``True``: maps from ``bids_dir/derivatives``; or derivative datasets elsewhere
+        (fMRIPrep's or sMRIPrep's output).
+    res : str, optional
+        ``res-`` entity of the maps (default: native maps, see
+        :func:`fednipype.bids.collect_probseg_maps`).
+    filters : dict, optional
+        A BIDS filter file's queries (``probseg``).
+    filter_source : path-like, optional
+        The filter file, named in errors.
+    progress : Progress, optional
+        Told of each finished subject/session (Nipype's ``status_callback``, local plugins).
     name : str
         Name of the workflow (and of its folder under ``work_dir``).
 
@@ -207,15 +233,46 @@ def run_participant_wf(
     bids_dir = Path(bids_dir).absolute()
     output_dir = Path(output_dir).absolute()
     atlas = atlas or default_atlas(2)
-    images = collect_probseg_maps(
-        bids_dir, participant_label=participant_label, space=space, label=label
+    all_images = collect_probseg_maps(
+        bids_dir,
+        participant_label=participant_label,
+        space=space,
+        label=label,
+        derivatives=derivatives,
+        res=res,
+        filters=(filters or {}).get("probseg"),
+        filter_source=filter_source,
     )
+    # Unreadable maps (dangling or looping links) fail alone, before Nipype sees them.
+    unreadable = [
+        Failure(i.subject, i.session, i.path, "", f"{i.path}: the map {reason}")
+        for i in all_images
+        if (reason := unreadable_reason(Path(i.path))) is not None
+    ]
+    skipped = {f.in_file for f in unreadable}
+    images = [i for i in all_images if i.path not in skipped]
+    result = ParticipantRunResult(n_jobs=len(all_images), output_dir=output_dir)
+    if progress is not None:
+        progress.total = len(all_images)
+        for _ in unreadable:
+            progress.advance(failed=True)
+    if not images:
+        result.failures = unreadable
+        result.elapsed_s = time.perf_counter() - started
+        return result
+
+    sources, links = describe_source(bids_dir, output_dir)
+    if not isinstance(derivatives, bool):
+        for i, folder in enumerate(derivatives):
+            more, more_links = describe_source(folder, output_dir, name=f"deriv{i + 1}")
+            sources, links = sources + more, {**links, **more_links}
     workflow = init_participant_wf(
         in_files=[image.path for image in images],
         output_dir=output_dir,
         atlas=atlas,
         space=space,
-        source_datasets=[bids_dir.as_uri()],
+        source_datasets=sources,
+        dataset_links=links,
         name=name,
     )
     work_root = Path(work_dir or default_work_dir(output_dir)).absolute()
@@ -231,8 +288,11 @@ def run_participant_wf(
         poll_sleep_duration = LOCAL_POLL_SLEEP_DURATION
     if poll_sleep_duration is not None:
         workflow.config["execution"]["poll_sleep_duration"] = str(float(poll_sleep_duration))
+    plugin_args = dict(plugin_args or {})
     if plugin in LOCAL_PLUGINS:
         _warm_up(atlas, images)
+        if progress is not None and progress.enabled:
+            plugin_args["status_callback"] = progress.node_status
 
     LOGGER.info(
         "participant workflow: %d image(s) from %s with %s; outputs in %s, work in %s",
@@ -250,25 +310,23 @@ def run_participant_wf(
     gc.collect()
     gc.freeze()
     try:
-        workflow.run(plugin=plugin, plugin_args=dict(plugin_args or {}))
+        workflow.run(plugin=plugin, plugin_args=plugin_args)
     except RuntimeError as exc:  # Nipype: "Workflow did not execute cleanly"
         crashed = True
         LOGGER.debug("Nipype reported failed nodes: %s", exc)
     finally:
         gc.unfreeze()
 
-    result = ParticipantRunResult(
-        n_jobs=len(images),
-        output_dir=output_dir,
-        work_dir=work_root,
-        elapsed_s=time.perf_counter() - started,
-    )
-    failures = _collect_failures(crash_dir, images)
+    result.work_dir = work_root
+    result.elapsed_s = time.perf_counter() - started
+    failures = unreadable + _collect_failures(crash_dir, images)
     failed_keys = {(f.subject, f.session) for f in failures}
+    out_space = space or atlas.space
     for image in images:
         out_tsv = derivative_path(
             image.subject, image.session, desc=FEATURES_DESC, suffix=FEATURES_SUFFIX,
-            extension=".tsv", output_dir=output_dir,
+            extension=".tsv", space=out_space or None, atlas=atlas_entity(atlas.name),
+            res=bids_entities(image.path).get("res"), output_dir=output_dir,
         )  # fmt: skip
         if (image.subject, image.session) in failed_keys:
             if out_tsv.exists():
@@ -295,8 +353,8 @@ def run_participant_wf(
     if crashed and not failures:
         failures.append(Failure("", None, "", "", "Nipype reported a failure (see its log)"))
     result.failures = failures
-    for failure in failures:
-        LOGGER.error(
+    for failure in failures:  # the caller reports them; the details are for -v
+        LOGGER.info(
             "sub-%s%s failed (%s): %s [%s]",
             failure.subject,
             f" ses-{failure.session}" if failure.session else "",
@@ -307,7 +365,7 @@ def run_participant_wf(
     LOGGER.info(
         "participant workflow: %d of %d image(s) done, %d failed, in %.1f s",
         len(result.outputs),
-        len(images),
+        len(all_images),
         len(failures),
         result.elapsed_s,
     )
@@ -324,6 +382,9 @@ def _warm_up(atlas: Atlas, images: Sequence[ImageRecord]) -> None:
     ignored here: the feature node reports them for its subject.
     """
     try:
+        # The header is checked first: a corrupt one must not make the atlas resample onto
+        # a huge grid here (the node reports the image's error for its subject).
+        open_image(Path(images[0].path), "image")
         features.warm_atlas_cache(atlas.image, reference_image=images[0].path)
     except Exception as exc:  # broken first image or atlas: reported by the node itself
         LOGGER.debug("atlas warm-up skipped: %s", exc)
@@ -348,6 +409,11 @@ def _error_line(traceback_lines: list[str]) -> str:
         return ours[-1]
     others = [line for line in matches if "NodeExecutionError" not in line]
     return (others or matches or lines or ["unknown error"])[-1]
+
+
+def crash_errors(crash_dir: str | os.PathLike[str]) -> list[str]:
+    """The error line of each crash file in ``crash_dir`` (see :func:`_error_line`)."""
+    return [_read_crash(path)[1] for path in sorted(Path(crash_dir).glob("crash-*"))]
 
 
 def _read_crash(path: Path) -> tuple[Any, str]:

@@ -2,106 +2,181 @@
 
 ``participant`` extracts regional features of each subject/session into ``output_dir``
 (private derivatives); ``group`` turns those features into the site's DP release, charged to
-the ledger the ``--policy`` names.
+the ledger the ``--policy`` names, written outside the derivative dataset. Pre-flight checks
+(:mod:`fednipype.cli.preflight`) run first; every failure is one line on stderr and an exit
+code (:mod:`fednipype.cli.errors`).
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import logging
+import os
 import sys
-from collections.abc import Sequence
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
-from fednipype.cli.parser import build_parser
-from fednipype.exceptions import FednipypeError
+from fednipype import exceptions
+from fednipype.cli.console import Progress, configure_nipype, setup_logging
+from fednipype.cli.errors import EXIT_OK, EXIT_PARTIAL, guarded, report
+from fednipype.cli.parser import PROG, build_parser
 
 LOGGER = logging.getLogger("fednipype.cli")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the BIDS-App and return its exit code (0 success, 1 error, 2 usage).
+    """Run the BIDS-App and return its exit code (see ``fednipype --help``).
 
     Parameters
     ----------
     argv : sequence of str, optional
         Arguments without the program name; defaults to ``sys.argv[1:]``.
     """
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.analysis_level == "group" and (args.policy is None or args.epsilon is None):
-        parser.error("the group level needs --policy and --epsilon (no privacy default)")
-    if (args.atlas is None) != (args.atlas_labels is None):
-        parser.error("--atlas and --atlas-labels go together")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        if args.analysis_level == "participant":
-            return _participant(args)
-        return _group(args)
-    except FednipypeError as err:
-        print(f"fednipype: error: {err}", file=sys.stderr)
-        return 1
+    args = build_parser().parse_args(argv)
+    setup_logging(PROG, args.verbose)
+    if args.notrack:
+        os.environ["NIPYPE_NO_ET"] = "1"  # read when Nipype is imported
+    return guarded(PROG, lambda: _run(args), verbose=args.verbose)
 
 
-def _participant(args) -> int:
-    # Imported here: Nipype, pybids and nibabel take about a second; `fednipype --help` need not.
-    from fednipype.atlas import Atlas
-    from fednipype.bids import summarize
+def _run(args: argparse.Namespace) -> int:
+    # Imported here: Nipype, pybids and nibabel take about a second; `fednipype --help` and a
+    # usage error need not.
+    from fednipype.cli import preflight
+
+    configure_nipype(args.verbose)
+    if args.analysis_level == "participant":
+        return _participant(args, preflight.check_participant(args))
+    return _group(args, preflight.check_group(args))
+
+
+@contextlib.contextmanager
+def _thread_limit(n_threads: int | None) -> Iterator[None]:
+    """Limit the threads of numerical libraries (``--omp-nthreads``) for the run."""
+    if n_threads is None:
+        yield
+        return
+    from threadpoolctl import threadpool_limits  # scikit-learn's dependency
+
+    with threadpool_limits(limits=n_threads):
+        yield
+
+
+def _participant(args: argparse.Namespace, setup) -> int:
+    from fednipype.bids import load_layout, summarize
     from fednipype.cli.participant import format_summary, run_participant_wf
 
-    row = summarize(args.bids_dir, args.participant_label)
-    print(format_summary([{"site": args.bids_dir.name, **row}]))
-    atlas = (
-        Atlas(args.atlas, args.atlas_labels, args.atlas.name.split(".")[0]) if args.atlas else None
+    layout = load_layout(setup.bids_dir, derivatives=setup.derivatives)
+    row = summarize(
+        setup.bids_dir,
+        args.participant_label,
+        filters=setup.filters,
+        filter_source=setup.filter_file,
+        layout=layout,
     )
-    plugin_args = dict(args.plugin_args or {})
-    if args.n_procs and args.nipype_plugin == "MultiProc":
-        plugin_args.setdefault("n_procs", args.n_procs)
-    result = run_participant_wf(
-        bids_dir=args.bids_dir,
-        output_dir=args.output_dir,
-        participant_label=args.participant_label,
-        atlas=atlas,
-        space=args.space,
-        label=args.label,
-        work_dir=args.work_dir,
-        plugin=args.nipype_plugin,
-        plugin_args=plugin_args,
-    )
+    print(format_summary([{"site": setup.bids_dir.name, **row}]))
+    progress = Progress(0, "subjects")
+    with _thread_limit(args.omp_nthreads):
+        try:
+            result = run_participant_wf(
+                bids_dir=setup.bids_dir,
+                output_dir=setup.output_dir,
+                participant_label=args.participant_label,
+                atlas=setup.atlas,
+                space=args.space,
+                label=args.label,
+                work_dir=setup.work_dir,
+                plugin=setup.plugin,
+                plugin_args=setup.plugin_args,
+                derivatives=setup.derivatives,
+                res=args.res,
+                filters=setup.filters,
+                filter_source=setup.filter_file,
+                progress=progress,
+            )
+        finally:
+            progress.close()
     print(
         f"fednipype: {len(result.outputs)}/{result.n_jobs} feature tables in "
-        f"{args.output_dir} ({result.elapsed_s:.1f} s)"
+        f"{setup.output_dir} ({result.elapsed_s:.1f} s)"
     )
+    _site_report(setup, failures=result.failures)
     for failure in result.failures:
-        print(f"fednipype: error: {failure}", file=sys.stderr)
-    return 0 if result.ok else 1
+        report(PROG, failure)
+    return EXIT_PARTIAL if result.failures else EXIT_OK
 
 
-def _group(args) -> int:
-    # Imported here: Nipype and pybids take about a second, and `fednipype --help` need not.
+def _group(args: argparse.Namespace, setup) -> int:
+    from fednipype.cli.participant import crash_errors
     from fednipype.workflows.release import init_site_release_wf
 
-    site = args.site or args.bids_dir.name
-    release = args.output_dir / "release" / f"{site}_release.json"
     workflow = init_site_release_wf(
-        bids_dir=args.bids_dir,
-        derivatives_dir=args.output_dir,
-        policy=args.policy,
+        bids_dir=setup.bids_dir,
+        derivatives_dir=setup.output_dir,
+        policy=args.policy.expanduser().absolute(),
         epsilon=args.epsilon,
         delta=args.delta,
-        site=site,
-        release_file=release,
+        site=setup.site,
+        release_file=setup.release_file,
         participant_label=args.participant_label,
-        work_dir=args.work_dir,
+        work_dir=setup.work_dir,
+    )
+    crash_root = setup.work_dir / "crash"
+    crash_root.mkdir(parents=True, exist_ok=True)
+    crash_dir = Path(tempfile.mkdtemp(prefix=f"group-{time.strftime('%Y%m%d-%H%M%S')}-",
+                                      dir=crash_root))  # fmt: skip
+    workflow.config["execution"].update(
+        {"crashdump_dir": str(crash_dir), "crashfile_format": "pklz"}
     )
     try:
-        workflow.run(plugin="Linear")
+        graph = workflow.run(plugin="Linear")
     except RuntimeError as err:
         # Nipype reports a failed node as RuntimeError; its crash file holds the cause.
-        print(
-            f"fednipype: error: the release failed ({err}); nothing was released", file=sys.stderr
-        )
-        return 1
+        errors = crash_errors(crash_dir)
+        raise _from_crash(errors[0] if errors else str(err)) from None
+    release = setup.release_file
+    for node in graph.nodes():
+        if node.name == "dp_release" and node.result is not None:
+            release = Path(node.result.outputs.out_release)
     print(f"fednipype: release written to {release}")
-    return 0
+    _site_report(setup, releases=[release])
+    return EXIT_OK
+
+
+def _from_crash(line: str) -> Exception:
+    """The exception a crash file's error line names (``module.Class: message``).
+
+    >>> type(_from_crash("fednipype.exceptions.PrivacyBudgetExceeded: over")).__name__
+    'PrivacyBudgetExceeded'
+    """
+    name, sep, message = line.partition(": ")
+    cls = getattr(exceptions, name.rsplit(".", 1)[-1], None) if sep else None
+    if isinstance(cls, type) and issubclass(cls, exceptions.FednipypeError):
+        return cls(message)
+    return exceptions.FednipypeError(f"the release failed: {line}; nothing was released")
+
+
+def _site_report(setup, *, failures=(), releases=()) -> None:
+    """Write the site's HTML report into the output folder; a failure there is a warning."""
+    try:
+        from fednipype.site.report import write_site_report  # matplotlib: only when writing
+    except ImportError:
+        return
+    try:
+        page = write_site_report(
+            setup.output_dir,
+            bids_dir=setup.bids_dir,
+            policy=setup.policy,
+            releases=releases,
+            failures=failures,
+        )
+    except Exception as err:  # the report is a convenience: never fail the run for it
+        LOGGER.warning("the site report could not be written: %s", err)
+        return
+    print(f"fednipype: site report {page}", file=sys.stdout)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from fednipype.derivatives import (
     write_derivative_description,
     write_if_changed,
 )
+from fednipype.images import bids_entities
 
 
 class _DerivativesDataSinkInputSpec(BaseInterfaceInputSpec):
@@ -43,6 +44,8 @@ class _DerivativesDataSinkInputSpec(BaseInterfaceInputSpec):
     desc = Str(mandatory=True, desc="value of the 'desc-' entity")
     suffix = Str(mandatory=True, desc="BIDS suffix of the output, e.g. 'features'")
     space = Str(desc="value of the 'space-' entity, if any")
+    atlas = Str(desc="value of the 'atlas-' entity, if any (the atlas the output is over)")
+    res = Str(desc="value of the 'res-' entity; by default source_file's, if it has one")
     datatype = Str("anat", usedefault=True, desc="BIDS datatype folder")
     extension = Str(desc="extension with its dot; by default that of in_file")
 
@@ -56,8 +59,9 @@ class DerivativesDataSink(SimpleInterface):
     """Store a file under ``base_directory`` with a BIDS-derivative name, plus a sidecar.
 
     As niworkflows' sink of the same name, the output is named after ``source_file``
-    (mandatory): its subject and session, then the ``desc``, ``space`` and ``suffix`` given
-    here, e.g. ``sub-01/ses-1/anat/sub-01_ses-1_desc-regional_features.tsv``
+    (mandatory): its subject, session and resolution, then the ``space``, ``atlas``,
+    ``desc`` and ``suffix`` given here, e.g.
+    ``sub-01/ses-1/anat/sub-01_ses-1_space-MNI152NLin2009cAsym_atlas-fednipype_desc-regional_features.tsv``
     (:func:`fednipype.derivatives.derivative_path`).  Files are written atomically, and only
     when their content changed, so re-running a workflow leaves unchanged outputs untouched.
     The sink always runs (it is cheap), so deleted outputs are restored from the cache on the
@@ -84,6 +88,10 @@ class DerivativesDataSink(SimpleInterface):
             extension = ".nii.gz" if name.endswith(".nii.gz") else in_file.suffix
         subject, session = source_entities(self.inputs.source_file)
         space = self.inputs.space if isdefined(self.inputs.space) else None
+        atlas = self.inputs.atlas if isdefined(self.inputs.atlas) else None
+        res = self.inputs.res if isdefined(self.inputs.res) else None
+        if res is None:
+            res = bids_entities(self.inputs.source_file).get("res")
         out_file = derivative_path(
             subject,
             session,
@@ -92,6 +100,8 @@ class DerivativesDataSink(SimpleInterface):
             extension=extension,
             datatype=self.inputs.datatype,
             space=space or None,
+            atlas=atlas or None,
+            res=res or None,
             output_dir=self.inputs.base_directory,
         )
         write_if_changed(out_file, in_file.read_bytes())
@@ -111,7 +121,13 @@ class DerivativesDataSink(SimpleInterface):
 
 class _DerivativeDescriptionInputSpec(BaseInterfaceInputSpec):
     output_dir = Directory(mandatory=True, desc="root of the derivative dataset")
-    source_datasets = traits.List(Str, desc="URLs or DOIs of the input datasets (SourceDatasets)")
+    source_datasets = traits.List(
+        traits.Either(Str, traits.Dict(key_trait=Str, value_trait=Str)),
+        desc="SourceDatasets: URLs (or BIDS URIs) or objects with DOI/URL/Version",
+    )
+    dataset_links = traits.Dict(
+        key_trait=Str, value_trait=Str, desc="DatasetLinks: names in BIDS URIs -> locations"
+    )
 
 
 class _DerivativeDescriptionOutputSpec(TraitedSpec):
@@ -119,7 +135,11 @@ class _DerivativeDescriptionOutputSpec(TraitedSpec):
 
 
 class DerivativeDescription(SimpleInterface):
-    """Write the derivative dataset's ``dataset_description.json`` (always runs)."""
+    """Write the derivative dataset's root files (always runs).
+
+    ``dataset_description.json``, ``README.md`` and ``.bidsignore``
+    (:func:`fednipype.derivatives.write_derivative_description`).
+    """
 
     input_spec = _DerivativeDescriptionInputSpec
     output_spec = _DerivativeDescriptionOutputSpec
@@ -127,7 +147,10 @@ class DerivativeDescription(SimpleInterface):
 
     def _run_interface(self, runtime):
         sources = self.inputs.source_datasets if isdefined(self.inputs.source_datasets) else []
+        links = self.inputs.dataset_links if isdefined(self.inputs.dataset_links) else None
         self._results["out_file"] = str(
-            write_derivative_description(self.inputs.output_dir, source_datasets=sources)
+            write_derivative_description(
+                self.inputs.output_dir, source_datasets=sources, dataset_links=links or None
+            )
         )
         return runtime

@@ -15,7 +15,7 @@ from nipype.pipeline import engine as pe
 
 from fednipype.atlas import Atlas
 from fednipype.bids import DEFAULT_SPACE
-from fednipype.derivatives import FEATURES_DESC, FEATURES_SUFFIX
+from fednipype.derivatives import FEATURES_DESC, FEATURES_SUFFIX, atlas_entity
 from fednipype.exceptions import ImageError
 from fednipype.interfaces.bids import DerivativesDataSink
 from fednipype.interfaces.features import RegionalFeatures
@@ -33,8 +33,9 @@ def init_regional_features_wf(
 
     :class:`~fednipype.interfaces.features.RegionalFeatures` computes the table and its
     sidecar; :class:`~fednipype.interfaces.bids.DerivativesDataSink` stores them under
-    ``output_dir`` named after ``source_file``:
-    ``sub-X/[ses-Y/]anat/sub-X[_ses-Y]_desc-regional_features.tsv`` and ``.json``.
+    ``output_dir`` named after ``source_file`` (subject, session, resolution), the space and
+    the atlas: ``sub-X/[ses-Y/]anat/sub-X[_ses-Y]_space-S_atlas-A[_res-R]_desc-regional_features``
+    ``.tsv`` and ``.json``, so features over two atlases never overwrite each other.
 
     Workflow Graph
         .. workflow::
@@ -121,11 +122,14 @@ def init_regional_features_wf(
         name="features",
     )
     # Light: it runs in the main process rather than as a job of the plugin.
+    out_space = space or atlas.space
     ds_features = pe.Node(
         DerivativesDataSink(
             base_directory=str(Path(output_dir).absolute()),
             desc=FEATURES_DESC,
             suffix=FEATURES_SUFFIX,
+            atlas=atlas_entity(atlas.name),
+            **({"space": out_space} if out_space else {}),
         ),
         name="ds_features",
         run_without_submitting=True,

@@ -9,7 +9,7 @@ Each image is one branch (Nipype iterables), so a subject whose image is broken 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from nipype.interfaces import utility as niu
@@ -27,7 +27,8 @@ def init_participant_wf(
     output_dir: str | os.PathLike[str],
     atlas: Atlas,
     space: str | None = DEFAULT_SPACE,
-    source_datasets: Sequence[str] = (),
+    source_datasets: Sequence[str | Mapping[str, str]] = (),
+    dataset_links: Mapping[str, str] | None = None,
     name: str = "participant_wf",
 ) -> pe.Workflow:
     """Build the participant-level workflow: regional features of each image, one branch each.
@@ -59,15 +60,19 @@ def init_participant_wf(
         after it (it is also the sub-workflow's ``source_file``).
     output_dir : path-like
         Root of the derivative dataset written (``dataset_description.json`` and
-        ``sub-X/[ses-Y/]anat/sub-X[_ses-Y]_desc-regional_features.tsv`` + ``.json``).
+        ``sub-X/[ses-Y/]anat/sub-X[_ses-Y]_space-S_atlas-A[_res-R]_desc-regional_features.tsv``
+        + ``.json``, with ``README.md`` and ``.bidsignore``: a valid BIDS derivative dataset).
     atlas : fednipype.atlas.Atlas
         Label atlas, e.g. :func:`fednipype.atlas.default_atlas`.
     space : str or None
         Template space of the images; must agree with the atlas's space when the atlas
         declares one (``None``: each image's ``space-`` entity).
-    source_datasets : sequence of str
-        URLs or DOIs of the input datasets, recorded as ``SourceDatasets`` in the
-        ``dataset_description.json``.
+    source_datasets : sequence of str or mapping
+        The input datasets, recorded as ``SourceDatasets`` in the ``dataset_description.json``:
+        URLs (or BIDS URIs) or objects with ``DOI``/``URL``/``Version``
+        (:func:`fednipype.derivatives.describe_source` makes them without machine paths).
+    dataset_links : mapping, optional
+        ``DatasetLinks`` of the description (names used in BIDS URIs → locations).
     name : str
         Name of the workflow (and of its folder in the working directory).
 
@@ -123,7 +128,11 @@ def init_participant_wf(
         atlas=atlas, output_dir=output_dir, image_kind="probseg", space=space
     )
     ds_description = pe.Node(
-        DerivativeDescription(output_dir=str(output_dir), source_datasets=list(source_datasets)),
+        DerivativeDescription(
+            output_dir=str(output_dir),
+            source_datasets=[s if isinstance(s, str) else dict(s) for s in source_datasets],
+            **({"dataset_links": dict(dataset_links)} if dataset_links else {}),
+        ),
         name="ds_description",
         run_without_submitting=True,
     )
