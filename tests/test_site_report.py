@@ -36,9 +36,10 @@ SITE = "siteC"
 OUTLIER, OUTLIER_FACTOR = "07", 0.6
 HOSTILE = '<script>alert("x")</script> & <img src=x onerror=alert(1)> "quoted" \'single\''
 PLAN = {"age": 12.5, "group[patient]": 210.0}
-#: A large ε so that the noisy counts of 44 participants stay above the minimum cohort (the
-#: release is withheld otherwise): this test is about the report, not about utility.
-TOTAL_EPSILON, RELEASE_EPSILON = 50.0, 40.0
+#: A large ε: the release is withheld when a noisy cell count falls below the minimum cohort
+#: (10); siteC's smallest cell has 21 participants and at ε = 150 the counts' noise SD is ~1.2,
+#: so that never happens here. This test is about the report, not about utility.
+TOTAL_EPSILON, RELEASE_EPSILON = 200.0, 150.0
 POLICY_DELTA = 1e-4
 CHROMIUM_FLAGS = [
     "--headless",
@@ -67,6 +68,20 @@ def _init_ledger(policy: Path) -> None:
     assert done.returncode == 0, done.stderr
 
 
+def _policy(folder: Path, *, total_epsilon: float = 10.0, init: bool = True) -> Path:
+    """The example sites' policy (as conftest's ``site_policy`` writes it), its ledger created
+    by ``fednipype-budget init`` unless ``init`` is false."""
+    folder.mkdir(parents=True)
+    policy = folder / "policy.toml"
+    policy.write_text(
+        example_policy(dataset=SITE, total_epsilon=total_epsilon, total_delta=POLICY_DELTA),
+        encoding="utf-8",
+    )
+    if init:
+        _init_ledger(policy)
+    return policy
+
+
 def _feature_tables(folder: Path) -> list[Path]:
     return sorted(folder.glob("sub-*/**/*_desc-regional_features.tsv"))
 
@@ -82,8 +97,7 @@ class Site:
 @pytest.fixture(scope="module")
 def site(bundled_derivatives, tmp_path_factory) -> Site:
     """siteC's participant output (one scan made an outlier), a policy with an initialised
-    ledger, one real release, and the report written over them; built once for the module
-    (the policy is the one conftest's ``site_policy`` writes, written here at module scope)."""
+    ledger, one real release, and the report written over them; built once for the module."""
     tmp_path = tmp_path_factory.mktemp("site-report")
     output_dir = tmp_path / "out"
     shutil.copytree(bundled_derivatives[SITE], output_dir)
@@ -93,13 +107,7 @@ def site(bundled_derivatives, tmp_path_factory) -> Site:
     table["volume_mm3"] *= OUTLIER_FACTOR
     table.to_csv(outlier, sep="\t", index=False, na_rep="n/a")
 
-    policy = tmp_path / "policy" / "policy.toml"
-    policy.parent.mkdir()
-    policy.write_text(
-        example_policy(dataset=SITE, total_epsilon=TOTAL_EPSILON, total_delta=POLICY_DELTA),
-        encoding="utf-8",
-    )
-    _init_ledger(policy)
+    policy = _policy(tmp_path / "policy", total_epsilon=TOTAL_EPSILON)
     release = make_release(
         features=_feature_tables(bundled_derivatives[SITE]),
         participants=BUNDLED / SITE,
@@ -290,15 +298,13 @@ def test_report_content_matches_independent_computations(site):
 # -- when parts are missing or broken ---------------------------------------------------------
 
 
-def test_missing_or_broken_ledger_and_release_are_shown_not_raised(
-    bundled_derivatives, site_policy, tmp_path
-):
+def test_missing_or_broken_ledger_and_release_are_shown_not_raised(bundled_derivatives, tmp_path):
     output_dir = bundled_derivatives[SITE]
     out = tmp_path / "report"
     shutil.copytree(output_dir, out)
 
     # A policy whose ledger was never initialised: a message, and no ledger is created.
-    policy = site_policy(tmp_path / "uninitialised", dataset=SITE)
+    policy = _policy(tmp_path / "uninitialised", init=False)
     page = write_site_report(out, bids_dir=BUNDLED / SITE, policy=policy)
     assert not (tmp_path / "uninitialised" / "ledger.sqlite").exists()
     ledger_error = _text(next(p for p in _parse(page).iter("p") if p.get("id") == "ledger-error"))
@@ -306,8 +312,7 @@ def test_missing_or_broken_ledger_and_release_are_shown_not_raised(
     assert not (out / FIGURES_DIR / "fednipype_report_budget.png").exists()
 
     # A ledger file that is not a ledger: the ledger's own error text, escaped.
-    policy = site_policy(tmp_path / "corrupt", dataset=SITE)
-    _init_ledger(policy)
+    policy = _policy(tmp_path / "corrupt")
     (tmp_path / "corrupt" / "ledger.sqlite").write_bytes(b"<not a ledger> " * 100)
     for extra in ("ledger.sqlite-wal", "ledger.sqlite-shm"):
         (tmp_path / "corrupt" / extra).unlink(missing_ok=True)
