@@ -133,5 +133,6 @@ def test_demo_enumerate_only(tmp_path, capsys):
 
 
 def test_demo_without_sites_fails_clearly(tmp_path, capsys):
-    assert demo.main([str(tmp_path), str(tmp_path / "out")]) == 1
-    assert "no BIDS dataset below" in capsys.readouterr().err
+    assert demo.main([str(tmp_path), str(tmp_path / "out")]) == errors.EXIT_INVALID_INPUT
+    err = capsys.readouterr().err
+    assert "no BIDS dataset below" in err and len(err.strip().splitlines()) == 1

@@ -153,7 +153,7 @@ def test_existing_output_folder_is_updated_in_place(releases, tmp_path):
 
 
 def _error(argv: list[str], capsys) -> str:
-    assert meta.main(argv) == 1
+    assert meta.main(argv) == 3  # invalid input (fednipype.cli.errors)
     return capsys.readouterr().err
 
 
@@ -200,7 +200,7 @@ def test_runs_as_a_module_and_reports_errors_on_stderr(tmp_path):
         text=True,
         check=False,
     )
-    assert result.returncode == 1
+    assert result.returncode == 3  # invalid input
     assert "nowhere_release.json: release file not found" in result.stderr
     assert result.stdout == "" and not (tmp_path / "o").exists()
 

@@ -12,22 +12,32 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
-from nipype import config
-from nipype import logging as nipype_logging
-
 from fednipype.bids import summarize
 from fednipype.cli import hub as meta
+from fednipype.cli.console import configure_nipype, setup_logging
+from fednipype.cli.errors import (
+    EXIT_INVALID_INPUT,
+    ArgumentParser,
+    HelpFormatter,
+    UsageError,
+    exit_epilog,
+    guarded,
+    report,
+)
 from fednipype.cli.participant import format_summary, run_participant_wf
-from fednipype.exceptions import FednipypeError
+from fednipype.exceptions import BIDSError, FednipypeError
 from fednipype.hub.reports import TSV_NAME
 from fednipype.io import atomic_write_text
 from fednipype.site.policy import example_policy
 from fednipype.workflows.release import init_site_release_wf
+from nipype import config
+from nipype import logging as nipype_logging
+
+PROG = "fednipype-demo"
 
 
 def find_sites(root: Path) -> list[Path]:
@@ -69,26 +79,39 @@ def _effects_table(meta_dir: Path, truth_file: Path, regions: list[str]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the demo over every BIDS dataset below ``sites_dir``; return the exit code."""
-    parser = argparse.ArgumentParser(prog="fednipype-demo", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(
+        prog=PROG,
+        description=__doc__.splitlines()[0],
+        formatter_class=HelpFormatter,
+        epilog=exit_epilog(),
+    )
     parser.add_argument("sites_dir", type=Path, help="folder holding one BIDS dataset per site")
     parser.add_argument("output_dir", type=Path, help="folder for the demo's outputs")
-    parser.add_argument(
-        "--epsilon", type=float, default=1.0, help="privacy loss of each site's release"
-    )
+    parser.add_argument("--epsilon", type=float, default=1.0, help="privacy loss of each release")
     parser.add_argument("--delta", type=float, default=1e-5, help="delta of each release")
-    parser.add_argument("--n-procs", type=int, default=2, help="Nipype MultiProc processes")
+    parser.add_argument(
+        "--n-procs", "--nprocs", "--n_procs", type=int, default=2, help="MultiProc processes"
+    )
     parser.add_argument(
         "--enumerate-only", action="store_true", help="only print the sites' summary table"
     )
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more output (-vv: debugging)"
+    )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging(PROG, args.verbose)
+    return guarded(PROG, lambda: _main(args), verbose=args.verbose)
+
+
+def _main(args: argparse.Namespace) -> int:
+    if args.n_procs < 1:
+        raise UsageError(f"--n-procs: must be an integer >= 1, got {args.n_procs}")
     if not args.sites_dir.is_dir():
-        print(f"fednipype-demo: error: {args.sites_dir} is not a folder", file=sys.stderr)
-        return 1
+        raise BIDSError(f"{args.sites_dir}: not a folder; expected a folder of BIDS datasets")
     sites = find_sites(args.sites_dir)
     if not sites:
-        print(f"fednipype-demo: error: no BIDS dataset below {args.sites_dir}", file=sys.stderr)
-        return 1
+        raise BIDSError(f"no BIDS dataset below {args.sites_dir}")
+    configure_nipype(args.verbose)
     rows, failed = [], []
     for site in sites:
         try:
@@ -97,14 +120,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             failed.append(f"{site.name}: {err}")
     print(format_summary(rows))
     for message in failed:
-        print(f"fednipype-demo: error: {message}", file=sys.stderr)
+        report(PROG, message)
     if failed or args.enumerate_only:
-        return 1 if failed else 0
-    try:
-        return _pipeline(args, [s for s in sites if s.name in {r["site"] for r in rows}])
-    except FednipypeError as err:
-        print(f"fednipype-demo: error: {err}", file=sys.stderr)
-        return 1
+        return EXIT_INVALID_INPUT if failed else 0
+    return _pipeline(args, [s for s in sites if s.name in {r["site"] for r in rows}])
 
 
 def _pipeline(args: argparse.Namespace, sites: list[Path]) -> int:

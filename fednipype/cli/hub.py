@@ -22,7 +22,8 @@ writes into ``results/``:
 
 Every release is validated and checked for poolability before anything is written. The outputs
 are written into a temporary folder beside the output folder and moved into place at the end:
-after an error (exit code 1, message on stderr naming the file) the output folder is as it was
+after an error (one line on stderr naming the file, exit code 3 for an invalid release or
+path, 2 for a usage error; ``--help`` lists them) the output folder is as it was
 — absent if it did not exist. Into an existing folder the files are moved one by one (each
 replaced atomically, ``index.html`` last); files of earlier runs that this run does not write
 are left alone.
@@ -31,7 +32,7 @@ are left alone.
 from __future__ import annotations
 
 import argparse
-import logging
+import json
 import os
 import shutil
 import sys
@@ -40,20 +41,27 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fednipype import __version__
-from fednipype.exceptions import FednipypeError
+from fednipype.cli.console import setup_logging
+from fednipype.cli.errors import (
+    ArgumentParser,
+    HelpFormatter,
+    exit_epilog,
+    guarded,
+)
+from fednipype.exceptions import FednipypeError, ReleaseValidationError
 from fednipype.hub.pooling import pool
 from fednipype.hub.releases import load_releases
 from fednipype.hub.reports import TSV_NAME, write_meta_report
-
-LOGGER = logging.getLogger("fednipype.cli.hub")
 
 PROG = "fednipype-meta"
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser of ``fednipype-meta``."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog=PROG,
+        formatter_class=HelpFormatter,
+        epilog=exit_epilog(),
         description=(
             "Pool differentially private site releases: pooled regression of the summed "
             "sufficient statistics and fixed/random-effects meta-analysis of the site "
@@ -107,7 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="model terms to plot, e.g. age 'group[patient]' (default: every term except the "
         "intercept; the tables always hold every term)",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="log progress (-vv: debugging)"
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
 
@@ -125,7 +135,7 @@ def _install(tmp: Path, out_dir: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``fednipype-meta`` and return its exit code (0 success, 1 error, 2 usage).
+    """Run ``fednipype-meta`` and return its exit code (see ``fednipype-meta --help``).
 
     Parameters
     ----------
@@ -133,17 +143,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         Arguments without the program name; defaults to ``sys.argv[1:]``.
     """
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(PROG, args.verbose)
+    return guarded(PROG, lambda: _run(args), verbose=args.verbose)
 
+
+def _load(paths: Sequence[Path]) -> list:
+    """Load the releases; a file nested too deeply for the JSON parser is named."""
+    try:
+        return load_releases(paths)
+    except RecursionError:
+        for path in paths:
+            try:
+                json.loads(Path(path).read_text(encoding="utf-8"))
+            except RecursionError:
+                raise ReleaseValidationError(
+                    f"{path}: JSON nested too deeply; expected a release document"
+                ) from None
+            except (OSError, ValueError):
+                continue
+        raise
+
+
+def _run(args: argparse.Namespace) -> int:
     out_dir: Path = args.output_dir
     tmp: Path | None = None
     try:
         if out_dir.exists() and not out_dir.is_dir():
             raise FednipypeError(f"{out_dir}: exists and is not a folder")
-        releases = load_releases(args.releases)
+        releases = _load(args.releases)
         terms = list(releases[0].doc["model"]["terms"])
         unknown = [t for t in args.terms or () if t not in terms]
         if unknown:
@@ -163,12 +190,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = write_meta_report(result, tmp, terms=args.terms, plot_regions=args.regions)
         _install(tmp, out_dir)
         tmp = None
-    except FednipypeError as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 1
-    except OSError as err:
-        print(f"{PROG}: error: cannot write {out_dir}: {err}", file=sys.stderr)
-        return 1
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
