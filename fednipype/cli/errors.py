@@ -47,7 +47,7 @@ EXIT_CODES: dict[int, str] = {
 }
 
 #: Longest error line printed; longer messages keep their start and end around an ellipsis.
-MAX_LINE = 400
+MAX_LINE = 600
 
 
 class UsageError(FednipypeError):

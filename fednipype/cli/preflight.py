@@ -156,8 +156,14 @@ def _fednipype_owned(folder: Path) -> bool:
     )
 
 
+def _not_dangling(path: Path, argument: str) -> None:
+    if path.is_symlink() and not path.exists():
+        raise BIDSError(f"{argument} {path}: a dangling symbolic link; expected a folder")
+
+
 def check_output_dir(output_dir: Path, bids_dir: Path, *, must_exist: bool = False) -> Path:
     """fednipype's derivative folder: not the input nor inside it, ours or empty, writable."""
+    _not_dangling(output_dir, "output_dir")
     out = _resolve(output_dir, "output_dir")
     if out == bids_dir:
         raise BIDSError(
@@ -189,6 +195,7 @@ def check_output_dir(output_dir: Path, bids_dir: Path, *, must_exist: bool = Fal
 
 def check_side_dir(path: Path, argument: str, *, bids_dir: Path, output_dir: Path) -> Path:
     """A working or release folder: not a file, outside the input and the derivatives."""
+    _not_dangling(path, argument)
     folder = _resolve(path, argument)
     if folder.exists() and not folder.is_dir():
         raise BIDSError(f"{argument} {path}: exists and is a file; expected a folder")

@@ -105,8 +105,26 @@ def _participant(args: argparse.Namespace, setup) -> int:
     )
     _site_report(setup, failures=result.failures)
     for failure in result.failures:
-        report(PROG, failure)
+        report(PROG, _failure_line(failure))
+        if failure.crash_file:
+            LOGGER.info("crash file of %s: %s", failure.in_file, failure.crash_file)
     return EXIT_PARTIAL if result.failures else EXIT_OK
+
+
+def _failure_line(failure) -> str:
+    """``sub-X[ ses-Y]: <message>`` without the exception's module path.
+
+    >>> from fednipype.cli.participant import Failure
+    >>> _failure_line(Failure("02", None, "m.nii.gz", "n",
+    ...                       "fednipype.exceptions.ImageError: m.nii.gz: truncated"))
+    'sub-02: m.nii.gz: truncated'
+    """
+    where = f"sub-{failure.subject}" if failure.subject else "workflow"
+    where += f" ses-{failure.session}" if failure.session else ""
+    name, sep, message = failure.error.partition(": ")
+    if sep and name.startswith("fednipype.") and " " not in name:
+        return f"{where}: {message}"
+    return f"{where}: {failure.error}"
 
 
 def _group(args: argparse.Namespace, setup) -> int:
