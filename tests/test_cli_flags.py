@@ -9,11 +9,12 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 
 import pytest
-from support import BUNDLED, SITES
+from support import BUNDLED, REPO, SITES
 
 from fednipype.cli import errors, run
 from fednipype.cli.parser import build_parser
@@ -204,3 +205,33 @@ def test_exit_codes_are_documented_in_help(capsys):
     text = capsys.readouterr().out
     for code in (errors.EXIT_USAGE, errors.EXIT_INVALID_INPUT, errors.EXIT_PRIVACY):
         assert f"  {code:<3} " in text
+
+
+def test_every_flag_of_the_readme_parity_table_is_exercised():
+    """The README's fMRIPrep-flag table: each flag fednipype accepts appears in these tests."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    table = readme.split("## fMRIPrep flags", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    tests = "".join(
+        (REPO / "tests" / name).read_text(encoding="utf-8")
+        for name in ("test_cli_flags.py", "test_cli_hostile.py")
+    )
+    accepted = build_parser()._option_string_actions
+    flags = set()
+    for row in rows:
+        ours = row.split("|")[2]
+        flags |= set(re.findall(r"(?<![\w-])(--?[a-z][\w-]*)", ours)) & set(accepted)
+    flags |= {f for f in re.findall(r"(?<![\w-])(--?[a-z][\w-]*)", table) if f in accepted}
+    missing = sorted(f for f in flags if f'"{f}"' not in tests and f"'{f}'" not in tests)
+    print(f"\n{len(flags)} flags in the README's parity table, each used by a test")
+    assert len(flags) >= 20 and missing == []
+
+
+def test_version(capsys):
+    from fednipype import __version__
+
+    with pytest.raises(SystemExit) as exit_info:
+        run.main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == (
+        f"fednipype {__version__}"
+    )
