@@ -14,6 +14,7 @@ import pytest
 from support import BIDS_EXAMPLES, BUNDLED, REPO, SITES, write_sites
 
 from fednipype.features import extract_dataset_features
+from fednipype.site.lifecycle import init_ledger
 from fednipype.site.policy import example_policy
 
 os.environ.setdefault("NIPYPE_NO_ET", "1")
@@ -62,8 +63,9 @@ def bundled_features(bundled_derivatives) -> dict[str, list[Path]]:
 def site_policy() -> Callable[..., Path]:
     """Factory of site policies: ``site_policy(folder, dataset=..., epsilon=..., ...)``.
 
-    Writes ``folder/policy.toml`` with the example sites' public bounds and a ledger beside it
-    (``extra`` is TOML text put first, e.g. ``"min_cohort = 20\\n"``).
+    Writes ``folder/policy.toml`` with the example sites' public bounds and, unless
+    ``bind=False``, creates its ledger beside it as ``fednipype-budget init`` does (``extra`` is
+    TOML text put first, e.g. ``"min_cohort = 20\\n"``).
     """
 
     def make(
@@ -73,11 +75,14 @@ def site_policy() -> Callable[..., Path]:
         epsilon: float = 10.0,
         delta: float = 1e-4,
         extra: str = "",
+        bind: bool = True,
     ) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / "policy.toml"
         text = example_policy(dataset=dataset, total_epsilon=epsilon, total_delta=delta)
         path.write_text(extra + text, encoding="utf-8")
+        if bind:
+            init_ledger(path)
         return path
 
     return make

@@ -7,13 +7,17 @@ Fixtures built from these live in ``conftest.py``.
 from __future__ import annotations
 
 import copy
+import hashlib
+import math
 import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from dp_accounting import gaussian_mechanism
 
-from fednipype.contract.document import new_release, write_release
+from fednipype.contract.document import content_hash, new_release, write_release
+from fednipype.hub.releases import SiteRelease
 from fednipype.site.release import SESSIONS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,10 +50,11 @@ REGIONS = ("L_P01", "R_P01", "L_P12")
 TERMS = ("intercept", "age", "sex[M]", "group[patient]")
 COVARIATES = TERMS[1:]
 #: Public scaling (from bounds age [10, 90], sex dummy [0, 1], volumes [2000, 10000]).
+BOUNDS = {"age": (10.0, 90.0), **dict.fromkeys(REGIONS, (2000.0, 10000.0))}
 SCALING = {
     "age": {"center": 50.0, "scale": 40.0},
     "sex[M]": {"center": 0.5, "scale": 0.5},
-    "group[patient]": {"center": 0.0, "scale": 1.0},
+    "group[patient]": {"center": 0.5, "scale": 0.5},
     **{region: {"center": 6000.0, "scale": 4000.0} for region in REGIONS},
 }
 #: Planted effects per region: baseline at age 50, age slope, male, patient.
@@ -103,36 +108,40 @@ def release_doc(
     site: str,
     rows: pd.DataFrame,
     *,
-    noise_sd: float = 0.0,
-    seed: int = 0,
-    epsilon: float = 1.0,
+    epsilon: float = 1e6,
     delta: float = 1e-5,
+    seed: int = 0,
+    exact: bool = False,
 ) -> dict:
-    """A schema-valid release of ``rows``; DP-like Gaussian noise of sd ``noise_sd`` if > 0.
+    """A release of ``rows`` as a site would write it at (ε, δ), with simulated noise.
 
-    The schema requires the mechanism's nominal ``scale``/``noise_variance`` to be > 0; a
-    noise-free document declares nominal values there and zero ``noise_variances``, which is
-    what the coordinator uses.
+    σ comes from dp-accounting's analytic calibration for the L2 sensitivity of the
+    statistics on the [-1, 1] scale (not from fednipype), and seeded numpy noise of that sd is
+    added to every released entry. ``exact=True`` adds none and declares none (noise
+    variances 0): such a document is for in-memory pooling maths only (:func:`exact_release`);
+    the release contract refuses it as a file, since its noise does not match its ε.
     """
     stats = scaled_statistics(rows)
     p, r = len(TERMS), len(REGIONS)
-    if noise_sd > 0.0:
+    sensitivity = math.sqrt(1 + p * (p + 1) / 2 + p * r + r)
+    sigma = gaussian_mechanism.get_sigma_gaussian(epsilon, delta) * sensitivity
+    if not exact:
         rng = np.random.default_rng(seed)
-        upper = np.triu(rng.normal(0.0, noise_sd, (p, p)))
+        upper = np.triu(rng.normal(0.0, sigma, (p, p)))
         stats["ztz"] = stats["ztz"] + upper + np.triu(upper, 1).T
-        stats["zty"] = stats["zty"] + rng.normal(0.0, noise_sd, (p, r))
-        stats["yty"] = stats["yty"] + rng.normal(0.0, noise_sd, r)
-        stats["n"] = stats["n"] + rng.normal(0.0, noise_sd)
-    var = noise_sd**2
+        stats["zty"] = stats["zty"] + rng.normal(0.0, sigma, (p, r))
+        stats["yty"] = stats["yty"] + rng.normal(0.0, sigma, r)
+        stats["n"] = stats["n"] + rng.normal(0.0, sigma)
+    var = 0.0 if exact else sigma**2
     mechanism = {
         "mechanism": "gaussian",
         "calibration": "analytic Gaussian (Balle and Wang 2018)",
         "epsilon": epsilon,
         "delta": delta,
-        "sensitivity": 3.0,
+        "sensitivity": sensitivity,
         "sensitivity_norm": "l2",
-        "scale": noise_sd if noise_sd > 0 else 1.0,
-        "noise_variance": var if var > 0 else 1.0,
+        "scale": sigma,
+        "noise_variance": sigma**2,
     }
     doc = new_release(
         dataset=f"example {site}",
@@ -155,7 +164,9 @@ def release_doc(
             "delta": delta,
             "min_cohort": 10,
             "budget_split": {"sufficient_statistics": {"epsilon": epsilon, "delta": delta}},
-            "bounds": {"age": [10.0, 90.0], "volume_mm3": [2000.0, 10000.0]},
+            "bounds": {name: list(b) for name, b in BOUNDS.items()},
+            "max_participants": 1000,
+            "ledger_id": hashlib.md5(site.encode()).hexdigest(),
             "ledger_charge": 1,
         },
         statistics={
@@ -175,14 +186,26 @@ def release_doc(
     return copy.deepcopy(doc)
 
 
+def exact_release(site: str, rows: pd.DataFrame) -> SiteRelease:
+    """A noise-free release held in memory: the pooling maths against exact references."""
+    doc = release_doc(site, rows, exact=True)
+    return SiteRelease(path=Path(f"{site}_release.json"), doc=doc, content_hash=content_hash(doc))
+
+
+def exact_releases(raw: dict[str, pd.DataFrame]) -> list[SiteRelease]:
+    """:func:`exact_release` of every site of ``raw``, in order."""
+    return [exact_release(site, rows) for site, rows in raw.items()]
+
+
 def write_sites(
-    folder: Path, sites=tuple(SITE_DESIGN), *, seed: int = 7, noise_sd: float = 0.0, **kwargs
+    folder: Path, sites=tuple(SITE_DESIGN), *, seed: int = 7, epsilon: float = 1e6, **kwargs
 ) -> tuple[list[Path], dict[str, pd.DataFrame]]:
-    """Simulate the sites, write one release file each; return the paths and the raw rows."""
+    """Simulate the sites, write one release file each (noise at ``epsilon``); return the
+    paths and the raw rows."""
     folder.mkdir(parents=True, exist_ok=True)
     paths, raw = [], {}
     for i, site in enumerate(sites):
         raw[site] = simulate_site(site, seed, **kwargs)
-        doc = release_doc(site, raw[site], noise_sd=noise_sd, seed=seed * 100 + i)
+        doc = release_doc(site, raw[site], epsilon=epsilon, seed=seed * 100 + i)
         paths.append(write_release(doc, folder / f"{site}_release.json"))
     return paths, raw

@@ -20,6 +20,8 @@ SITE_SIDE = (
     "opendp",
     "fednipype.site",
     "fednipype.bids",
+    "fednipype.bids_filters",
+    "fednipype.participants",
     "fednipype.derivatives",
     "fednipype.features",
     "fednipype.grids",

@@ -18,18 +18,20 @@ import numpy as np
 import pandas as pd
 import pytest
 import statsmodels.api as sm
+from scipy import stats
 from support import (
     COVARIATES,
     EFFECTS,
     REGIONS,
     SCALING,
     TERMS,
+    exact_release,
+    exact_releases,
     release_doc,
     simulate_site,
     write_sites,
 )
 
-from fednipype.contract.document import write_release
 from fednipype.exceptions import MetaAnalysisError, ReleaseValidationError
 from fednipype.hub.meta_analysis import fixed_effect, random_effects
 from fednipype.hub.pooling import RESULT_COLUMNS, pool
@@ -85,8 +87,9 @@ def _assert_slopes_match(row: pd.Series, fit, term: str, n: int) -> None:
 
 
 def test_pooled_regression_equals_statsmodels_ols_with_site_dummies(three_site_releases):
-    paths, raw = three_site_releases
-    result = pool(load_releases(paths))
+    _, raw = three_site_releases
+    exact = exact_releases(raw)
+    result = pool(exact)
     assert list(result.results.columns) == list(RESULT_COLUMNS)
     assert result.site_effects
     n = sum(len(rows) for rows in raw.values())
@@ -109,8 +112,9 @@ def test_pooled_regression_equals_statsmodels_ols_with_site_dummies(three_site_r
 
 
 def test_common_intercept_equals_statsmodels_ols_on_pooled_rows(three_site_releases):
-    paths, raw = three_site_releases
-    result = pool(paths, site_effects=False)
+    _, raw = three_site_releases
+    exact = exact_releases(raw)
+    result = pool(exact, site_effects=False)
     assert not result.site_effects
     pooled_rows = pd.concat(raw.values(), ignore_index=True)
     for region in REGIONS:
@@ -145,7 +149,7 @@ def test_site_intercepts_remove_the_pull_of_site_offsets(tmp_path):
     slope is pulled up, the site-intercept slope is not."""
     design = {"siteA": (60, (20.0, 40.0), 0.0, 120.0), "siteB": (60, (40.0, 60.0), 300.0, 120.0),
               "siteC": (60, (60.0, 80.0), 600.0, 120.0)}  # fmt: skip
-    paths = []
+    releases = []
     for i, (site, (n, (lo, hi), offset, sd)) in enumerate(design.items()):
         rng = np.random.default_rng([11, i])
         rows = pd.DataFrame({"age": rng.uniform(lo, hi, n),
@@ -155,8 +159,8 @@ def test_site_intercepts_remove_the_pull_of_site_offsets(tmp_path):
             rows[region] = (base + age * (rows["age"] - 50.0) + male * rows["sex[M]"]
                             + patient * rows["group[patient]"] + offset
                             + rng.normal(0.0, sd, n))  # fmt: skip
-        paths.append(write_release(release_doc(site, rows), tmp_path / f"{site}_release.json"))
-    fixed, common = pool(paths).results, pool(paths, site_effects=False).results
+        releases.append(exact_release(site, rows))
+    fixed, common = pool(releases).results, pool(releases, site_effects=False).results
     for region, (_, age, _, _) in EFFECTS.items():
         a = _row(fixed, region, "age", "pooled_regression")
         b = _row(common, region, "age", "pooled_regression")
@@ -165,8 +169,9 @@ def test_site_intercepts_remove_the_pull_of_site_offsets(tmp_path):
 
 
 def test_site_table_equals_statsmodels_ols_per_site(three_site_releases):
-    paths, raw = three_site_releases
-    result = pool(paths)
+    _, raw = three_site_releases
+    exact = exact_releases(raw)
+    result = pool(exact)
     for site, rows in raw.items():
         for region in REGIONS:
             fit = ols(rows, region)
@@ -183,8 +188,9 @@ def test_site_table_equals_statsmodels_ols_per_site(three_site_releases):
 
 @pytest.mark.parametrize(("method", "test"), [("REML", "z"), ("DL", "knha"), ("PM", "z")])
 def test_meta_analysis_equals_random_effects_on_per_site_ols(three_site_releases, method, test):
-    paths, raw = three_site_releases
-    result = pool(paths, method=method, test=test)
+    _, raw = three_site_releases
+    exact = exact_releases(raw)
+    result = pool(exact, method=method, test=test)
     for region in REGIONS:
         for term in COVARIATES:
             fits = [ols(rows, region) for rows in raw.values()]
@@ -207,10 +213,9 @@ def test_meta_analysis_equals_random_effects_on_per_site_ols(three_site_releases
 
 def test_site_that_cannot_estimate_a_term_is_left_out_of_the_meta_analysis(tmp_path):
     """siteB has no patients: without noise its group effect is not identified (NaN)."""
-    paths, raw = write_sites(tmp_path, ("siteA", "siteC"))
+    raw = {site: simulate_site(site) for site in ("siteA", "siteC")}
     raw["siteB"] = simulate_site("siteB", patients=False)
-    paths.append(write_release(release_doc("siteB", raw["siteB"]), tmp_path / "b_release.json"))
-    result = pool(paths)
+    result = pool(exact_releases(raw))
     term = "group[patient]"
     row = _row(result.results, "L_P12", term, "random_effects_REML")
     assert row["k"] == 2
@@ -229,7 +234,8 @@ def test_site_that_cannot_estimate_a_term_is_left_out_of_the_meta_analysis(tmp_p
 
 
 def test_a_single_release_follows_metafor_k1(tmp_path):
-    paths, raw = write_sites(tmp_path, ("siteC",))
+    raw = {"siteC": simulate_site("siteC")}
+    paths = exact_releases(raw)
     fit = ols(raw["siteC"], "L_P12")
     result = pool(paths, test="z")
     row = _row(result.results, "L_P12", "age", "random_effects_REML")
@@ -263,8 +269,9 @@ def test_regions_subset_and_bad_arguments(three_site_releases):
 
 
 def test_noisy_ztz_projection_is_reported(tmp_path, caplog):
-    """Noise far above ZᵀZ's smallest eigenvalue forces the PSD projection; pool says so."""
-    paths, _ = write_sites(tmp_path, noise_sd=40.0)
+    """Noise far above ZᵀZ's smallest eigenvalue forces the PSD projection; pool says so
+    (ε = 0.5: σ ≈ 36 on statistics of 40–70 participants)."""
+    paths, _ = write_sites(tmp_path, epsilon=0.5)
     with caplog.at_level("WARNING"):
         result = pool(paths)
     sites = result.sites.groupby("site")["psd_projected"].all()
@@ -278,9 +285,8 @@ def test_noisy_ztz_projection_is_reported(tmp_path, caplog):
 
 
 def test_small_noise_stays_close_to_ols_and_widens_the_intervals(tmp_path):
-    clean, raw = write_sites(tmp_path / "clean")
-    noisy, _ = write_sites(tmp_path / "noisy", noise_sd=0.05)
-    exact, dp = pool(clean).results, pool(noisy).results
+    noisy, raw = write_sites(tmp_path / "noisy", epsilon=5000.0)  # σ ≈ 0.06
+    exact, dp = pool(exact_releases(raw)).results, pool(noisy).results
     for region in REGIONS:
         a = _row(exact, region, "age", "pooled_regression")
         b = _row(dp, region, "age", "pooled_regression")
@@ -313,7 +319,8 @@ def test_valid_releases_load_in_order(tmp_path, two_docs):
     b = _write(tmp_path, "b_release.json", two_docs[1])
     releases = load_releases([b, a])
     assert [r.site for r in releases] == ["siteB", "siteA"]
-    assert releases[0].path == b and releases[0].epsilon == 1.0 and releases[0].n == 55
+    assert releases[0].path == b and releases[0].epsilon == 1e6
+    assert releases[0].n == pytest.approx(55, abs=0.05)  # σ ≈ 0.004 at ε = 1e6
 
 
 def test_malformed_release_is_named(tmp_path, two_docs):
@@ -362,8 +369,8 @@ def test_different_model_terms_are_refused(tmp_path, two_docs):
     other["model"]["terms"] = terms
     other["statistics"]["sufficient_statistics"]["terms"] = terms
     other["statistics"]["sufficient_statistics"]["scaling"]["group[MCI]"] = {
-        "center": 0.0,
-        "scale": 1.0,
+        "center": 0.5,
+        "scale": 0.5,
     }
     a = _write(tmp_path, "a_release.json", first)
     b = _write(tmp_path, "b_release.json", other)
@@ -377,6 +384,7 @@ def test_different_model_terms_are_refused(tmp_path, two_docs):
 
 def test_different_scaling_is_refused(tmp_path, two_docs):
     first, other = two_docs
+    other["privacy"]["bounds"]["age"] = [5.0, 95.0]  # another site's public age bounds
     other["statistics"]["sufficient_statistics"]["scaling"]["age"] = {
         "center": 50.0,
         "scale": 45.0,
@@ -425,32 +433,42 @@ def test_same_site_twice_names_both_files(tmp_path, two_docs):
 
 def test_release_without_sufficient_statistics_is_refused(tmp_path, two_docs):
     doc = copy.deepcopy(two_docs[0])
-    lm = doc["statistics"].pop("sufficient_statistics")
-    r = len(REGIONS)
-    doc["statistics"]["group_means"] = {
-        **{k: lm[k] for k in ("mechanism", "epsilon", "delta", "sensitivity", "scale")},
-        "noise_variance": 1.0,
-        "regions": list(REGIONS),
-        "groups": {
-            g: {
-                "means": [1.0] * r,
-                "mean_noise_variance": [1.0] * r,
-                "count": 20.3,
-                "count_noise_variance": 1.0,
-            }
-            for g in ("control", "patient")
-        },
-    }
-    split = doc["privacy"]["budget_split"]
-    doc["privacy"]["budget_split"] = {"group_means": split["sufficient_statistics"]}
-    path = _write(tmp_path, "means_release.json", doc)
-    with pytest.raises(
-        ReleaseValidationError, match="means_release.json: field statistics/sufficient_statistics"
-    ):
+    doc["statistics"].pop("sufficient_statistics")
+    doc["privacy"]["budget_split"] = {}
+    path = _write(tmp_path, "empty_release.json", doc)
+    with pytest.raises(ReleaseValidationError, match="empty_release.json: field "):
         load_releases([path])
-    assert load_releases([path], require_statistics=False)[0].site == "siteA"
 
 
 def test_no_release_is_an_error():
     with pytest.raises(ReleaseValidationError, match="no release files given"):
         load_releases([])
+
+
+def test_the_same_data_under_a_second_site_label_is_refused(tmp_path, two_docs):
+    """Resubmitting a site's release as another site (its participants counted twice)."""
+    a = _write(tmp_path, "a_release.json", two_docs[0])
+    renamed = copy.deepcopy(two_docs[0])
+    renamed["site"] = "siteZ"
+    z = _write(tmp_path, "z_release.json", renamed)
+    with pytest.raises(ReleaseValidationError, match="same dataset .* under two site labels"):
+        load_releases([a, z])
+    # Another dataset name, but the same ledger: still the same participants.
+    renamed["dataset"] = "another study"
+    z = _write(tmp_path, "z_release.json", renamed)
+    with pytest.raises(ReleaseValidationError, match="same privacy ledger .* two site labels"):
+        load_releases([a, z])
+
+
+def test_intercept_tests_its_original_units_value_against_zero(three_site_releases):
+    """t = estimate / se and p from t on df, for the intercept in original units (not against
+    the bound midpoint the statistics were centred on)."""
+    _, raw = three_site_releases
+    for site_effects in (True, False):
+        table = pool(exact_releases(raw), site_effects=site_effects).results
+        rows = table[(table["term"] == "intercept") & (table["method"] == "pooled_regression")]
+        t = rows["estimate"] / rows["se"]
+        assert np.allclose(rows["statistic"], t, rtol=1e-12)
+        expected_p = 2 * stats.t.sf(np.abs(t), rows["df"])
+        assert np.allclose(rows["p"], expected_p, rtol=1e-9, atol=1e-300)
+        assert (rows["p"] < 1e-10).all()  # volumes of ~7000 mm³ are far from 0

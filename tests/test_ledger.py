@@ -18,6 +18,7 @@ from fednipype.contract.document import content_hash
 from fednipype.exceptions import FednipypeError, PolicyError, PrivacyBudgetExceeded
 from fednipype.io import atomic_write
 from fednipype.site.ledger import PrivacyLedger
+from fednipype.site.lifecycle import init_ledger
 from fednipype.site.policy import SitePolicy
 
 WORKER = Path(__file__).with_name("_ledger_worker.py")
@@ -57,7 +58,7 @@ def test_concurrent_charges_are_fail_closed(tmp_path):
     ledger_path = tmp_path / "ledger.sqlite"
     outdir = tmp_path / "out"
     outdir.mkdir()
-    PrivacyLedger(ledger_path, DATASET, *TOTAL)
+    PrivacyLedger.create(ledger_path, DATASET, *TOTAL)
     workers = [start_worker("race", ledger_path, outdir, attempts=25) for _ in range(8)]
     for w in workers:
         assert w.stdout.readline().strip() == "ready", w.stderr.read()
@@ -104,7 +105,7 @@ def test_killed_worker_leaves_ledger_consistent(tmp_path, mode):
     ledger_path = tmp_path / "ledger.sqlite"
     outdir = tmp_path / "out"
     outdir.mkdir()
-    ledger = PrivacyLedger(ledger_path, DATASET, *TOTAL)
+    ledger = PrivacyLedger.create(ledger_path, DATASET, *TOTAL)
     worker = start_worker(mode, ledger_path, outdir)
     line = worker.stdout.readline().split()
     assert line and line[0] in {"charged", "writing"}, worker.stderr.read()
@@ -131,7 +132,7 @@ def test_killed_worker_leaves_ledger_consistent(tmp_path, mode):
 
 
 def test_float_tolerance_admits_exact_budget_and_nothing_more(tmp_path):
-    ledger = PrivacyLedger(tmp_path / "l.sqlite", "d", 1.0, 1e-6)
+    ledger = PrivacyLedger.create(tmp_path / "l.sqlite", "d", 1.0, 1e-6)
     for _ in range(10):
         ledger.charge(0.1, 1e-7, "tenth", {})
     with pytest.raises(PrivacyBudgetExceeded):
@@ -143,7 +144,7 @@ def test_float_tolerance_admits_exact_budget_and_nothing_more(tmp_path):
 
 
 def test_pure_dp_ledger_refuses_any_delta(tmp_path):
-    ledger = PrivacyLedger(tmp_path / "l.sqlite", "d", 1.0, 0.0)
+    ledger = PrivacyLedger.create(tmp_path / "l.sqlite", "d", 1.0, 0.0)
     ledger.charge(0.5, 0.0, "laplace", {})
     with pytest.raises(PrivacyBudgetExceeded, match="requested epsilon=0.1, delta=1e-10"):
         ledger.charge(0.1, 1e-10, "gaussian", {})
@@ -166,7 +167,7 @@ def test_pure_dp_ledger_refuses_any_delta(tmp_path):
     ],
 )
 def test_invalid_charges_record_nothing(tmp_path, epsilon, delta, purpose, parameters, error):
-    ledger = PrivacyLedger(tmp_path / "l.sqlite", "d", 1.0, 1e-6)
+    ledger = PrivacyLedger.create(tmp_path / "l.sqlite", "d", 1.0, 1e-6)
     with pytest.raises(error):
         ledger.charge(epsilon, delta, purpose, parameters)
     assert rows(tmp_path / "l.sqlite", "charge") == 0
@@ -175,7 +176,7 @@ def test_invalid_charges_record_nothing(tmp_path, epsilon, delta, purpose, param
 
 def test_audit_is_append_only(tmp_path):
     path = tmp_path / "l.sqlite"
-    ledger = PrivacyLedger(path, "d", 1.0, 1e-6)
+    ledger = PrivacyLedger.create(path, "d", 1.0, 1e-6)
     first = ledger.charge(0.2, 0.0, "first", {"a": 1})
     ledger.charge(0.3, 0.0, "second", {})
     conn = sqlite3.connect(path, isolation_level=None)
@@ -213,7 +214,7 @@ def test_audit_is_append_only(tmp_path):
 
 
 def test_audit_trail_contents(tmp_path):
-    ledger = PrivacyLedger(tmp_path / "l.sqlite", "d", 2.0, 1e-6)
+    ledger = PrivacyLedger.create(tmp_path / "l.sqlite", "d", 2.0, 1e-6)
     before = datetime.now().astimezone()
     charge_id = ledger.charge(0.25, 1e-7, "release: means", {"regions": ["a", "b"], "n": 3})
     ledger.record_release(charge_id, hashlib.sha256(b"content").hexdigest())
@@ -243,6 +244,7 @@ def test_new_object_and_new_output_folder_see_the_same_budget(tmp_path):
     )
     policy_path = tmp_path / "policy.toml"
     policy_path.write_text(policy_text)
+    init_ledger(policy_path)
     policy = SitePolicy.from_toml(policy_path)
 
     for run, amount in (("out-run1", 0.3), ("out-run2", 0.4)):
@@ -260,7 +262,7 @@ def test_new_object_and_new_output_folder_see_the_same_budget(tmp_path):
 
 def test_identity_and_totals_are_fixed(tmp_path):
     path = tmp_path / "l.sqlite"
-    ledger = PrivacyLedger(path, "dataset-a", 1.0, 1e-6)
+    ledger = PrivacyLedger.create(path, "dataset-a", 1.0, 1e-6)
     ledger.charge(0.9, 0.0, "p", {})
     with pytest.raises(PolicyError, match="belongs to dataset 'dataset-a', not 'dataset-b'"):
         PrivacyLedger(path, "dataset-b", 1.0, 1e-6)
@@ -283,20 +285,20 @@ def test_identity_and_totals_are_fixed(tmp_path):
 
 def test_unusable_ledger_locations(tmp_path):
     with pytest.raises(PolicyError, match="does not exist"):
-        PrivacyLedger(tmp_path / "missing" / "l.sqlite", "d", 1.0, 0.0)
+        PrivacyLedger.create(tmp_path / "missing" / "l.sqlite", "d", 1.0, 0.0)
     junk = tmp_path / "junk.sqlite"
     junk.write_bytes(b"this is not a database" * 100)
     with pytest.raises(PolicyError, match="junk.sqlite: not a usable privacy ledger"):
         PrivacyLedger(junk, "d", 1.0, 0.0)
     with pytest.raises(PolicyError, match="total_epsilon"):
-        PrivacyLedger(tmp_path / "l.sqlite", "d", 0.0, 0.0)
+        PrivacyLedger.create(tmp_path / "l.sqlite", "d", 0.0, 0.0)
     with pytest.raises(PolicyError, match="dataset_id"):
-        PrivacyLedger(tmp_path / "l.sqlite", "", 1.0, 0.0)
+        PrivacyLedger.create(tmp_path / "l.sqlite", "", 1.0, 0.0)
     assert not (tmp_path / "l.sqlite").exists()
 
 
 def test_reserve_is_fail_closed(tmp_path):
-    ledger = PrivacyLedger(tmp_path / "l.sqlite", "d", 1.0, 0.0)
+    ledger = PrivacyLedger.create(tmp_path / "l.sqlite", "d", 1.0, 0.0)
     target = tmp_path / "site_release.json"
     with pytest.raises(RuntimeError, match="computation failed"):
         with ledger.reserve(0.2, 0.0, "fails", {}):
@@ -324,7 +326,7 @@ def test_reserve_is_fail_closed(tmp_path):
 
 
 def test_noise_is_drawn_only_against_an_open_charge_that_covers_it(tmp_path):
-    ledger = PrivacyLedger(tmp_path / "l.sqlite", "d", 1.0, 1e-5)
+    ledger = PrivacyLedger.create(tmp_path / "l.sqlite", "d", 1.0, 1e-5)
     with ledger.reserve(0.5, 1e-6, "two draws", {}) as spend:
         spend.consume(0.3, 6e-7, "first")
         with pytest.raises(PrivacyBudgetExceeded, match="second needs epsilon=0.3"):

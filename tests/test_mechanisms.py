@@ -10,7 +10,6 @@ import math
 
 import numpy as np
 import opendp.prelude as dp
-import pandas as pd
 import pytest
 from dp_accounting import gaussian_mechanism
 from dp_accounting.pld import accountant, common
@@ -23,23 +22,18 @@ from fednipype.contract.calibration import (
 from fednipype.contract.statistics import SufficientStatistics
 from fednipype.exceptions import (
     DataError,
-    DisclosureError,
     FednipypeError,
     PolicyError,
     PrivacyBudgetExceeded,
 )
 from fednipype.hub.regression import pooled_regression
 from fednipype.site.ledger import PrivacyLedger
-from fednipype.site.mechanisms import (
-    _gaussian_noise,
-    prepare_group_means,
-    prepare_sufficient_statistics,
-)
+from fednipype.site.mechanisms import _gaussian_noise, prepare_sufficient_statistics
 
 dp.enable_features("contrib")
 
 FALSE_ALARM = 1e-6
-NAMES = {"terms": ["intercept", "a", "b"], "regions": ["r1", "r2", "r3"]}
+NAMES = {"terms": ["intercept", "a", "b"], "regions": ["r1", "r2", "r3"], "max_participants": 1000}
 
 
 def exact_delta(sigma: float, epsilon: float, sensitivity: float) -> float:
@@ -207,7 +201,7 @@ def _projected(stats_: SufficientStatistics, sigma: float) -> float:
 def test_empirical_privacy_of_the_sufficient_statistics():
     """The real mechanism passes; false-alarm rate 1e-6 (see :func:`violations`)."""
     z, y, z2, y2 = neighbours()
-    names = {"terms": ["intercept"], "regions": ["r"]}
+    names = {"terms": ["intercept"], "regions": ["r"], "max_participants": 1000}
     bounds = (([1.0], [1.0]), ([-1.0], [1.0]))
     sigma = analytic_gaussian_sigma(EPSILON, DELTA, 2.0)
 
@@ -253,7 +247,11 @@ def test_empirical_privacy_flags_a_broken_mechanism():
 
 Z_BOUNDS = ([1.0, -3.0, 0.0], [1.0, 2.0, 1.0])  # intercept, a covariate, a 0/1 dummy
 Y_BOUNDS = ([-1.0, 0.5], [4.0, 2.0])
-TWO = {"terms": ["intercept", "age", "sex"], "regions": ["hippocampus", "amygdala"]}
+TWO = {
+    "terms": ["intercept", "age", "sex"],
+    "regions": ["hippocampus", "amygdala"],
+    "max_participants": 1000,
+}
 
 
 def brute_force_sensitivity(z_bounds, y_bounds) -> float:
@@ -296,7 +294,7 @@ def test_sufficient_statistics_converge_and_are_clamped(tmp_path):
     y = np.column_stack([rng.uniform(-1, 4, n), rng.uniform(0.5, 2, n)])
     z[0, 1], y[1, 0], y[2, 1] = 25.0, -30.0, 9.0  # outside the bounds
     prepared = prepare_sufficient_statistics(z, y, Z_BOUNDS, Y_BOUNDS, 1e6, 1e-5, **TWO)
-    ledger = PrivacyLedger(tmp_path / "l.sqlite", "d", 1e6, 1e-5)
+    ledger = PrivacyLedger.create(tmp_path / "l.sqlite", "d", 1e6, 1e-5)
     with ledger.reserve(1e6, 1e-5, "test", prepared.audit_parameters()) as spend:
         res = prepared.release(spend)
 
@@ -340,52 +338,52 @@ def test_sufficient_statistics_are_the_type_the_hub_pools():
     assert SufficientStatistics.from_document(res.to_document()).zty.tolist() == res.zty.tolist()
 
 
-# -- group means at huge epsilon ----------------------------------------------------------------
+# -- spending and public checks ----------------------------------------------------------------
 
 
-def test_group_means_match_numpy_at_huge_epsilon():
-    rng = np.random.default_rng(7)
-    x = rng.uniform(0, 1, (80, 3))
-    x[0, 0] = 7.0  # clamped to 1
-    xc = np.clip(x, 0, 1)
-    groups = np.array(["ctrl", "case"] * 40)
-    prepared = prepare_group_means(
-        x, groups, ["ctrl", "case"], (0, 1), 1e6, 1e-5, regions=["a", "b", "c"]
-    )
-    gm = prepared._draw()
-    expected = pd.DataFrame(xc).groupby(groups).mean().loc[["ctrl", "case"]].to_numpy()
-    np.testing.assert_allclose(gm.means, expected, atol=1e-3)
-    np.testing.assert_allclose(gm.counts, [40, 40], atol=0.05)
-    assert gm.levels == ["ctrl", "case"] and gm.regions == ["a", "b", "c"]
+def _small() -> dict:
+    z = np.column_stack([np.ones(20), np.linspace(-1, 1, 20)])
+    y = np.full((20, 1), 0.123456789)
+    names = {"terms": ["intercept", "x"], "regions": ["r"], "max_participants": 500}
+    return {"Z": z, "Y": y, "z_bounds": ([1, -1], [1, 1]), "y_bounds": (-1, 1), **names}
 
 
 def test_release_needs_an_open_charge_that_covers_it(tmp_path):
-    x = np.full((20, 1), 0.123456789)
-    prepared = prepare_group_means(x, ["g"] * 20, ["g"], (0, 1), 1.0, 1e-3, regions=["r"])
+    prepared = prepare_sufficient_statistics(epsilon=1.0, delta=1e-3, **_small())
     assert "0.123" not in repr(prepared)
     assert prepared.epsilon == 1.0 and prepared.delta == 1e-3
     assert "statistic" in prepared.audit_parameters()
     with pytest.raises(PolicyError, match="needs the ledger reservation"):
         prepared.release(None)
-    ledger = PrivacyLedger(tmp_path / "l.sqlite", "d", 10.0, 1e-2)
+    ledger = PrivacyLedger.create(tmp_path / "l.sqlite", "d", 10.0, 1e-2)
     with ledger.reserve(0.5, 1e-3, "too little", {}) as spend:
-        with pytest.raises(PrivacyBudgetExceeded, match="group_means needs epsilon=1"):
+        with pytest.raises(PrivacyBudgetExceeded, match="sufficient_statistics needs epsilon=1"):
             prepared.release(spend)
     with ledger.reserve(1.0, 1e-3, "enough", {}) as spend:
         prepared.release(spend)
         with pytest.raises(FednipypeError, match="already released"):
             prepared.release(spend)
+    again = prepare_sufficient_statistics(epsilon=1.0, delta=1e-3, **_small())
     with pytest.raises(PrivacyBudgetExceeded, match="is closed"):
-        again = prepare_group_means(x, ["g"] * 20, ["g"], (0, 1), 1.0, 1e-3, regions=["r"])
         again.release(spend)
 
 
-def test_delta_must_be_below_one_over_n():
-    x = np.full((100, 1), 0.5)
-    with pytest.raises(DisclosureError, match="1/n"):
-        prepare_group_means(x, ["g"] * 100, ["g"], (0, 1), 1.0, 0.01, regions=["r"])
-    ok = prepare_group_means(x, ["g"] * 100, ["g"], (0, 1), 1.0, 0.0099, regions=["r"])
-    assert ok.mechanism.delta == 0.0099
+def test_delta_is_checked_against_the_public_maximum_cohort_not_the_data():
+    """20 rows, max_participants 500: δ = 0.01 (< 1/20, ≥ 1/500) is refused; the message
+    names the public maximum only, so it reveals nothing of the data's size."""
+    with pytest.raises(PolicyError, match="1/max_participants = 0.002") as info:
+        prepare_sufficient_statistics(epsilon=1.0, delta=0.01, **_small())
+    assert "20" not in str(info.value)
+    ok = prepare_sufficient_statistics(epsilon=1.0, delta=0.0019, **_small())
+    assert ok.mechanism.delta == 0.0019
+
+
+def test_small_data_is_not_refused_before_the_charge():
+    """Three rows: prepared without complaint (the minimum cohort is checked on the released
+    noisy count, after the charge), so preparing is no oracle for the data's size."""
+    data = _small()
+    data["Z"], data["Y"] = data["Z"][:3], data["Y"][:3]
+    assert prepare_sufficient_statistics(epsilon=1.0, delta=1e-4, **data).mechanism.epsilon == 1
 
 
 def test_opendp_is_the_noise_source():
@@ -403,63 +401,35 @@ WITH_NAN = GOOD.copy()
 WITH_NAN[5, 1] = np.nan
 WITH_INF = GOOD.copy()
 WITH_INF[6, 0] = np.inf
-GROUPS = np.array(["a"] * 30 + ["b"] * 10)
 Z_OK = np.column_stack([np.ones(40), GOOD[:, 0]])
 Z_B = ([1, 0], [1, 1])
-R2 = {"regions": ["r1", "r2"]}
 SS = {"terms": ["intercept", "x"], "regions": ["r1", "r2"]}
 
 BAD = {
-    "eps zero": ((GOOD, GROUPS, "ab", (0, 1), 0.0, 1e-5), PolicyError, "group_means: epsilon"),
-    "eps nan": ((GOOD, GROUPS, "ab", (0, 1), math.nan, 1e-5), PolicyError, "epsilon"),
-    "eps inf": ((GOOD, GROUPS, "ab", (0, 1), math.inf, 1e-5), PolicyError, "epsilon"),
-    "delta one": ((GOOD, GROUPS, "ab", (0, 1), 1.0, 1.0), PolicyError, "group_means: delta"),
-    "delta zero": ((GOOD, GROUPS, "ab", (0, 1), 1.0, 0.0), PolicyError, "delta must be > 0"),
-    "delta 1/n": ((GOOD, GROUPS, "ab", (0, 1), 1.0, 1 / 40), DisclosureError, "1/n"),
-    "bounds inverted": ((GOOD, GROUPS, "ab", (1, 0), 1.0, 1e-5), PolicyError, "lo < hi"),
-    "bounds missing": ((GOOD, GROUPS, "ab", None, 1.0, 1e-5), PolicyError, "bounds: missing"),
-    "bounds nan": ((GOOD, GROUPS, "ab", (0, math.nan), 1.0, 1e-5), PolicyError, "finite"),
-    "nan rows": ((WITH_NAN, GROUPS, "ab", (0, 1), 1.0, 1e-5), DataError, "data: 1 row"),
-    "inf rows": ((WITH_INF, GROUPS, "ab", (0, 1), 1.0, 1e-5), DataError, "infinite"),
-    "small group": (
-        (GOOD, GROUPS, "ab", (0, 1), 1.0, 1e-5, {"min_cohort": 11}),
-        DisclosureError,
-        "group 'b'",
-    ),
-    "unknown level": ((GOOD, GROUPS, "ac", (0, 1), 1.0, 1e-5), DataError, "declared levels"),
-    "min cohort zero": (
-        (GOOD, GROUPS, "ab", (0, 1), 1.0, 1e-5, {"min_cohort": 0}),
-        PolicyError,
-        "min_cohort",
-    ),
-    "ss z bounds inverted": (
-        ("ss", Z_OK, GOOD, ([1, 1], [1, 0]), (0, 1), 1.0, 1e-5),
-        PolicyError,
-        "Z bounds",
-    ),
-    "ss nan in Y": (
-        ("ss", Z_OK, WITH_NAN, Z_B, (0, 1), 1.0, 1e-5),
-        DataError,
-        "sufficient_statistics: Y: 1",
-    ),
-    "ss row mismatch": (
-        ("ss", Z_OK[:30], GOOD, Z_B, (0, 1), 1.0, 1e-5),
-        DataError,
-        "different numbers of rows",
-    ),
-    "ss small cohort": (
-        ("ss", Z_OK[:9], GOOD[:9], Z_B, (0, 1), 1.0, 1e-5),
-        DisclosureError,
-        "minimum cohort",
-    ),
-}
+    "eps zero": ((Z_OK, GOOD, Z_B, (0, 1), 0.0, 1e-5), PolicyError, "statistics: epsilon"),
+    "eps nan": ((Z_OK, GOOD, Z_B, (0, 1), math.nan, 1e-5), PolicyError, "epsilon"),
+    "eps inf": ((Z_OK, GOOD, Z_B, (0, 1), math.inf, 1e-5), PolicyError, "epsilon"),
+    "delta one": ((Z_OK, GOOD, Z_B, (0, 1), 1.0, 1.0), PolicyError, "statistics: delta"),
+    "delta zero": ((Z_OK, GOOD, Z_B, (0, 1), 1.0, 0.0), PolicyError, "delta must be > 0"),
+    "delta public": ((Z_OK, GOOD, Z_B, (0, 1), 1.0, 1e-2), PolicyError, "max_participants"),
+    "y bounds inverted": ((Z_OK, GOOD, Z_B, (1, 0), 1.0, 1e-5), PolicyError, "lo < hi"),
+    "y bounds missing": ((Z_OK, GOOD, Z_B, None, 1.0, 1e-5), PolicyError, "bounds: missing"),
+    "y bounds nan": ((Z_OK, GOOD, Z_B, (0, math.nan), 1.0, 1e-5), PolicyError, "finite"),
+    "z bounds inverted": ((Z_OK, GOOD, ([1, 1], [1, 0]), (0, 1), 1.0, 1e-5), PolicyError,
+                          "Z bounds"),
+    "nan in Y": ((Z_OK, WITH_NAN, Z_B, (0, 1), 1.0, 1e-5), DataError,
+                 "sufficient_statistics: Y: 1 row"),
+    "inf in Y": ((Z_OK, WITH_INF, Z_B, (0, 1), 1.0, 1e-5), DataError, "infinite"),
+    "strings": ((Z_OK, [["a"]] * 40, Z_B, (0, 1), 1.0, 1e-5), DataError, "numeric"),
+    "row mismatch": ((Z_OK[:30], GOOD, Z_B, (0, 1), 1.0, 1e-5), DataError,
+                     "different numbers of rows"),
+    "max participants": ((Z_OK, GOOD, Z_B, (0, 1), 1.0, 1e-5, {"max_participants": 0}),
+                         PolicyError, "max_participants must be >= 1"),
+}  # fmt: skip
 
 
 def _prepare(args: tuple, kwargs: dict):
-    if isinstance(args[0], str):
-        return prepare_sufficient_statistics(*args[1:], **SS, **kwargs)
-    data, groups, levels, *rest = args
-    return prepare_group_means(data, groups, list(levels), *rest, **R2, **kwargs)
+    return prepare_sufficient_statistics(*args, **{**SS, "max_participants": 1000, **kwargs})
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
@@ -468,7 +438,7 @@ def test_bad_input_raises_before_any_charge(tmp_path, case):
     args, error, match = BAD[case]
     kwargs = args[-1] if isinstance(args[-1], dict) else {}
     args = args[:-1] if kwargs else args
-    ledger = PrivacyLedger(tmp_path / "ledger.sqlite", "d", 10.0, 1e-3)
+    ledger = PrivacyLedger.create(tmp_path / "ledger.sqlite", "d", 10.0, 1e-3)
     with pytest.raises(error, match=match):
         prepared = _prepare(args, kwargs)
         with ledger.reserve(prepared.epsilon, prepared.delta, "test", {}) as spend:
@@ -478,10 +448,11 @@ def test_bad_input_raises_before_any_charge(tmp_path, case):
 
 
 def test_good_input_is_charged_through_the_same_pattern(tmp_path):
-    ledger = PrivacyLedger(tmp_path / "ledger.sqlite", "d", 10.0, 1e-3)
-    prepared = prepare_group_means(GOOD, GROUPS, ["a", "b"], (0, 1), 1.0, 1e-5, **R2)
-    with ledger.reserve(prepared.epsilon, prepared.delta, "gm", prepared.audit_parameters()) as s:
+    ledger = PrivacyLedger.create(tmp_path / "ledger.sqlite", "d", 10.0, 1e-3)
+    prepared = _prepare((Z_OK, GOOD, Z_B, (0, 1), 1.0, 1e-5), {})
+    with ledger.reserve(prepared.epsilon, prepared.delta, "ss", prepared.audit_parameters()) as s:
         prepared.release(s)
     assert ledger.spent() == (1.0, 1e-5)
+    # The largest contribution of one row over the corners of the bounds (brute force).
     sensitivity = ledger.audit_trail()[0].parameters["sensitivity"]
-    assert sensitivity == pytest.approx(math.sqrt(0.5 + 1))
+    assert sensitivity == pytest.approx(brute_force_sensitivity(Z_B, ([0, 0], [1, 1])))

@@ -18,7 +18,6 @@ from fednipype.exceptions import (
     DisclosureError,
     PolicyError,
     PrivacyBudgetExceeded,
-    ReleaseValidationError,
 )
 from fednipype.hub.regression import pooled_regression
 from fednipype.hub.releases import load_releases
@@ -65,40 +64,75 @@ def test_release_is_charged_recorded_and_valid(bundled_features, tmp_path, site_
     assert trail[0].content_sha256 == content_hash(doc)
     assert trail[0].content_sha256 == load_releases([path])[0].content_hash
     assert doc["privacy"]["ledger_charge"] == trail[0].charge_id
+    assert (
+        doc["privacy"]["ledger_id"] == ledger.ledger_id == SitePolicy.from_toml(policy).ledger_id
+    )
     # siteC has 45 participants, one with age n/a: 44 rows, released with noise
     lm = doc["statistics"]["sufficient_statistics"]
     assert abs(lm["n"] - 44) < 8 * math.sqrt(lm["noise_variance"])
 
 
 def test_new_output_folder_does_not_reset_the_budget(bundled_features, tmp_path, site_policy):
-    policy = site_policy(tmp_path / "policy", epsilon=2.5)
+    """Total ε = 1 at δ = 1e-4: one release at (1, 1e-5) spends 0.84 (its Gaussian composed at
+    the policy's δ), two would spend 1.24: the second is refused, whatever its folder."""
+    policy = site_policy(tmp_path / "policy", epsilon=1.0)
     _release(bundled_features["siteC"], policy, tmp_path / "a" / "siteC_release.json")
-    _release(bundled_features["siteC"], policy, tmp_path / "b" / "siteC_release.json")
-    assert math.isclose(_spent(policy)[0], 2.0)
+    spent = _spent(policy)[0]
+    assert 0.8 < spent < 0.85
     with pytest.raises(PrivacyBudgetExceeded, match="ledger.sqlite"):
-        _release(bundled_features["siteC"], policy, tmp_path / "c" / "siteC_release.json")
-    assert not (tmp_path / "c").exists() or not list((tmp_path / "c").iterdir())
-    assert math.isclose(_spent(policy)[0], 2.0)
+        _release(bundled_features["siteC"], policy, tmp_path / "b" / "siteC_release.json")
+    assert not (tmp_path / "b").exists() or not list((tmp_path / "b").iterdir())
+    assert _spent(policy)[0] == spent
 
 
-def test_too_few_participants_is_refused_without_a_charge(bundled_features, tmp_path, site_policy):
-    policy = site_policy(tmp_path / "policy")
-    few = bundled_features["siteC"][:9]
-    with pytest.raises(DisclosureError, match="fewer than the minimum cohort of 10"):
-        _release(few, policy, tmp_path / "out" / "x_release.json")
-    assert _spent(policy) == (0.0, 0.0)
-    assert not (tmp_path / "out").exists()
+def test_too_few_participants_are_withheld_after_the_charge(
+    bundled_features, tmp_path, site_policy
+):
+    """6 participants: the noisy count (σ ≈ 0.3 at ε = 1e4) is more than 5.3 sd below the
+    minimum cohort of 10, so the release is withheld; the charge stays (the decision used
+    the charged release)."""
+    policy = site_policy(tmp_path / "policy", epsilon=1e5, delta=1e-3)
+    few = bundled_features["siteC"][:6]
+    with pytest.raises(DisclosureError, match=r"withheld: .*all participants: [4-7]\.\d"):
+        _release(few, policy, tmp_path / "out" / "x_release.json", epsilon=1e4)
+    assert _spent(policy)[0] > 0
+    assert not list((tmp_path / "out").glob("*_release.json"))
 
 
-def test_small_group_cell_is_refused(bundled_features, tmp_path, site_policy):
+def test_small_group_cell_is_withheld_after_the_charge(bundled_features, tmp_path, site_policy):
     participants = pd.read_csv(BUNDLED / "siteC" / "participants.tsv", sep="\t", dtype=str)
     patients = set(participants.loc[participants["group"] == "patient", "participant_id"])
     controls = [f for f in bundled_features["siteC"] if f.name.split("_")[0] not in patients]
-    some_patients = [f for f in bundled_features["siteC"] if f.name.split("_")[0] in patients][:5]
-    policy = site_policy(tmp_path / "policy")
-    with pytest.raises(DisclosureError, match="patient"):
-        _release(controls + some_patients, policy, tmp_path / "out" / "x_release.json")
-    assert _spent(policy) == (0.0, 0.0)
+    some_patients = [f for f in bundled_features["siteC"] if f.name.split("_")[0] in patients][:3]
+    policy = site_policy(tmp_path / "policy", epsilon=1e5, delta=1e-3)
+    with pytest.raises(DisclosureError, match=r"group = patient: [1-4]\.\d"):
+        _release(controls + some_patients, policy, tmp_path / "x_release.json", epsilon=1e4)
+    assert _spent(policy)[0] > 0
+
+
+def test_the_label_subset_attack_gets_nothing_without_a_charge(
+    bundled_features, tmp_path, site_policy
+):
+    """One target plus 9 known controls: the old refusal named an exact cell count before any
+    charge, revealing the target's diagnosis. Now each answer (a release, or a withheld one)
+    comes after a charge and depends on the data only through the charged noisy release."""
+    participants = pd.read_csv(BUNDLED / "siteC" / "participants.tsv", sep="\t", dtype=str)
+    group = dict(zip(participants["participant_id"], participants["group"], strict=True))
+    files = {f: group[f.name.split("_")[0]] for f in bundled_features["siteC"]}
+    controls = [f for f, g in files.items() if g == "control"]
+    patient = next(f for f, g in files.items() if g == "patient")
+    policy = site_policy(tmp_path / "policy", epsilon=10.0, delta=1e-3)
+    for i, target in enumerate((patient, controls[9])):
+        before = _spent(policy)[0]
+        out = tmp_path / f"attempt{i}" / "x_release.json"
+        try:
+            path = _release(controls[:9] + [target], policy, out, epsilon=1.0)
+        except DisclosureError as err:
+            assert "withheld" in str(err)  # a decision on the noisy counts only
+        else:
+            n = read_release(path)["statistics"]["sufficient_statistics"]["n"]
+            assert n != round(n)  # a noisy count, never the exact 10
+        assert _spent(policy)[0] > before  # the answer was paid for, either way
 
 
 @pytest.mark.parametrize("epsilon", [0.0, -1.0, float("nan"), float("inf")])
@@ -111,10 +145,15 @@ def test_invalid_epsilon_is_refused_without_a_charge(
     assert _spent(policy) == (0.0, 0.0)
 
 
-def test_delta_not_below_one_over_n_is_refused(bundled_features, tmp_path, site_policy):
+def test_delta_is_checked_against_the_policys_public_maximum(
+    bundled_features, tmp_path, site_policy
+):
+    """δ = 0.05 is below 1/44 (siteC's rows) but not below 1/1000 (the policy's public
+    maximum): refused, with a message that names only the public maximum."""
     policy = site_policy(tmp_path / "policy", delta=0.5)
-    with pytest.raises(DisclosureError, match="1/n"):
+    with pytest.raises(PolicyError, match="1/max_participants = 0.001") as info:
         _release(bundled_features["siteC"], policy, tmp_path / "x_release.json", delta=0.05)
+    assert "44" not in str(info.value) and "45" not in str(info.value)
     assert _spent(policy) == (0.0, 0.0)
 
 
@@ -123,7 +162,8 @@ def test_missing_bounds_are_refused(bundled_features, tmp_path):
     folder.mkdir()
     path = folder / "policy.toml"
     path.write_text(
-        '[budget]\nepsilon = 5.0\ndelta = 1e-4\n[ledger]\npath = "l.sqlite"\ndataset = "c"\n'
+        "[budget]\nepsilon = 5.0\ndelta = 1e-4\nmax_participants = 100\n"
+        '[ledger]\npath = "l.sqlite"\ndataset = "c"\n'
         "[bounds.features]\ndefault = [0.0, 12000.0]\n"
     )
     with pytest.raises(PolicyError, match="bounds.age"):
@@ -144,18 +184,6 @@ def test_inverted_bounds_and_unreadable_policy(bundled_features, tmp_path, site_
     broken.write_text("[budget\nepsilon = ")
     with pytest.raises(PolicyError, match="broken.toml"):
         _release(bundled_features["siteC"], broken, tmp_path / "x_release.json")
-
-
-def test_unknown_statistic_is_refused(bundled_features, tmp_path, site_policy):
-    policy = site_policy(tmp_path / "policy")
-    with pytest.raises(ReleaseValidationError, match="split"):
-        _release(
-            bundled_features["siteC"],
-            policy,
-            tmp_path / "x_release.json",
-            split={"sufficient_statistics": 0.5, "median": 0.5},
-        )
-    assert _spent(policy) == (0.0, 0.0)
 
 
 def test_feature_rows_with_nan_are_dropped_and_counted(bundled_features, tmp_path, site_policy):
@@ -184,9 +212,11 @@ def test_large_epsilon_recovers_planted_effects(bundled_features, tmp_path, site
     the planted effects (see bench/privacy_utility.py); this checks the statistics themselves.
     """
     truth = json.loads((BUNDLED / "ground_truth.json").read_text())
-    policy = site_policy(tmp_path / "policy", epsilon=1e5, delta=1e-2)
     paths = []
-    for site in ("siteB", "siteC"):
+    for site in ("siteB", "siteC"):  # each site its own dataset, policy and ledger
+        policy = site_policy(tmp_path / site, dataset=site, epsilon=1e5, delta=1e-2)
+        text = policy.read_text().replace("max_participants = 1000", "max_participants = 500")
+        policy.write_text(text)
         out = tmp_path / f"{site}_release.json"
         _release(bundled_features[site], policy, out, site=site, epsilon=2e4, delta=1e-3)
         paths.append(out)

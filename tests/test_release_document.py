@@ -7,10 +7,10 @@ import json
 import re
 
 import pytest
+from support import release_doc, simulate_site
 
 from fednipype.contract.document import (
     content_hash,
-    new_release,
     read_release,
     schema,
     validate,
@@ -18,80 +18,10 @@ from fednipype.contract.document import (
 )
 from fednipype.exceptions import ReleaseValidationError
 
-REGIONS = ["L_P01", "R_P01"]
-TERMS = ["intercept", "age", "sex[M]", "group[patient]"]
-
-
-def _mechanism(epsilon: float, delta: float) -> dict:
-    return {
-        "mechanism": "gaussian",
-        "calibration": "analytic Gaussian (Balle and Wang 2018)",
-        "sampler": "OpenDP make_gaussian",
-        "epsilon": epsilon,
-        "delta": delta,
-        "sensitivity": 4.0,
-        "sensitivity_norm": "l2",
-        "scale": 10.0,
-        "noise_variance": 100.0,
-    }
-
 
 def _doc() -> dict:
-    p, r = len(TERMS), len(REGIONS)
-    doc = new_release(
-        dataset="fednipype example siteA",
-        site="siteA",
-        atlas={
-            "name": "fednipype",
-            "space": "MNI152NLin2009cAsym",
-            "sha256": "a" * 64,
-            "regions": REGIONS,
-        },
-        feature="volume_mm3",
-        model={
-            "response": "volume_mm3",
-            "terms": TERMS,
-            "reference_levels": {"sex": "F", "group": "control"},
-            "sessions": "first session of each participant",
-        },
-        privacy={
-            "epsilon": 1.0,
-            "delta": 1e-5,
-            "min_cohort": 10,
-            "budget_split": {
-                "group_means": {"epsilon": 0.1, "delta": 1e-6},
-                "sufficient_statistics": {"epsilon": 0.9, "delta": 9e-6},
-            },
-            "bounds": {"age": [18.0, 90.0], "volume_mm3": [0.0, 20000.0]},
-            "ledger_charge": 3,
-        },
-        statistics={
-            "group_means": {
-                **_mechanism(0.1, 1e-6),
-                "regions": REGIONS,
-                "groups": {
-                    "control": {
-                        "means": [7000.0] * r,
-                        "mean_noise_variance": [4.0] * r,
-                        "count": 12.3,
-                        "count_noise_variance": 100.0,
-                    },
-                },
-            },
-            "sufficient_statistics": {
-                **_mechanism(0.9, 9e-6),
-                "terms": TERMS,
-                "regions": REGIONS,
-                "ztz": [[1.0] * p for _ in range(p)],
-                "zty": [[0.5] * r for _ in range(p)],
-                "yty": [2.0] * r,
-                "n": 23.7,
-                "noise_variances": {"n": 100.0, "ztz": 100.0, "zty": 100.0, "yty": 100.0},
-                "scaling": {"age": {"center": 54.0, "scale": 36.0}},
-            },
-        },
-    )
-    return copy.deepcopy(doc)  # no list shared between documents
+    """A well-formed release (three simulated sites' first site, noise at ε = 1e6)."""
+    return release_doc("siteA", simulate_site("siteA"))
 
 
 def test_a_well_formed_release_round_trips(tmp_path):
@@ -110,10 +40,6 @@ def test_a_well_formed_release_round_trips(tmp_path):
         (lambda d: d.__setitem__("dataset", "/data/site/a"), "dataset"),
         (lambda d: d.__setitem__("site", "sub-07"), "site"),
         (lambda d: d["atlas"]["regions"].__setitem__(0, "sub-01"), "atlas/regions/0"),
-        (
-            lambda d: d["statistics"]["group_means"].__setitem__("values", [61.2, 70.3]),
-            "statistics/group_means",
-        ),
         (lambda d: d["statistics"].__setitem__("per_subject", {"x": 1}), "statistics"),
         (
             lambda d: d["statistics"]["sufficient_statistics"].__setitem__("residuals", [1.0]),
@@ -138,18 +64,17 @@ def test_schema_refuses_identifiers_paths_and_unknown_fields(mutate, field):
 def test_shapes_must_follow_terms_and_regions():
     doc = _doc()
     doc["statistics"]["sufficient_statistics"]["zty"][0].append(1.0)
-    with pytest.raises(ReleaseValidationError, match="zty: expected 4×2"):
+    with pytest.raises(ReleaseValidationError, match="zty: expected 4×3"):
         validate(doc, "x.json")
     doc = _doc()
-    doc["statistics"]["sufficient_statistics"]["yty"] = [1.0, 2.0, 3.0]
-    with pytest.raises(ReleaseValidationError, match="yty: expected 2 values"):
+    doc["statistics"]["sufficient_statistics"]["yty"] = [1.0, 2.0, 3.0, 4.0]
+    with pytest.raises(ReleaseValidationError, match="yty: expected 3 values"):
         validate(doc, "x.json")
 
 
 def test_budget_split_must_sum_to_the_declared_total():
     doc = _doc()
-    doc["privacy"]["budget_split"]["group_means"]["epsilon"] = 0.5
-    doc["statistics"]["group_means"]["epsilon"] = 0.5
+    doc["privacy"]["budget_split"]["sufficient_statistics"]["epsilon"] = 0.5
     with pytest.raises(ReleaseValidationError, match="budget_split: parts sum to"):
         validate(doc, "x.json")
 
@@ -209,3 +134,77 @@ def test_schema_is_closed_everywhere():
                 walk(value, f"{path}/{i}")
 
     walk(copy.deepcopy(schema()), "#")
+
+
+# -- the contract recomputes what a release declares (privacy v2, defects 5 and 6) ----------
+
+
+def _edit(doc: dict, path: str, value) -> dict:
+    node = doc
+    *parents, last = path.split("/")
+    for key in parents:
+        node = node[key]
+    node[last] = value
+    return doc
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "match"),
+    [
+        # zero noise declared: pooling would divide by it (NaN results)
+        ("statistics/sufficient_statistics/noise_variances/zty", 0.0, "noise_variances/zty"),
+        # far less noise than (ε, δ) needs
+        ("statistics/sufficient_statistics/scale", 1e-6, "scale: declared noise sd 1e-06"),
+        ("statistics/sufficient_statistics/sensitivity", 1.0, "sensitivity: declared 1"),
+        ("statistics/sufficient_statistics/noise_variance", 1e-9, "noise_variance"),
+        # units that are not the map of the declared bounds
+        ("statistics/sufficient_statistics/scaling/age", {"center": 50.0, "scale": 0.4}, "age"),
+        ("privacy/bounds/L_P01", [0.0, 100.0], "scaling/L_P01"),
+        # δ must be below 1/max_participants (a public fact)
+        ("privacy/max_participants", 10**6, "not below 1/max_participants"),
+    ],
+)
+def test_declared_privacy_is_recomputed(path, value, match):
+    doc = _edit(_doc(), path, value)
+    with pytest.raises(ReleaseValidationError, match=match):
+        validate(doc, "x_release.json")
+
+
+def test_consistent_edits_of_the_scaling_in_every_release_are_refused():
+    """Scaling edited consistently (slopes would come out 100× off) no longer matches the
+    declared bounds, whatever the other releases say."""
+    doc = _doc()
+    block = doc["statistics"]["sufficient_statistics"]
+    for name in block["regions"]:
+        block["scaling"][name]["scale"] *= 100
+    with pytest.raises(ReleaseValidationError, match="is not the map of the declared bounds"):
+        validate(doc, "x_release.json")
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ('"n": 1e308', "field statistics/sufficient_statistics/n: 1e\\+308 is beyond"),
+        ('"n": ' + "1" + "0" * 400, "integer of 401 digits"),
+        ('"n": ' + "7" * 5000, "integer of 5000 digits"),
+    ],
+)
+def test_numbers_that_break_parsing_are_named(tmp_path, text, match):
+    doc = _doc()
+    raw = json.dumps(doc).replace(f'"n": {doc["statistics"]["sufficient_statistics"]["n"]}', text)
+    assert text in raw
+    path = tmp_path / "big_release.json"
+    path.write_text(raw)
+    with pytest.raises(ReleaseValidationError, match=f"big_release.json: .*{match}"):
+        read_release(path)
+
+
+def test_deep_nesting_is_named(tmp_path):
+    path = tmp_path / "deep_release.json"
+    path.write_text('{"schema_version": "2.0", "x": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(ReleaseValidationError, match="deep_release.json: nested too deeply"):
+        read_release(path)
+    shallow = tmp_path / "deeper_release.json"
+    shallow.write_text('{"schema_version": "2.0", "x": ' + "[" * 50 + "]" * 50 + "}")
+    with pytest.raises(ReleaseValidationError, match="deeper_release.json: nested deeper"):
+        read_release(shallow)

@@ -6,11 +6,14 @@ import json
 import math
 
 import pytest
+from dp_accounting import gaussian_mechanism
 from support import BUNDLED
 
 from fednipype.cli import budget
 from fednipype.contract.document import read_release
 from fednipype.interfaces.release import DPRelease
+from fednipype.site.ledger import PrivacyLedger
+from fednipype.site.policy import SitePolicy
 from fednipype.workflows.release import init_site_release_wf
 
 
@@ -21,7 +24,7 @@ def derivatives(bundled_derivatives):
 
 @pytest.fixture
 def policy(site_policy, tmp_path):
-    return site_policy(tmp_path / "owner", dataset="siteB", epsilon=2.0)
+    return site_policy(tmp_path / "owner", dataset="siteB", epsilon=1.3)
 
 
 def test_site_release_workflow_charges_once_per_run(derivatives, policy, tmp_path, capsys):
@@ -39,8 +42,13 @@ def test_site_release_workflow_charges_once_per_run(derivatives, policy, tmp_pat
 
     assert budget.main(["--policy", str(policy), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert math.isclose(report["spent"]["epsilon"], 1.0)
-    assert math.isclose(report["remaining"]["epsilon"], 1.0)
+    # One Gaussian release at (1, 1e-5), composed at the policy's δ = 1e-4 (dp-accounting).
+    mechanism = report["audit_trail"][0]["parameters"]["mechanisms"]["sufficient_statistics"]
+    multiplier = mechanism["noise_scale"] / mechanism["sensitivity"]
+    one = gaussian_mechanism.get_epsilon_gaussian(multiplier, 1e-4)
+    two = gaussian_mechanism.get_epsilon_gaussian(multiplier / math.sqrt(2), 1e-4)
+    assert report["spent"]["epsilon"] == pytest.approx(one, rel=1e-9)
+    assert report["remaining"]["epsilon"] == pytest.approx(1.3 - one, rel=1e-9)
     assert len(report["audit_trail"]) == 1
     assert report["audit_trail"][0]["purpose"] == "release siteB"
 
@@ -48,7 +56,7 @@ def test_site_release_workflow_charges_once_per_run(derivatives, policy, tmp_pat
     wf.run(plugin="Linear")
     assert budget.main(["--policy", str(policy)]) == 0
     text = capsys.readouterr().out
-    assert "spent     epsilon=2" in text and "remaining epsilon=0 " in text
+    assert f"spent     epsilon={two:.6g}" in text  # 1.24, not 2 (basic composition)
     assert text.count("release siteB") == 2
 
     # The budget is spent: the third run fails, and the release on disk is the second one.
@@ -70,13 +78,14 @@ def test_dprelease_requires_epsilon(derivatives, policy, tmp_path):
     )
     with pytest.raises(ValueError, match="epsilon"):
         node.run(cwd=str(tmp_path))
-    assert not (policy.parent / "ledger.sqlite").exists()
+    assert PrivacyLedger.from_policy(SitePolicy.from_toml(policy)).spent() == (0.0, 0.0)
     assert not (tmp_path / "x_release.json").exists()
 
 
-def test_budget_command_errors(policy, tmp_path, capsys):
-    assert budget.main(["--policy", str(policy)]) == 1
-    assert "no privacy ledger yet" in capsys.readouterr().err
+def test_budget_command_errors(site_policy, tmp_path, capsys):
+    unbound = site_policy(tmp_path / "owner", dataset="siteB", bind=False)
+    assert budget.main(["--policy", str(unbound)]) == 1
+    assert "not bound to a privacy ledger" in capsys.readouterr().err
     bad = tmp_path / "bad.toml"
     bad.write_text("[budget]\nepsilon = -1\n")
     assert budget.main(["--policy", str(bad)]) == 1

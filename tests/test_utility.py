@@ -61,7 +61,7 @@ def test_epsilon_one_recovers_planted_effects_with_large_sites(tmp_path):
             ]
         )
         z = np.column_stack([np.ones(n), (age - age_c) / age_s, 2 * male - 1, 2 * patient - 1])
-        ledger = PrivacyLedger(tmp_path / f"site{site}.sqlite", f"site{site}", 1.0, 1e-5)
+        ledger = PrivacyLedger.create(tmp_path / f"site{site}.sqlite", f"site{site}", 1.0, 1e-5)
         prepared = prepare_sufficient_statistics(
             z,
             (y - y_c) / y_s,
@@ -71,6 +71,7 @@ def test_epsilon_one_recovers_planted_effects_with_large_sites(tmp_path):
             1e-5,
             terms=TERMS,
             regions=REGIONS,
+            max_participants=10_000,
         )
         with ledger.reserve(1.0, 1e-5, "utility test", prepared.audit_parameters()) as spend:
             stats[f"site{site}"] = prepared.release(spend)

@@ -1,4 +1,19 @@
-"""``fednipype-budget``: what a dataset's privacy ledger has spent, what remains, and why."""
+"""``fednipype-budget``: create a dataset's privacy ledger, and show what it has spent and why.
+
+::
+
+    fednipype-budget init --policy policy.toml [--reinit --reason TEXT]
+    fednipype-budget [show] --policy policy.toml [--json]
+
+``init`` creates the dataset's ledger (the file the policy's ``[ledger] path`` names) with a
+random ledger id, and writes that id into the policy (``[ledger] id``): from then on every
+command opens exactly that ledger, and refuses when it is missing, moved or another one — a
+budget is never restarted by a file operation. Re-initialising (a lost ledger, a new study)
+is possible only with ``--reinit`` and a reason; it is recorded in the new ledger, and in the
+old one when that still exists (which is kept, renamed aside).
+
+Exit codes: 0 success, 1 the policy or the ledger cannot be used (one line on stderr), 2 usage.
+"""
 
 from __future__ import annotations
 
@@ -10,70 +25,101 @@ from pathlib import Path
 
 from fednipype.exceptions import FednipypeError
 from fednipype.site.ledger import PrivacyLedger
+from fednipype.site.lifecycle import init_ledger
 from fednipype.site.policy import SitePolicy
+
+PROG = "fednipype-budget"
+
+
+def build_parser(command: str) -> argparse.ArgumentParser:
+    """The parser of ``fednipype-budget init`` or ``fednipype-budget show``."""
+    parser = argparse.ArgumentParser(
+        prog=f"{PROG} {command}",
+        description=__doc__.split("\n\n")[0].split(": ", 1)[1],
+        epilog="exit codes: 0 success, 1 the policy or the ledger cannot be used, 2 usage",
+    )
+    parser.add_argument("--policy", type=Path, required=True, help="the site policy (TOML)")
+    if command == "init":
+        parser.add_argument(
+            "--reinit",
+            action="store_true",
+            help="replace the ledger the policy is bound to by a new one (a new budget)",
+        )
+        parser.add_argument("--reason", help="why (required with --reinit; kept in the ledger)")
+    else:
+        parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Print the budget (total, spent, remaining) and the audit trail of a site's ledger.
+    """Run ``fednipype-budget`` and return its exit code.
 
     Parameters
     ----------
     argv : sequence of str, optional
-        ``--policy FILE [--json]``.
-
-    Returns
-    -------
-    int
-        0 on success, 1 when the policy or the ledger cannot be read.
+        ``init --policy FILE [--reinit --reason TEXT]`` or ``[show] --policy FILE [--json]``.
     """
-    parser = argparse.ArgumentParser(prog="fednipype-budget", description=__doc__.split(":")[1])
-    parser.add_argument("--policy", type=Path, required=True, help="the site policy (TOML)")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv.pop(0) if argv and argv[0] in ("init", "show") else "show"
+    args = build_parser(command).parse_args(argv)
     try:
-        policy = SitePolicy.from_toml(args.policy)
-        if not policy.ledger_path.exists():
-            raise FednipypeError(
-                f"{policy.ledger_path}: no privacy ledger yet (nothing has been released)"
-            )
-        ledger = PrivacyLedger.from_policy(policy)
-        total, spent, remaining = ledger.total, ledger.spent(), ledger.remaining()
-        trail = ledger.audit_trail()
+        if command == "init":
+            return _init(args)
+        return _show(args)
     except FednipypeError as err:
-        print(f"fednipype-budget: error: {err}", file=sys.stderr)
+        print(f"{PROG}: error: {err}", file=sys.stderr)
         return 1
+
+
+def _init(args: argparse.Namespace) -> int:
+    ledger_id = init_ledger(args.policy, reinit=args.reinit, reason=args.reason)
+    policy = SitePolicy.from_toml(args.policy)
+    print(
+        f"created privacy ledger {policy.ledger_path} (id {ledger_id}) for dataset "
+        f"{policy.dataset_id!r}: epsilon={policy.epsilon:g}, delta={policy.delta:g}; "
+        f"{policy.source} is bound to it"
+    )
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    policy = SitePolicy.from_toml(args.policy)
+    ledger = PrivacyLedger.from_policy(policy)
+    total, spent, remaining = ledger.total, ledger.spent(), ledger.remaining()
+    trail, events = ledger.audit_trail(), ledger.events()
     if args.json:
-        print(
-            json.dumps(
+        report = {
+            "dataset": policy.dataset_id,
+            "ledger": str(policy.ledger_path),
+            "ledger_id": ledger.ledger_id,
+            "total": total._asdict(),
+            "spent": spent._asdict(),
+            "remaining": remaining._asdict(),
+            "composition": "privacy-loss distributions at the total delta (Gaussian releases)",
+            "events": [{"time": t, "kind": k, "detail": d} for t, k, d in events],
+            "audit_trail": [
                 {
-                    "dataset": policy.dataset_id,
-                    "ledger": str(policy.ledger_path),
-                    "total": total._asdict(),
-                    "spent": spent._asdict(),
-                    "remaining": remaining._asdict(),
-                    "audit_trail": [
-                        {
-                            "charge_id": r.charge_id,
-                            "time": r.time,
-                            "purpose": r.purpose,
-                            "epsilon": r.epsilon,
-                            "delta": r.delta,
-                            "content_sha256": r.content_sha256,
-                            "software_version": r.software_version,
-                            "parameters": r.parameters,
-                        }
-                        for r in trail
-                    ],
-                },
-                indent=2,
-            )
-        )
+                    "charge_id": r.charge_id,
+                    "time": r.time,
+                    "purpose": r.purpose,
+                    "epsilon": r.epsilon,
+                    "delta": r.delta,
+                    "content_sha256": r.content_sha256,
+                    "software_version": r.software_version,
+                    "parameters": r.parameters,
+                }
+                for r in trail
+            ],
+        }
+        print(json.dumps(report, indent=2))
         return 0
     print(f"dataset   {policy.dataset_id}")
-    print(f"ledger    {policy.ledger_path}")
+    print(f"ledger    {policy.ledger_path} (id {ledger.ledger_id})")
     print(f"total     epsilon={total.epsilon:.6g}  delta={total.delta:.6g}")
-    print(f"spent     epsilon={spent.epsilon:.6g}  delta={spent.delta:.6g}")
-    print(f"remaining epsilon={remaining.epsilon:.6g}  delta={remaining.delta:.6g}")
+    print(f"spent     epsilon={spent.epsilon:.6g}  (composed at delta={total.delta:.6g})")
+    print(f"remaining epsilon={remaining.epsilon:.6g}")
+    for time, kind, detail in events:
+        print(f"event     {time}  {kind}: {detail}")
     print(f"audit trail ({len(trail)} charge(s)):")
     for r in trail:
         digest = (r.content_sha256 or "no release")[:16]

@@ -16,6 +16,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
+from nipype import config
+from nipype import logging as nipype_logging
+
 from fednipype.bids import summarize
 from fednipype.cli import hub as meta
 from fednipype.cli.console import configure_nipype, setup_logging
@@ -32,10 +35,9 @@ from fednipype.cli.participant import format_summary, run_participant_wf
 from fednipype.exceptions import BIDSError, FednipypeError
 from fednipype.hub.reports import TSV_NAME
 from fednipype.io import atomic_write_text
-from fednipype.site.policy import example_policy
+from fednipype.site.lifecycle import init_ledger
+from fednipype.site.policy import SitePolicy, example_policy
 from fednipype.workflows.release import init_site_release_wf
-from nipype import config
-from nipype import logging as nipype_logging
 
 PROG = "fednipype-demo"
 
@@ -46,9 +48,14 @@ def find_sites(root: Path) -> list[Path]:
 
 
 def _site_policy(site_dir: Path, site: str, total_epsilon: float) -> Path:
+    """The example site's policy, bound to its ledger (created here, once, as a data owner's
+    explicit ``fednipype-budget init`` would)."""
     path = site_dir / "policy.toml"
     if not path.exists():
         atomic_write_text(path, example_policy(dataset=site, total_epsilon=total_epsilon))
+    if SitePolicy.from_toml(path).ledger_id is None:
+        ledger_id = init_ledger(path)
+        print(f"  fednipype-budget init: ledger {ledger_id} for dataset {site!r}")
     return path
 
 

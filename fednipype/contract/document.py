@@ -23,12 +23,23 @@ from typing import Any
 import jsonschema
 
 from fednipype import __version__
-from fednipype.exceptions import ReleaseValidationError
+from fednipype.contract.calibration import (
+    analytic_gaussian_sigma,
+    sufficient_statistics_sensitivity,
+)
+from fednipype.exceptions import PolicyError, ReleaseValidationError
 from fednipype.io import atomic_write_text
 
 LOGGER = logging.getLogger(__name__)
 
 SCHEMA_VERSION = "2.0"
+#: Largest magnitude of any number in a release (statistics are sums over at most
+#: max_participants rows of values in [-1, 1], plus noise): larger is an error, not a value.
+MAX_MAGNITUDE = 1e15
+#: Deepest nesting a release has (statistics/…/ztz/row/entry is 5 levels).
+MAX_DEPTH = 8
+#: Digits a JSON integer may have before it is refused unparsed.
+_MAX_INT_DIGITS = 20
 SCHEMA_FILE = "release.schema.json"
 RELEASE_SUFFIX = "_release.json"
 
@@ -80,6 +91,7 @@ def validate(doc: Any, source: str = "<release>") -> dict[str, Any]:
     ReleaseValidationError
         Naming ``source``, the JSON path of the offending field and what was expected.
     """
+    _check_depth(doc, source)
     if isinstance(doc, dict) and doc.get("schema_version") not in (None, SCHEMA_VERSION):
         raise ReleaseValidationError(
             f"{source}: schema_version {doc.get('schema_version')!r} is not supported "
@@ -93,12 +105,34 @@ def validate(doc: Any, source: str = "<release>") -> dict[str, Any]:
         raise ReleaseValidationError(f"{source}: field {where}: {first.message}{more}")
     _check_numbers(doc, source, "")
     _check_shapes(doc, source)
+    _check_privacy(doc, source)
     return doc
 
 
+def _check_depth(doc: Any, source: str) -> None:
+    """Refuse documents nested deeper than any release can be (iteratively: no recursion)."""
+    stack = [(doc, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise ReleaseValidationError(
+                f"{source}: nested deeper than {MAX_DEPTH} levels; not a release"
+            )
+        if isinstance(node, dict):
+            stack.extend((value, depth + 1) for value in node.values())
+        elif isinstance(node, list):
+            stack.extend((value, depth + 1) for value in node)
+
+
 def _check_numbers(obj: Any, source: str, path: str) -> None:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        raise ReleaseValidationError(f"{source}: field {path}: expected a finite number")
+    if isinstance(obj, int | float) and not isinstance(obj, bool):
+        if not math.isfinite(obj):
+            raise ReleaseValidationError(f"{source}: field {path}: expected a finite number")
+        if abs(obj) > MAX_MAGNITUDE:
+            raise ReleaseValidationError(
+                f"{source}: field {path}: {float(obj):.3g} is beyond any value a release holds "
+                f"(|x| <= {MAX_MAGNITUDE:g})"
+            )
     if isinstance(obj, dict):
         for key, value in obj.items():
             _check_numbers(value, source, f"{path}/{key}" if path else key)
@@ -157,18 +191,72 @@ def _check_shapes(doc: dict[str, Any], source: str) -> None:
                 f"{source}: field statistics/sufficient_statistics/yty: expected {r} values "
                 "(regions)"
             )
-    means = stats.get("group_means")
-    if means is not None:
-        if means["regions"] != regions:
+
+
+def _check_privacy(doc: dict[str, Any], source: str) -> None:
+    """Recompute what a release declares about its privacy from public facts; refuse mismatches.
+
+    The scaling must be the map of the declared bounds (dummies: 0/1 → −1/+1); the
+    sensitivity follows from the terms and regions on that scale; σ from (ε, δ, Δ) by the
+    analytic Gaussian mechanism; every per-entry noise variance is σ²; δ is below
+    1/max_participants. A release that declares less noise than its (ε, δ) needs, or other
+    units than its bounds, is refused rather than pooled.
+    """
+    privacy = doc["privacy"]
+    block = doc["statistics"]["sufficient_statistics"]
+    where = f"{source}: field statistics/sufficient_statistics"
+    bounds = privacy["bounds"]
+    terms, regions = block["terms"], block["regions"]
+    scaling = block["scaling"]
+    for name in [*terms[1:], *regions]:
+        if name in bounds:
+            lo, hi = bounds[name]
+            expected = {"center": (lo + hi) / 2, "scale": (hi - lo) / 2}
+        elif name in terms and "[" in name:
+            expected = {"center": 0.5, "scale": 0.5}
+        else:
             raise ReleaseValidationError(
-                f"{source}: field statistics/group_means/regions: differ from atlas/regions"
+                f"{source}: field privacy/bounds: no public bounds for {name!r}"
             )
-        for group, values in means["groups"].items():
-            if len(values["means"]) != len(regions):
-                raise ReleaseValidationError(
-                    f"{source}: field statistics/group_means/groups/{group}/means: expected "
-                    f"{len(regions)} values (regions)"
-                )
+        found = scaling.get(name)
+        if found is None or any(
+            not math.isclose(float(found[k]), expected[k], rel_tol=1e-12, abs_tol=1e-12)
+            for k in ("center", "scale")
+        ):
+            raise ReleaseValidationError(
+                f"{where}/scaling/{name}: {found!r} is not the map of the declared bounds "
+                f"({expected})"
+            )
+    if privacy["delta"] >= 1.0 / privacy["max_participants"]:
+        raise ReleaseValidationError(
+            f"{source}: field privacy/delta: {privacy['delta']:g} is not below "
+            f"1/max_participants = {1.0 / privacy['max_participants']:g}"
+        )
+    z_bounds = ([1.0] + [-1.0] * (len(terms) - 1), [1.0] * len(terms))
+    y_bounds = ([-1.0] * len(regions), [1.0] * len(regions))
+    sensitivity = sufficient_statistics_sensitivity(z_bounds, y_bounds)
+    if not math.isclose(block["sensitivity"], sensitivity, rel_tol=1e-9):
+        raise ReleaseValidationError(
+            f"{where}/sensitivity: declared {block['sensitivity']:g}, but {len(terms)} terms and "
+            f"{len(regions)} regions on the [-1, 1] scale give {sensitivity:g}"
+        )
+    try:
+        sigma = analytic_gaussian_sigma(block["epsilon"], block["delta"], sensitivity)
+    except PolicyError as err:
+        raise ReleaseValidationError(f"{where}: {err}") from err
+    if not math.isclose(block["scale"], sigma, rel_tol=1e-9):
+        raise ReleaseValidationError(
+            f"{where}/scale: declared noise sd {block['scale']:g}, but (epsilon="
+            f"{block['epsilon']:g}, delta={block['delta']:g}, sensitivity={sensitivity:g}) "
+            f"needs {sigma:g}"
+        )
+    for name, value in [("noise_variance", block["noise_variance"])] + [
+        (f"noise_variances/{k}", v) for k, v in block["noise_variances"].items()
+    ]:
+        if not math.isclose(value, sigma**2, rel_tol=1e-9):
+            raise ReleaseValidationError(
+                f"{where}/{name}: {value:g}, but the noise sd {sigma:g} gives {sigma**2:g}"
+            )
 
 
 def new_release(
@@ -194,7 +282,8 @@ def new_release(
     model : dict
         ``response``, ``terms`` and ``reference_levels`` of the linear model.
     privacy : dict
-        ``epsilon``, ``delta``, ``min_cohort``, ``budget_split``, ``bounds``, ``ledger_charge``.
+        ``epsilon``, ``delta``, ``min_cohort``, ``budget_split``, ``bounds``,
+        ``max_participants``, ``ledger_id``, ``ledger_charge``.
     statistics : dict
         Statistic name → its noisy values and mechanism description.
 
@@ -248,10 +337,21 @@ def read_release(path: str | Path) -> dict[str, Any]:
         Unreadable file, invalid JSON, or a document that does not conform (naming the file).
     """
     path = Path(path)
+
+    def parse_int(text: str) -> int:
+        # Python's int() refuses (or takes quadratic time on) thousands of digits: refuse first.
+        if len(text.lstrip("-")) > _MAX_INT_DIGITS:
+            raise ReleaseValidationError(
+                f"{path}: an integer of {len(text)} digits is beyond any value a release holds"
+            )
+        return int(text)
+
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
+        doc = json.loads(path.read_text(encoding="utf-8"), parse_int=parse_int)
     except FileNotFoundError as err:
         raise ReleaseValidationError(f"{path}: release file not found") from err
+    except RecursionError as err:
+        raise ReleaseValidationError(f"{path}: nested too deeply; not a release") from err
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ReleaseValidationError(f"{path}: not a readable JSON release ({err})") from err
     return validate(doc, source=str(path))

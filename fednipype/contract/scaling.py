@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from scipy import special
 
 from fednipype.exceptions import ReleaseValidationError
 
@@ -166,7 +167,8 @@ class Scaling:
         Returns
         -------
         pandas.DataFrame
-            A copy in original units.
+            A copy in original units; where the table has ``t``, ``p`` and ``df`` columns, the
+        intercept's t and p test the original-units intercept against 0.
         """
         out = table.copy()
         factor, shift = [], []
@@ -181,6 +183,13 @@ class Scaling:
         for column in ("estimate", "ci_low", "ci_high"):
             out[column] = out[column] * factor + shift
         out["se"] = out["se"] * factor
+        if {"t", "p", "df"} <= set(out.columns):
+            # A slope's test is unchanged by the (increasing) map, but the intercept's shift
+            # moves its null hypothesis: test the original-units intercept against 0 again.
+            rows = (out["term"] == INTERCEPT).to_numpy()
+            t = out.loc[rows, "estimate"] / out.loc[rows, "se"]
+            out.loc[rows, "t"] = t
+            out.loc[rows, "p"] = 2.0 * special.stdtr(out.loc[rows, "df"], -np.abs(t))
         return out
 
     # -- compatibility ---------------------------------------------------------------------

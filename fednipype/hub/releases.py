@@ -120,9 +120,7 @@ class SiteRelease:
         return stats
 
 
-def load_releases(
-    paths: Iterable[str | os.PathLike[str]], *, require_statistics: bool = True
-) -> list[SiteRelease]:
+def load_releases(paths: Iterable[str | os.PathLike[str]]) -> list[SiteRelease]:
     """Read and validate release files and check that they can be pooled.
 
     Every file is validated against the release schema first
@@ -136,8 +134,6 @@ def load_releases(
     ----------
     paths : iterable of path-like
         Release files, one per site.
-    require_statistics : bool
-        Refuse releases without ``statistics/sufficient_statistics`` (the statistic pooled).
 
     Returns
     -------
@@ -158,19 +154,11 @@ def load_releases(
     for path in paths:
         doc = read_release(path)
         releases.append(SiteRelease(path=path, doc=doc, content_hash=content_hash(doc)))
-    for release in releases:
-        if require_statistics and STATISTIC not in release.doc["statistics"]:
-            raise ReleaseValidationError(
-                f"{release.path}: field statistics/{STATISTIC}: missing; the hub pools "
-                f"linear-model statistics (this release holds "
-                f"{', '.join(sorted(release.doc['statistics']))})"
-            )
     _check_unique(releases)
     first = releases[0]
-    if require_statistics:
-        _check_scaling_complete(first)
+    _check_scaling_complete(first)
     for release in releases[1:]:
-        _check_compatible(first, release, require_statistics)
+        _check_compatible(first, release)
     LOGGER.info(
         "%d release(s) can be pooled: sites %s",
         len(releases),
@@ -182,7 +170,21 @@ def load_releases(
 def _check_unique(releases: Sequence[SiteRelease]) -> None:
     seen_hash: dict[str, SiteRelease] = {}
     seen_site: dict[str, SiteRelease] = {}
+    seen_dataset: dict[str, SiteRelease] = {}
+    seen_ledger: dict[str, SiteRelease] = {}
     for release in releases:
+        for seen, key, what in (
+            (seen_dataset, release.dataset, "dataset"),
+            (seen_ledger, release.doc["privacy"]["ledger_id"], "privacy ledger"),
+        ):
+            earlier = seen.get(key)
+            if earlier is not None and earlier.site != release.site:
+                raise ReleaseValidationError(
+                    f"{earlier.path} and {release.path} come from the same {what} ({key!r}) "
+                    f"under two site labels ({earlier.site!r}, {release.site!r}): the same "
+                    "participants would be counted twice"
+                )
+            seen[key] = release
         earlier = seen_hash.get(release.content_hash)
         if earlier is not None:
             raise ReleaseValidationError(
@@ -229,7 +231,7 @@ def _get(doc: dict[str, Any], field_path: str) -> Any:
     return node
 
 
-def _check_compatible(first: SiteRelease, release: SiteRelease, statistics: bool) -> None:
+def _check_compatible(first: SiteRelease, release: SiteRelease) -> None:
     for field_path in COMPATIBLE_FIELDS:
         expected, found = _get(first.doc, field_path), _get(release.doc, field_path)
         if found != expected:
@@ -238,8 +240,6 @@ def _check_compatible(first: SiteRelease, release: SiteRelease, statistics: bool
                 f"{_difference(found, expected)}; releases can only be pooled when they "
                 "describe the same analysis"
             )
-    if not statistics:
-        return
     name = first.scaling.first_difference(release.scaling, _scaled_names(first))
     if name is not None:
         found = release.block["scaling"].get(name)

@@ -27,16 +27,17 @@ Guarantees and how they are obtained:
   :meth:`PrivacyLedger.amend_budget`, which appends a dated, reasoned row to the budget
   history (kept in the ledger), and then updates the site policy to the same totals.
 
-Floating point: spent amounts are summed with :func:`math.fsum` (correctly rounded), and a
-charge is admitted when ``spent + requested <= total * (1 + 1e-12)``. The relative tolerance
-absorbs the binary rounding of decimal budgets (ten charges of 0.1 fit a total of 1.0) and
-never lets the total be exceeded by more than 1e-12 relative.
+* **Tight composition.** Charges compose at the dataset's total δ
+  (:mod:`fednipype.site.accountant`): Gaussian releases (charged with their noise
+  multiplier) by privacy-loss distributions, other mechanisms by adding their (ε, δ). A charge
+  is admitted when the composed ε stays within ``total * (1 + 1e-12)``; the relative
+  tolerance absorbs the binary rounding of decimal budgets only.
 
 Examples
 --------
 >>> import tempfile, pathlib
 >>> path = pathlib.Path(tempfile.mkdtemp()) / "ledger.sqlite"
->>> ledger = PrivacyLedger(path, "demo-dataset", total_epsilon=1.0, total_delta=1e-6)
+>>> ledger = PrivacyLedger.create(path, "demo-dataset", total_epsilon=1.0, total_delta=1e-6)
 >>> charge_id = ledger.charge(0.4, 0.0, purpose="mean", parameters={"regions": 3})
 >>> ledger.spent()
 Budget(epsilon=0.4, delta=0.0)
@@ -52,16 +53,24 @@ import logging
 import math
 import re
 import sqlite3
+import uuid
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from fednipype._version import __version__
-from fednipype.contract.calibration import check_delta, check_epsilon
+from fednipype.contract.calibration import check_delta, check_epsilon, check_positive
 from fednipype.exceptions import FednipypeError, PolicyError, PrivacyBudgetExceeded
-from fednipype.site.ledger_schema import SCHEMA_VERSION, schema_statements
+from fednipype.site.accountant import Charge, composed_epsilon
+from fednipype.site.ledger_store import (
+    SCHEMA_VERSION,
+    Budget,
+    LedgerRecords,
+    connect,
+    now,
+    schema_statements,
+    write_transaction,
+)
 from fednipype.site.policy import SitePolicy
 from fednipype.site.spend import Spend
 
@@ -69,67 +78,23 @@ LOGGER = logging.getLogger(__name__)
 
 #: Relative slack allowed over the total budget, for binary rounding of decimal budgets only.
 RELATIVE_TOLERANCE = 1e-12
-#: Seconds a process waits for another one's charge to finish before giving up.
-BUSY_TIMEOUT_SECONDS = 300.0
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-
-
-class Budget(NamedTuple):
-    """An (epsilon, delta) pair: a total, an amount spent or an amount remaining."""
-
-    epsilon: float
-    delta: float
-
-
-@dataclass(frozen=True)
-class AuditRecord:
-    """One row of the audit trail: one charge and what it paid for.
-
-    Attributes
-    ----------
-    charge_id : int
-        The charge this row documents.
-    time : str
-        When the charge was made (UTC, ISO 8601).
-    purpose : str
-        What the budget was spent on.
-    parameters : dict
-        The statistic/model specification and DP parameters (stored as JSON).
-    epsilon, delta : float
-        The amount charged.
-    software_version : str
-        fednipype version that made the charge.
-    content_sha256 : str or None
-        SHA-256 of the released content, once recorded.
-    released_time : str or None
-        When the release hash was recorded (UTC, ISO 8601).
-    """
-
-    charge_id: int
-    time: str
-    purpose: str
-    parameters: dict[str, Any]
-    epsilon: float
-    delta: float
-    software_version: str
-    content_sha256: str | None
-    released_time: str | None
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="microseconds")
+_LEDGER_ID = re.compile(r"[0-9a-f]{32}")
 
 
 def _fits(spent: float, request: float, total: float) -> bool:
     return math.fsum([spent, request]) <= total * (1.0 + RELATIVE_TOLERANCE)
 
 
-class PrivacyLedger:
+class PrivacyLedger(LedgerRecords):
     """The privacy budget ledger of one dataset, on a SQLite file.
 
-    Creating the object creates the file (and its tables) if it does not exist, or opens it and
-    checks it belongs to ``dataset_id`` with the same total budget.
+    Creating the object opens an existing ledger and checks it belongs to ``dataset_id`` with
+    the same total budget (and, when given, that it is ledger ``ledger_id``); it never creates
+    one: :meth:`create` does, once per dataset (``fednipype-budget init``), and
+    :meth:`from_policy` opens the ledger a site policy is bound to. A missing, moved or other
+    ledger is a refusal, never a fresh budget.
 
     Parameters
     ----------
@@ -141,15 +106,35 @@ class PrivacyLedger:
         Total epsilon of the dataset (finite, > 0).
     total_delta : float
         Total delta of the dataset (0 <= delta < 1).
+    ledger_id : str, optional
+        The ledger's id as recorded in the site policy; checked when given.
 
     Raises
     ------
     PolicyError
-        If the totals are invalid, the folder does not exist, the file is not a ledger, or it
-        belongs to another dataset or holds other totals.
+        If the totals are invalid, the file does not exist, is not a ledger, or it belongs to
+        another dataset, holds other totals or has another id.
     """
 
     def __init__(
+        self,
+        path: str | Path,
+        dataset_id: str,
+        total_epsilon: float,
+        total_delta: float,
+        *,
+        ledger_id: str | None = None,
+    ) -> None:
+        self._setup(path, dataset_id, total_epsilon, total_delta)
+        if not self.path.is_file():
+            raise PolicyError(
+                f"privacy ledger {self.path}: does not exist (missing or moved); a missing "
+                "ledger is never replaced by a fresh budget: restore it, or create the dataset's "
+                "ledger once with `fednipype-budget init --policy POLICY`"
+            )
+        self._check_existing(ledger_id)
+
+    def _setup(
         self, path: str | Path, dataset_id: str, total_epsilon: float, total_delta: float
     ) -> None:
         self.path = Path(path).expanduser().resolve()
@@ -166,52 +151,99 @@ class PrivacyLedger:
                 f"{where}: folder {self.path.parent} does not exist (a ledger is never created "
                 "in a folder made on the fly: a mistyped path would start a fresh budget)"
             )
-        self._open_or_create()
 
     @classmethod
-    def from_policy(cls, policy: SitePolicy) -> PrivacyLedger:
-        """Open the ledger a site policy names, with the policy's dataset and totals.
+    def create(
+        cls,
+        path: str | Path,
+        dataset_id: str,
+        total_epsilon: float,
+        total_delta: float,
+        *,
+        ledger_id: str | None = None,
+        reason: str = "ledger created",
+    ) -> PrivacyLedger:
+        """Create a dataset's ledger: a new file with a random ledger id (the explicit ``init``).
 
         Parameters
         ----------
-        policy : SitePolicy
-            The data owner's policy.
+        path : str or Path
+            The ledger file; it must not exist, its folder must.
+        dataset_id : str
+            Identity of the dataset whose budget this is.
+        total_epsilon, total_delta : float
+            The dataset's total budget.
+        ledger_id : str, optional
+            32 lower-case hex digits (default: a random UUID4).
+        reason : str
+            Recorded in the ledger's events (e.g. why a ledger is re-initialised).
 
         Returns
         -------
         PrivacyLedger
+
+        Raises
+        ------
+        PolicyError
+            If the file exists already (a ledger is never overwritten), or an argument is
+            invalid.
         """
-        return cls(policy.ledger_path, policy.dataset_id, policy.epsilon, policy.delta)
+        ledger = cls.__new__(cls)
+        ledger._setup(path, dataset_id, total_epsilon, total_delta)
+        ledger_id = uuid.uuid4().hex if ledger_id is None else ledger_id
+        if not _LEDGER_ID.fullmatch(str(ledger_id)):
+            raise PolicyError(f"ledger id: expected 32 lower-case hex digits, got {ledger_id!r}")
+        if ledger.path.exists():
+            raise PolicyError(
+                f"privacy ledger {ledger.path}: exists already; a ledger is never overwritten"
+            )
+        ledger._create(ledger_id, reason)
+        ledger._check_existing(ledger_id)
+        return ledger
+
+    @classmethod
+    def from_policy(cls, policy: SitePolicy) -> PrivacyLedger:
+        """Open the ledger a site policy is bound to, with the policy's dataset and totals.
+
+        Parameters
+        ----------
+        policy : SitePolicy
+            The data owner's policy; ``fednipype-budget init`` bound it to its ledger
+            (``[ledger] id``).
+
+        Returns
+        -------
+        PrivacyLedger
+
+        Raises
+        ------
+        PolicyError
+            The policy is not bound to a ledger; the ledger is missing or moved; or it is
+            another ledger (other id, dataset or totals).
+        """
+        if policy.ledger_id is None:
+            source = policy.source or "the site policy"
+            raise PolicyError(
+                f"{source}: 'ledger.id' missing: the policy is not bound to a privacy ledger; "
+                f"create the dataset's ledger once with `fednipype-budget init --policy {source}`"
+            )
+        return cls(
+            policy.ledger_path,
+            policy.dataset_id,
+            policy.epsilon,
+            policy.delta,
+            ledger_id=policy.ledger_id,
+        )
 
     # -- connection ----------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        # One short-lived connection per operation: safe across fork and many processes.
-        try:
-            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None)
-        except sqlite3.Error as err:
-            raise PolicyError(f"privacy ledger {self.path}: cannot open ({err})") from err
-        try:
-            conn.execute("PRAGMA foreign_keys = ON")
-            conn.execute("PRAGMA synchronous = FULL")
-            yield conn
-        finally:
-            conn.close()
+    def _connect(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        return connect(self.path)
 
-    @contextlib.contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction holding SQLite's write lock from its first statement."""
-        with self._connect() as conn:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
+    def _write(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        return write_transaction(self.path)
 
-    def _open_or_create(self) -> None:
+    def _create(self, ledger_id: str, reason: str) -> None:
         where = f"privacy ledger {self.path}"
         try:
             with self._connect() as conn:
@@ -221,30 +253,40 @@ class PrivacyLedger:
             with self._write() as conn:
                 for statement in schema_statements():
                     conn.execute(statement)
+                conn.executemany(
+                    "INSERT INTO meta (key, value) VALUES (?, ?)",
+                    [
+                        ("schema_version", SCHEMA_VERSION),
+                        ("dataset_id", self.dataset_id),
+                        ("ledger_id", ledger_id),
+                        ("created", now()),
+                        ("created_by", f"fednipype {__version__}"),
+                    ],
+                )
+                conn.execute(
+                    "INSERT INTO budget_history (time, total_epsilon, total_delta, reason, "
+                    "software_version) VALUES (?, ?, ?, ?, ?)",
+                    (now(), *self._total, "ledger created", __version__),
+                )
+                conn.execute(
+                    "INSERT INTO event (time, kind, detail, software_version) VALUES (?, ?, ?, ?)",
+                    (now(), "init", reason, __version__),
+                )
+        except sqlite3.DatabaseError as err:
+            raise PolicyError(f"{where}: cannot create a privacy ledger ({err})") from err
+        LOGGER.info(
+            "created privacy ledger %s (id %s) for dataset %r with budget epsilon=%g, delta=%g",
+            self.path,
+            ledger_id,
+            self.dataset_id,
+            *self._total,
+        )
+
+    def _check_existing(self, ledger_id: str | None) -> None:
+        where = f"privacy ledger {self.path}"
+        try:
+            with self._connect() as conn:
                 meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
-                if not meta:
-                    conn.executemany(
-                        "INSERT INTO meta (key, value) VALUES (?, ?)",
-                        [
-                            ("schema_version", SCHEMA_VERSION),
-                            ("dataset_id", self.dataset_id),
-                            ("created", _now()),
-                            ("created_by", f"fednipype {__version__}"),
-                        ],
-                    )
-                    conn.execute(
-                        "INSERT INTO budget_history (time, total_epsilon, total_delta, reason, "
-                        "software_version) VALUES (?, ?, ?, ?, ?)",
-                        (_now(), *self._total, "ledger created", __version__),
-                    )
-                    LOGGER.info(
-                        "created privacy ledger %s for dataset %r with budget epsilon=%g, "
-                        "delta=%g",
-                        self.path,
-                        self.dataset_id,
-                        *self._total,
-                    )
-                    return
         except sqlite3.DatabaseError as err:
             raise PolicyError(f"{where}: not a usable privacy ledger ({err})") from err
         if meta.get("schema_version") != SCHEMA_VERSION:
@@ -256,6 +298,12 @@ class PrivacyLedger:
             raise PolicyError(
                 f"{where}: belongs to dataset {meta.get('dataset_id')!r}, not "
                 f"{self.dataset_id!r}; each dataset has its own ledger"
+            )
+        self.ledger_id = str(meta.get("ledger_id"))
+        if ledger_id is not None and ledger_id != self.ledger_id:
+            raise PolicyError(
+                f"{where}: is ledger {self.ledger_id}, but the site policy is bound to ledger "
+                f"{ledger_id}; a ledger is never swapped for another (restore the right file)"
             )
         stored = self._stored_total()
         if stored != self._total:
@@ -285,9 +333,13 @@ class PrivacyLedger:
         return self._total
 
     @staticmethod
-    def _sum(conn: sqlite3.Connection) -> Budget:
-        rows = conn.execute("SELECT epsilon, delta FROM charge").fetchall()
-        return Budget(math.fsum(r[0] for r in rows), math.fsum(r[1] for r in rows))
+    def _charges(conn: sqlite3.Connection) -> list[Charge]:
+        rows = conn.execute("SELECT epsilon, delta, noise_multiplier FROM charge").fetchall()
+        return [Charge(r[0], r[1], r[2]) for r in rows]
+
+    def _spent(self, charges: list[Charge], total: Budget) -> Budget:
+        """ε spent at the total δ (composed, :mod:`fednipype.site.accountant`); Σ declared δ."""
+        return Budget(composed_epsilon(charges, total.delta), math.fsum(c.delta for c in charges))
 
     def spent(self) -> Budget:
         """Budget spent so far, over every process that used this ledger.
@@ -295,10 +347,15 @@ class PrivacyLedger:
         Returns
         -------
         Budget
-            ``(epsilon, delta)`` summed over all charges (:func:`math.fsum`).
+            ``epsilon``: the charges composed at the dataset's total δ
+            (:func:`fednipype.site.accountant.composed_epsilon`: PLD composition of the
+            Gaussian releases, basic composition for other mechanisms); ``delta``: the sum of
+            the charges' own δ.
         """
         with self._connect() as conn:
-            return self._sum(conn)
+            charges = self._charges(conn)
+            total = self._stored_total(conn)
+        return self._spent(charges, total)
 
     def remaining(self) -> Budget:
         """Budget still available (never negative).
@@ -320,6 +377,8 @@ class PrivacyLedger:
         delta: float,
         purpose: str,
         parameters: Mapping[str, Any],
+        *,
+        noise_multiplier: float | None = None,
     ) -> int:
         """Spend budget atomically, before the result it pays for is computed.
 
@@ -338,6 +397,11 @@ class PrivacyLedger:
         parameters : Mapping
             The specification and DP parameters, stored as JSON in the audit row
             (JSON-serialisable, no NaN).
+        noise_multiplier : float, optional
+            σ/Δ when the charge pays for one Gaussian mechanism calibrated to (ε, δ): the
+            ledger then composes it tightly with the other Gaussian charges
+            (:mod:`fednipype.site.accountant`); without it the charge is composed by adding its
+            (ε, δ).
 
         Returns
         -------
@@ -358,6 +422,8 @@ class PrivacyLedger:
         delta = check_delta(delta, f"{where} delta")
         if not isinstance(purpose, str) or not purpose.strip():
             raise FednipypeError(f"{where}: purpose must be a non-empty string")
+        if noise_multiplier is not None:
+            noise_multiplier = check_positive(noise_multiplier, f"{where} noise_multiplier")
         try:
             params_json = json.dumps(dict(parameters), sort_keys=True, allow_nan=False)
         except (TypeError, ValueError) as err:
@@ -367,28 +433,25 @@ class PrivacyLedger:
 
         with self._write() as conn:
             total = self._stored_total(conn)
-            spent = self._sum(conn)
-            if not (
-                _fits(spent.epsilon, epsilon, total.epsilon)
-                and _fits(spent.delta, delta, total.delta)
-            ):
-                remaining = Budget(
-                    max(0.0, total.epsilon - spent.epsilon), max(0.0, total.delta - spent.delta)
-                )
+            charges = self._charges(conn)
+            spent = self._spent(charges, total)
+            after = self._spent([*charges, Charge(epsilon, delta, noise_multiplier)], total)
+            if not _fits(after.epsilon, 0.0, total.epsilon):
+                remaining = max(0.0, total.epsilon - spent.epsilon)
                 raise PrivacyBudgetExceeded(
                     f"privacy ledger {self.path} (dataset {self.dataset_id!r}): refused "
                     f"'{purpose}': requested epsilon={epsilon:g}, delta={delta:g}; spent "
-                    f"epsilon={spent.epsilon:g}, delta={spent.delta:g} of epsilon="
-                    f"{total.epsilon:g}, delta={total.delta:g}; remaining epsilon="
-                    f"{remaining.epsilon:g}, delta={remaining.delta:g}"
+                    f"epsilon={spent.epsilon:g} of epsilon={total.epsilon:g} (at delta="
+                    f"{total.delta:g}); remaining epsilon={remaining:g}"
                 )
             charge_id = conn.execute(
-                "INSERT INTO charge (epsilon, delta) VALUES (?, ?)", (epsilon, delta)
+                "INSERT INTO charge (epsilon, delta, noise_multiplier) VALUES (?, ?, ?)",
+                (epsilon, delta, noise_multiplier),
             ).lastrowid
             conn.execute(
                 "INSERT INTO audit (charge_id, time, purpose, parameters, epsilon, delta, "
                 "software_version) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (charge_id, _now(), purpose, params_json, epsilon, delta, __version__),
+                (charge_id, now(), purpose, params_json, epsilon, delta, __version__),
             )
         LOGGER.info(
             "privacy ledger %s: charge %d epsilon=%g delta=%g for %s",
@@ -424,7 +487,7 @@ class PrivacyLedger:
             with self._write() as conn:
                 cur = conn.execute(
                     "UPDATE audit SET content_sha256 = ?, released_time = ? WHERE charge_id = ?",
-                    (content_sha256, _now(), int(charge_id)),
+                    (content_sha256, now(), int(charge_id)),
                 )
                 if cur.rowcount != 1:
                     raise FednipypeError(f"{where}: no such charge")
@@ -463,7 +526,7 @@ class PrivacyLedger:
             conn.execute(
                 "INSERT INTO budget_history (time, total_epsilon, total_delta, reason, "
                 "software_version) VALUES (?, ?, ?, ?, ?)",
-                (_now(), *new, reason, __version__),
+                (now(), *new, reason, __version__),
             )
         LOGGER.warning(
             "privacy ledger %s: total budget changed from epsilon=%g, delta=%g to "
@@ -476,41 +539,6 @@ class PrivacyLedger:
         self._total = new
 
     # -- reading ---------------------------------------------------------------------------
-
-    def audit_trail(self) -> list[AuditRecord]:
-        """Every charge with what it paid for, oldest first.
-
-        Returns
-        -------
-        list of AuditRecord
-        """
-        with self._connect() as conn:
-            rows = conn.execute(
-                "SELECT charge_id, time, purpose, parameters, epsilon, delta, software_version, "
-                "content_sha256, released_time FROM audit ORDER BY id"
-            ).fetchall()
-        return [
-            AuditRecord(
-                charge_id=r[0],
-                time=r[1],
-                purpose=r[2],
-                parameters=json.loads(r[3]),
-                epsilon=r[4],
-                delta=r[5],
-                software_version=r[6],
-                content_sha256=r[7],
-                released_time=r[8],
-            )
-            for r in rows
-        ]
-
-    def budget_history(self) -> list[tuple[str, float, float, str]]:
-        """The total budget over time: ``(time, total_epsilon, total_delta, reason)`` rows."""
-        with self._connect() as conn:
-            rows = conn.execute(
-                "SELECT time, total_epsilon, total_delta, reason FROM budget_history ORDER BY id"
-            ).fetchall()
-        return [tuple(r) for r in rows]
 
     def verify(self) -> None:
         """Check the ledger file is intact and consistent.
@@ -536,9 +564,9 @@ class PrivacyLedger:
             ).fetchone()[0]
             if orphans:
                 raise FednipypeError(f"{where}: {orphans} charge(s) without a matching audit row")
-            spent = self._sum(conn)
             total = self._stored_total(conn)
-        if not (_fits(spent.epsilon, 0.0, total.epsilon) and _fits(spent.delta, 0.0, total.delta)):
+            spent = self._spent(self._charges(conn), total)
+        if not _fits(spent.epsilon, 0.0, total.epsilon):
             raise FednipypeError(f"{where}: spent {spent} exceeds the total {total}")
 
     # -- spend, compute, release -----------------------------------------------------------
@@ -550,6 +578,8 @@ class PrivacyLedger:
         delta: float,
         purpose: str,
         parameters: Mapping[str, Any],
+        *,
+        noise_multiplier: float | None = None,
     ) -> Iterator[Spend]:
         """Charge, then let the caller compute and write its release atomically.
 
@@ -571,6 +601,8 @@ class PrivacyLedger:
             What the budget pays for.
         parameters : Mapping
             Specification and DP parameters, recorded in the audit row.
+        noise_multiplier : float, optional
+            As for :meth:`charge`.
 
         Yields
         ------
@@ -582,7 +614,7 @@ class PrivacyLedger:
         >>> import tempfile, pathlib
         >>> from fednipype.contract.document import content_hash
         >>> folder = pathlib.Path(tempfile.mkdtemp())
-        >>> ledger = PrivacyLedger(folder / "ledger.sqlite", "demo", 1.0, 0.0)
+        >>> ledger = PrivacyLedger.create(folder / "ledger.sqlite", "demo", 1.0, 0.0)
         >>> with ledger.reserve(0.5, 0.0, "count", {"statistic": "count"}) as spend:
         ...     doc = {"count": 41.7}   # computed after the charge
         ...     _ = spend.write_release(folder / "site_release.json", doc)
@@ -591,7 +623,10 @@ class PrivacyLedger:
         """
         epsilon = check_epsilon(epsilon, f"privacy ledger {self.path}: charge epsilon")
         delta = check_delta(delta, f"privacy ledger {self.path}: charge delta")
-        spend = Spend(self, self.charge(epsilon, delta, purpose, parameters), epsilon, delta)
+        charge_id = self.charge(
+            epsilon, delta, purpose, parameters, noise_multiplier=noise_multiplier
+        )
+        spend = Spend(self, charge_id, epsilon, delta)
         try:
             yield spend
         except BaseException:

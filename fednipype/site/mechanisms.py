@@ -9,16 +9,17 @@ module never draws random numbers itself.
 Each statistic is one Gaussian vector mechanism over every number it releases, calibrated
 with the analytic Gaussian mechanism (:func:`fednipype.contract.calibration
 .analytic_gaussian_sigma`) on the vector's L2 sensitivity, so it costs exactly the
-(ε, δ) it is given. Disclosure controls: no statistic over fewer than ``min_cohort``
-participants (overall and, for group statistics, in every group), and δ below 1/n.
+(ε, δ) it is given. Nothing here is refused because of the data: δ is checked against the
+policy's public maximum cohort, and a minimum cohort against the released noisy counts after
+the charge, so no refusal is an oracle for whoever chooses the request.
 
-Spending budget: a statistic is first *prepared* (:func:`prepare_sufficient_statistics`,
-:func:`prepare_group_means`): validation and the exact computation, with no noise yet, so any
-bad input fails before a charge. The noise is drawn by :meth:`PreparedStatistic.release`,
+Spending budget: a statistic is first *prepared* (:func:`prepare_sufficient_statistics`):
+validation and the exact computation, with no noise yet, so any bad input fails before a
+charge. The noise is drawn by :meth:`PreparedStatistic.release`,
 which takes the ledger's reservation for it (:meth:`fednipype.site.ledger.PrivacyLedger
 .reserve`) and refuses to draw without one that covers its (ε, δ)::
 
-    prepared = prepare_sufficient_statistics(z, y, z_bounds, y_bounds, epsilon, delta)
+    prepared = prepare_sufficient_statistics(z, y, z_bounds, y_bounds, epsilon, delta, ...)
     with ledger.reserve(prepared.epsilon, prepared.delta, "release", parameters) as spend:
         result = prepared.release(spend)
 
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -44,17 +44,10 @@ from fednipype.contract.calibration import (
     sufficient_statistics_sensitivity,
 )
 from fednipype.contract.statistics import SufficientStatistics
-from fednipype.exceptions import DataError, DisclosureError, FednipypeError, PolicyError
+from fednipype.exceptions import DataError, FednipypeError, PolicyError
 from fednipype.site.ledger import Spend
-from fednipype.site.policy import DEFAULT_MIN_COHORT
 
-__all__ = [
-    "GroupMeans",
-    "Mechanism",
-    "PreparedStatistic",
-    "prepare_group_means",
-    "prepare_sufficient_statistics",
-]
+__all__ = ["Mechanism", "PreparedStatistic", "prepare_sufficient_statistics"]
 
 #: The privacy unit of every statistic here.
 PRIVACY_UNIT = "participant"
@@ -98,7 +91,7 @@ class Mechanism:
     Attributes
     ----------
     statistic : str
-        Which statistic (``sufficient_statistics`` or ``group_means``).
+        Which statistic (``sufficient_statistics``).
     epsilon, delta : float
         The privacy loss of this statistic.
     sensitivity : float
@@ -138,6 +131,11 @@ class Mechanism:
         """The Gaussian mechanism with σ from the analytic calibration."""
         sigma = analytic_gaussian_sigma(epsilon, delta, l2_sensitivity)
         return cls(statistic, epsilon, delta, l2_sensitivity, sigma, clamp_bounds, released)
+
+    @property
+    def noise_multiplier(self) -> float:
+        """σ/Δ: what the ledger's accountant composes."""
+        return self.noise_scale / self.sensitivity
 
     @property
     def noise_variance(self) -> float:
@@ -184,34 +182,6 @@ class Mechanism:
 
 
 # -- results ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class GroupMeans:
-    """Noisy bounded means of each region within each group.
-
-    Attributes
-    ----------
-    levels : list of str
-        The groups, in the declared order.
-    regions : list of str
-        The regions.
-    means : numpy.ndarray
-        (groups, regions) means, clipped to the public bounds.
-    mean_noise_var : numpy.ndarray
-        (groups, regions) first-order noise variance of each mean, from released values only.
-    counts : numpy.ndarray
-        Noisy number of participants per group.
-    count_noise_var : float
-        Noise variance of each count.
-    """
-
-    levels: list[str]
-    regions: list[str]
-    means: np.ndarray
-    mean_noise_var: np.ndarray
-    counts: np.ndarray
-    count_noise_var: float
 
 
 class PreparedStatistic:
@@ -267,7 +237,7 @@ class PreparedStatistic:
 
         Returns
         -------
-        SufficientStatistics or GroupMeans
+        SufficientStatistics
 
         Raises
         ------
@@ -308,14 +278,6 @@ class PreparedStatistic:
 
 
 # -- validation helpers ----------------------------------------------------------------------
-
-
-def _check_min_cohort(min_cohort: Any) -> int:
-    if isinstance(min_cohort, bool) or not isinstance(min_cohort, int | np.integer):
-        raise PolicyError(f"min_cohort: must be an integer >= 1, got {min_cohort!r}")
-    if min_cohort < 1:
-        raise PolicyError(f"min_cohort: must be an integer >= 1, got {min_cohort!r}")
-    return int(min_cohort)
 
 
 def _budget(epsilon: Any, delta: Any, statistic: str) -> tuple[float, float]:
@@ -384,15 +346,19 @@ def _bounds(bounds: Any, n_columns: int, name: str, allow_constant: bool = False
     return lo, hi
 
 
-def _disclosure(n: int, min_cohort: int, delta: float, statistic: str, cell: str = "") -> None:
-    where = f"{statistic}{cell}"
-    if n < min_cohort:
-        raise DisclosureError(
-            f"{where}: {n} participant(s), fewer than the minimum cohort of {min_cohort}"
+def _check_delta_public(delta: float, max_participants: Any, statistic: str) -> None:
+    """δ must be below 1/N for the public maximum cohort N: a check on public facts only."""
+    if isinstance(max_participants, bool) or not isinstance(max_participants, int | np.integer):
+        raise PolicyError(
+            f"{statistic}: max_participants (the policy's public [budget] max_participants) "
+            f"must be an integer >= 1, got {max_participants!r}"
         )
-    if delta >= 1.0 / n:
-        raise DisclosureError(
-            f"{statistic}: delta={delta:g} is not below 1/n = {1.0 / n:g}; a delta this large "
+    if max_participants < 1:
+        raise PolicyError(f"{statistic}: max_participants must be >= 1, got {max_participants}")
+    if delta >= 1.0 / max_participants:
+        raise PolicyError(
+            f"{statistic}: delta={delta:g} is not below 1/max_participants = "
+            f"{1.0 / max_participants:g} (the policy's public maximum cohort); a delta this large "
             "allows a mechanism to publish one participant's data outright"
         )
 
@@ -411,103 +377,6 @@ def _clamp_bounds(**named: tuple[np.ndarray, np.ndarray]) -> dict[str, Any]:
 # -- statistics ------------------------------------------------------------------------------
 
 
-def prepare_group_means(
-    data: Any,
-    groups: Any,
-    levels: Sequence[Any],
-    bounds: Any,
-    epsilon: float,
-    delta: float,
-    *,
-    regions: Sequence[str],
-    min_cohort: int = DEFAULT_MIN_COHORT,
-) -> PreparedStatistic:
-    """Prepare noisy bounded means of each column within each group (e.g. diagnosis).
-
-    Each group releases its centred sums and its count; a participant is in one group only,
-    so the whole vector has the sensitivity of one group's block
-    (``sqrt(Σ_j h_j² + 1)``, ``h`` the half-widths of the bounds). Every group must hold at
-    least ``min_cohort`` participants.
-
-    Parameters
-    ----------
-    data : array_like
-        (participants, regions) values, finite.
-    groups : array_like
-        One group label per participant.
-    levels : sequence
-        The public list of group labels (a label outside it is an error).
-    bounds : tuple
-        Public ``(lo, hi)``, scalars or one per column.
-    epsilon, delta : float
-        Privacy loss (δ > 0: analytic Gaussian).
-    regions : sequence of str
-        Column names.
-    min_cohort : int
-        Smallest number of participants allowed in every group.
-
-    Returns
-    -------
-    PreparedStatistic
-        Its release is a :class:`GroupMeans`.
-    """
-    statistic = "group_means"
-    epsilon, delta = _budget(epsilon, delta, statistic)
-    min_cohort = _check_min_cohort(min_cohort)
-    if levels is None or isinstance(levels, str) or len(levels) == 0:
-        raise PolicyError(f"{statistic} levels: the group labels must be declared (public)")
-    levels = list(levels)
-    if len(set(levels)) != len(levels):
-        raise PolicyError(f"{statistic} levels: duplicated labels in {levels!r}")
-    x = _matrix(data, f"{statistic}: data")
-    labels = _names(regions, x.shape[1], f"{statistic}: regions")
-    lo, hi = _bounds(bounds, x.shape[1], f"{statistic}: data")
-    g = np.asarray(groups, dtype=object).ravel()
-    if g.size != x.shape[0]:
-        raise DataError(f"{statistic}: {g.size} group labels for {x.shape[0]} rows")
-    unknown = sorted({str(v) for v in g if v not in levels})
-    if unknown:
-        raise DataError(
-            f"{statistic}: groups holds label(s) {unknown} not among the declared levels "
-            f"{levels!r}"
-        )
-    x = np.clip(x, lo, hi)
-    _disclosure(x.shape[0], min_cohort, delta, statistic)
-    center, half = (lo + hi) / 2.0, (hi - lo) / 2.0
-    blocks = []
-    for level in levels:
-        rows = np.array([item == level for item in g], dtype=bool)
-        _disclosure(int(rows.sum()), min_cohort, delta, statistic, f" (group {level!r})")
-        blocks.append(np.concatenate([(x[rows] - center).sum(axis=0), [float(rows.sum())]]))
-    # A participant belongs to one group: it changes one group's block only.
-    l2 = math.sqrt(float(np.sum(half**2)) + 1.0)
-    layout = [
-        f"{name}:{level}"
-        for level in levels
-        for name in [f"sum_centered:{r}" for r in labels] + ["count"]
-    ]
-    mech = Mechanism.calibrated(
-        statistic, epsilon, delta, l2, _clamp_bounds(data=(lo, hi)), layout
-    )
-    k, v = len(labels), mech.noise_variance
-
-    def finish(noisy: np.ndarray) -> GroupMeans:
-        block = noisy.reshape(len(levels), k + 1)
-        sums, counts = block[:, :k], block[:, k]
-        n_hat = np.maximum(counts, 1.0)[:, None]
-        offset = sums / n_hat
-        return GroupMeans(
-            levels=[str(level) for level in levels],
-            regions=labels,
-            means=np.clip(center + offset, lo, hi),
-            mean_noise_var=v * (1.0 + offset**2) / n_hat**2,
-            counts=counts.copy(),
-            count_noise_var=v,
-        )
-
-    return PreparedStatistic(mech, np.concatenate(blocks), finish)
-
-
 def prepare_sufficient_statistics(
     Z: Any,
     Y: Any,
@@ -518,7 +387,7 @@ def prepare_sufficient_statistics(
     *,
     terms: Sequence[str],
     regions: Sequence[str],
-    min_cohort: int = DEFAULT_MIN_COHORT,
+    max_participants: int,
 ) -> PreparedStatistic:
     """Prepare noisy sufficient statistics of a linear model per region: ZᵀZ, ZᵀY, yᵀy, n.
 
@@ -541,11 +410,13 @@ def prepare_sufficient_statistics(
     epsilon : float
         Finite, > 0.
     delta : float
-        0 < δ < 1/n.
+        0 < δ < 1/max_participants.
     terms, regions : sequence of str
         Column names; the first term is ``"intercept"``.
-    min_cohort : int
-        Smallest number of participants allowed.
+    max_participants : int
+        The public upper bound on the cohort δ is checked against. Nothing here is refused
+        because of the data's own size: a minimum cohort is checked on the released noisy
+        count, after the charge (:mod:`fednipype.site.release`).
 
     Returns
     -------
@@ -554,7 +425,7 @@ def prepare_sufficient_statistics(
     """
     statistic = "sufficient_statistics"
     epsilon, delta = _budget(epsilon, delta, statistic)
-    min_cohort = _check_min_cohort(min_cohort)
+    _check_delta_public(delta, max_participants, statistic)
     z = _matrix(Z, f"{statistic}: Z")
     y = _matrix(Y, f"{statistic}: Y")
     if z.shape[0] != y.shape[0]:
@@ -568,7 +439,6 @@ def prepare_sufficient_statistics(
     ylo, yhi = _bounds(y_bounds, y.shape[1], f"{statistic}: Y")
     z, y = np.clip(z, zlo, zhi), np.clip(y, ylo, yhi)
     n = z.shape[0]
-    _disclosure(n, min_cohort, delta, statistic)
     p, r = z.shape[1], y.shape[1]
     ztz, zty, yty = z.T @ z, z.T @ y, np.sum(y**2, axis=0)
     iu = np.triu_indices(p)

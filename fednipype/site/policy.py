@@ -11,10 +11,12 @@ Layout::
     [budget]                        # the dataset's total privacy budget, all releases together
     epsilon = 4.0
     delta = 1e-6
+    max_participants = 500          # public upper bound on the cohort (δ must be below 1/it)
 
     [ledger]
     path = "privacy_ledger.sqlite"  # relative paths are resolved against this file's folder
     dataset = "site-a-study-x"      # identity of the dataset the budget belongs to
+    id = "…"                        # written by `fednipype-budget init`: binds policy and ledger
 
     [bounds]                        # public bounds of released quantities, [lo, hi]
     age = [18.0, 95.0]              # covariates by name
@@ -58,6 +60,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -74,8 +77,9 @@ LOGGER = logging.getLogger(__name__)
 DEFAULT_MIN_COHORT = 10
 
 _TOP_KEYS = {"min_cohort", "budget", "ledger", "bounds"}
-_BUDGET_KEYS = {"epsilon", "delta"}
-_LEDGER_KEYS = {"path", "dataset"}
+_BUDGET_KEYS = {"epsilon", "delta", "max_participants"}
+_LEDGER_KEYS = {"path", "dataset", "id"}
+_LEDGER_ID = re.compile(r"[0-9a-f]{32}")
 
 Bounds = tuple[float, float]
 
@@ -167,6 +171,12 @@ class SitePolicy:
         Smallest number of participants any statistic may be computed over (default 10).
     source : Path or None
         The policy file, named in error messages.
+    ledger_id : str or None
+        The id of the ledger the policy is bound to (``fednipype-budget init`` writes it);
+        None for a policy that is not bound yet.
+    max_participants : int or None
+        Public upper bound on the number of participants (``[budget] max_participants``):
+        δ is checked against it, never against the data.
     """
 
     epsilon: float
@@ -177,9 +187,24 @@ class SitePolicy:
     covariate_bounds_map: Mapping[str, Bounds] = field(hash=False)
     min_cohort: int = DEFAULT_MIN_COHORT
     source: Path | None = None
+    ledger_id: str | None = None
+    max_participants: int | None = None
 
     def __post_init__(self) -> None:
         src = self.source
+        if self.ledger_id is not None and not (
+            isinstance(self.ledger_id, str) and _LEDGER_ID.fullmatch(self.ledger_id)
+        ):
+            raise PolicyError(
+                f"{_where(src, 'ledger.id')}: expected the 32 hex digits `fednipype-budget "
+                f"init` wrote, got {self.ledger_id!r}"
+            )
+        mp = self.max_participants
+        if mp is not None and (not isinstance(mp, int) or isinstance(mp, bool) or mp < 1):
+            raise PolicyError(
+                f"{_where(src, 'budget.max_participants')}: must be an integer >= 1 (a public "
+                f"upper bound on the cohort), got {mp!r}"
+            )
         object.__setattr__(
             self, "epsilon", check_epsilon(self.epsilon, _where(src, "budget.epsilon"))
         )
@@ -273,6 +298,8 @@ class SitePolicy:
             covariate_bounds_map=covariates,
             min_cohort=data.get("min_cohort", DEFAULT_MIN_COHORT),
             source=source,
+            ledger_id=ledger.get("id"),
+            max_participants=budget.get("max_participants"),
         )
 
     def feature_bounds(self, region: str) -> Bounds:
@@ -351,6 +378,7 @@ _EXAMPLE_POLICY = """# An example site's policy; a real site's data owner writes
 [budget]
 epsilon = {total_epsilon!r}
 delta = {total_delta!r}
+max_participants = {max_participants!r}
 
 [ledger]
 path = "{ledger}"
@@ -369,6 +397,7 @@ def example_policy(
     dataset: str,
     total_epsilon: float,
     total_delta: float = 1e-4,
+    max_participants: int = 1000,
     ledger: str = "ledger.sqlite",
 ) -> str:
     """The TOML text of a site policy for the bundled example sites (demo, benchmarks, tests).
@@ -379,6 +408,8 @@ def example_policy(
         The dataset the budget belongs to.
     total_epsilon, total_delta : float
         The dataset's total budget.
+    max_participants : int
+        Public upper bound on the cohort (the example sites hold 24–45 participants).
     ledger : str
         The ledger's path, relative to the policy file.
 
@@ -395,5 +426,39 @@ def example_policy(
     (18.0, 90.0)
     """
     return _EXAMPLE_POLICY.format(
-        dataset=dataset, total_epsilon=total_epsilon, total_delta=total_delta, ledger=ledger
+        dataset=dataset,
+        total_epsilon=total_epsilon,
+        total_delta=total_delta,
+        max_participants=max_participants,
+        ledger=ledger,
     )
+
+
+def bind_policy_text(text: str, ledger_id: str) -> str:
+    """The policy text with ``[ledger] id`` set to ``ledger_id`` (added or replaced).
+
+    The data owner's file is edited in place of one line, keeping its comments and layout
+    (tomllib reads TOML but does not write it).
+
+    >>> print(bind_policy_text('[ledger]\\npath = "l.sqlite"\\n', "a" * 32), end="")
+    [ledger]
+    id = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
+    path = "l.sqlite"
+    """
+    if not _LEDGER_ID.fullmatch(ledger_id):
+        raise PolicyError(f"ledger id: expected 32 lower-case hex digits, got {ledger_id!r}")
+    lines = text.splitlines(keepends=True)
+    header = next((i for i, line in enumerate(lines) if line.strip() == "[ledger]"), None)
+    if header is None:
+        raise PolicyError("site policy: no [ledger] table to bind")
+    end = next(
+        (i for i in range(header + 1, len(lines)) if lines[i].lstrip().startswith("[")),
+        len(lines),
+    )
+    entry = f'id = "{ledger_id}"\n'
+    for i in range(header + 1, end):
+        if re.match(r"\s*id\s*=", lines[i]):
+            lines[i] = entry
+            return "".join(lines)
+    lines.insert(header + 1, entry)
+    return "".join(lines)

@@ -8,9 +8,8 @@ the ledger is charged, and the noise is drawn only against that charge.
 
 from __future__ import annotations
 
-import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,22 +19,19 @@ from fednipype.contract.calibration import check_delta, check_epsilon
 from fednipype.contract.document import new_release, validate
 from fednipype.contract.scaling import Scaling
 from fednipype.contract.statistics import SufficientStatistics
-from fednipype.exceptions import ReleaseValidationError
+from fednipype.exceptions import DisclosureError, PolicyError, ReleaseValidationError
 from fednipype.features import read_sidecar
 from fednipype.site.design import Design, ModelSpec, build_design, load_feature_table
 from fednipype.site.ledger import PrivacyLedger
-from fednipype.site.mechanisms import (
-    GroupMeans,
-    PreparedStatistic,
-    prepare_group_means,
-    prepare_sufficient_statistics,
-)
+from fednipype.site.mechanisms import PreparedStatistic, prepare_sufficient_statistics
 from fednipype.site.policy import SitePolicy
 
-__all__ = ["DEFAULT_SPLIT", "SESSIONS", "make_release"]
+__all__ = ["SESSIONS", "STATISTIC", "make_release"]
 
-#: Default split of a release's (ε, δ) across its statistics (fractions of each).
-DEFAULT_SPLIT = {"sufficient_statistics": 0.7, "group_means": 0.3}
+#: The statistic a release holds: the linear model's sufficient statistics.
+STATISTIC = "sufficient_statistics"
+#: A cell is below the minimum cohort when its noisy count is this many noise sd below it.
+COHORT_MARGIN_SD = 5.3
 #: How several sessions of a participant enter a release (``model/sessions``).
 SESSIONS = "first session of each participant"
 
@@ -51,16 +47,18 @@ def make_release(
     out_path: str | os.PathLike[str],
     spec: ModelSpec | None = None,
     dataset: str | None = None,
-    split: Mapping[str, float] | None = None,
 ) -> Path:
     """Make a site's DP release: validate, charge the ledger, draw the noise, write atomically.
 
-    Everything that can be refused is checked before the ledger is charged: the budget
-    parameters, the policy's public bounds for every covariate and region, the disclosure
-    rules (``min_cohort`` overall and in every group; δ < 1/n) and the document's structure.
-    Only then is (ε, δ) charged to the dataset's ledger, the noise drawn (OpenDP) against that
-    charge and the release written through a temporary file whose content hash the ledger
-    records before the rename.
+    Everything that can be refused on public facts is checked before the ledger is charged:
+    the budget parameters, δ below 1/``max_participants`` (the policy's public maximum
+    cohort), the policy's public bounds for every covariate and region, and the document's
+    structure. Only then is (ε, δ) charged to the dataset's ledger and the noise drawn
+    (OpenDP) against that charge. The minimum cohort, overall and in every cell of each
+    categorical covariate, is checked on the released noisy counts (post-processing): a
+    release below it is withheld with its charge kept, so neither a refusal nor its timing
+    depends on the data except through charged DP quantities. Otherwise the release is
+    written through a temporary file whose content hash the ledger records before the rename.
 
     Covariates and responses are mapped to [-1, 1] with their public bounds
     (:class:`~fednipype.contract.scaling.Scaling`) before the sufficient statistics are
@@ -75,7 +73,7 @@ def make_release(
     policy : SitePolicy or path-like
         The site policy (bounds, min cohort, ledger).
     epsilon, delta : float
-        What this release costs, split across its statistics by ``split``.
+        What this release costs.
     site : str
         Site label written in the release.
     out_path : path-like
@@ -84,9 +82,6 @@ def make_release(
         The linear model (default: feature ``volume_mm3`` on age, sex and group).
     dataset : str, optional
         Dataset name written in the release (default: the site label).
-    split : mapping, optional
-        Fraction of (ε, δ) per statistic (``sufficient_statistics``, ``group_means``);
-        default :data:`DEFAULT_SPLIT`.
 
     Returns
     -------
@@ -102,7 +97,7 @@ def make_release(
     spec = spec or ModelSpec()
     policy = policy if isinstance(policy, SitePolicy) else SitePolicy.from_toml(policy)
     out_path = Path(out_path)
-    budget = _split_budget(epsilon, delta, split)
+    budget = _check_request(policy, epsilon, delta)
     tsvs = [Path(f) for f in features]
     table = load_feature_table(tsvs, spec.response)
     design = build_design(table, read_participants(participants), spec)
@@ -123,10 +118,14 @@ def make_release(
     out_path.parent.mkdir(parents=True, exist_ok=True)  # a missing folder must not waste a charge
     ledger = PrivacyLedger.from_policy(policy)
     parameters = _audit(context, prepared, out_path)
-    with ledger.reserve(epsilon, delta, f"release {site}", parameters) as spend:
-        results = {name: statistic.release(spend) for name, statistic in prepared.items()}
-        doc = validate(_document(context, prepared, results, spend.charge_id), str(out_path))
-        spend.write_release(out_path, doc)
+    statistic = prepared[STATISTIC]
+    multiplier = statistic.mechanism.noise_multiplier
+    purpose = f"release {site}"
+    with ledger.reserve(epsilon, delta, purpose, parameters, noise_multiplier=multiplier) as spend:
+        results = {name: prepared_.release(spend) for name, prepared_ in prepared.items()}
+        _check_noisy_cohort(context, results[STATISTIC])
+        doc = _document(context, prepared, results, spend.charge_id, ledger.ledger_id)
+        spend.write_release(out_path, validate(doc, str(out_path)))
     return out_path
 
 
@@ -149,24 +148,20 @@ class _Context:
 # -- 1. validate the request ------------------------------------------------------------------
 
 
-def _split_budget(
-    epsilon: float, delta: float, split: Mapping[str, float] | None
+def _check_request(
+    policy: SitePolicy, epsilon: float, delta: float
 ) -> dict[str, tuple[float, float]]:
-    """The (ε, δ) of each statistic: the release's total times its fraction."""
+    """The release's (ε, δ), checked on public facts only; all of it pays for one statistic."""
     epsilon = check_epsilon(epsilon, "release epsilon")
     delta = check_delta(delta, "release delta")
     if delta <= 0:
         raise ReleaseValidationError("release delta: must be > 0 (Gaussian mechanism)")
-    fractions = dict(split or DEFAULT_SPLIT)
-    unknown = sorted(set(fractions) - set(DEFAULT_SPLIT))
-    if unknown or not fractions or any(f <= 0 for f in fractions.values()):
-        raise ReleaseValidationError(
-            f"release split: expected positive fractions for {sorted(DEFAULT_SPLIT)}, "
-            f"got {fractions}"
+    if policy.max_participants is None:
+        raise PolicyError(
+            f"{policy.source or 'site policy'}: 'budget.max_participants' missing: declare a "
+            "public upper bound on the cohort (δ is checked against it, never against the data)"
         )
-    if not math.isclose(sum(fractions.values()), 1.0, rel_tol=1e-9):
-        raise ReleaseValidationError(f"release split: fractions must sum to 1, got {fractions}")
-    return {k: (epsilon * f, delta * f) for k, f in fractions.items()}
+    return {STATISTIC: (epsilon, delta)}
 
 
 # -- 2. the design and its public scaling -----------------------------------------------------
@@ -204,10 +199,9 @@ def _atlas_provenance(tsvs: list[Path], regions: tuple[str, ...]) -> dict[str, A
 
 def _prepare_statistics(context: _Context) -> dict[str, PreparedStatistic]:
     design, scaling, policy = context.design, context.scaling, context.policy
-    prepared = {}
-    if "sufficient_statistics" in context.budget:
-        eps, dlt = context.budget["sufficient_statistics"]
-        prepared["sufficient_statistics"] = prepare_sufficient_statistics(
+    eps, dlt = context.budget[STATISTIC]
+    return {
+        STATISTIC: prepare_sufficient_statistics(
             scaling.scale_design(design.z, design.terms),
             scaling.scale_response(design.y, design.regions),
             scaling.design_bounds(design.terms),
@@ -216,24 +210,49 @@ def _prepare_statistics(context: _Context) -> dict[str, PreparedStatistic]:
             dlt,
             terms=design.terms,
             regions=design.regions,
-            min_cohort=policy.min_cohort,
+            max_participants=policy.max_participants,
         )
-    if "group_means" in context.budget:
-        levels = tuple(context.spec.categorical.get("group", ()))
-        if not levels:
-            raise ReleaseValidationError("release split: group_means needs a 'group' covariate")
-        eps, dlt = context.budget["group_means"]
-        prepared["group_means"] = prepare_group_means(
-            design.y,
-            design.groups,
-            list(levels),
-            policy.feature_bounds_arrays(design.regions),
-            eps,
-            dlt,
-            regions=design.regions,
-            min_cohort=policy.min_cohort,
+    }
+
+
+def _check_noisy_cohort(context: _Context, stats: SufficientStatistics) -> None:
+    """Withhold a release whose noisy counts show a cell below the minimum cohort.
+
+    The counts are post-processing of the released statistics: n, and for every level of a
+    categorical covariate (coded −1/+1 per non-reference level) n_l = (n + Σz_l)/2, the
+    reference level getting what remains; each has a known noise sd. A cell is below the
+    minimum when its noisy count is below it by more than :data:`COHORT_MARGIN_SD` noise sd,
+    so an honest cohort is withheld with probability below 1e-7 per cell, and the rule is
+    exact as the noise vanishes; at high noise it bites only on clearly small cells (and the
+    noise then drowns any small cell's statistics). Raised inside the charge: the charge stays.
+    """
+    minimum = context.policy.min_cohort
+    variance = stats.n_noise_var
+    cells = {"all participants": (stats.n, variance)}
+    terms = list(stats.terms)
+    for name, levels in context.spec.categorical.items():
+        others = len(levels) - 1
+        reference = stats.n * (1.0 - others / 2.0)
+        for level in levels[1:]:
+            sums = stats.ztz[0, terms.index(f"{name}[{level}]")]
+            cells[f"{name} = {level}"] = ((stats.n + sums) / 2.0, variance / 2.0)
+            reference -= sums / 2.0
+        cells[f"{name} = {levels[0]}"] = (
+            reference,
+            variance * ((1.0 - others / 2.0) ** 2 + others / 4.0),
         )
-    return prepared
+    small = {
+        cell: count
+        for cell, (count, var) in cells.items()
+        if count + COHORT_MARGIN_SD * var**0.5 < minimum
+    }
+    if small:
+        described = ", ".join(f"{cell}: {count:.1f}" for cell, count in small.items())
+        raise DisclosureError(
+            f"release withheld: noisy participant count(s) more than {COHORT_MARGIN_SD:g} noise "
+            f"sd below the policy's minimum cohort of {minimum} ({described}); the counts are "
+            "DP releases, so the charge stands"
+        )
 
 
 # -- 4. dry-run the document ------------------------------------------------------------------
@@ -243,7 +262,7 @@ def _dry_run(context: _Context, prepared: dict[str, PreparedStatistic], out_path
     """Validate the document with placeholder numbers: a structural problem fails before any
     budget is spent."""
     placeholders = {name: statistic.placeholder() for name, statistic in prepared.items()}
-    validate(_document(context, prepared, placeholders, 1), str(out_path))
+    validate(_document(context, prepared, placeholders, 1, "0" * 32), str(out_path))
 
 
 def _document(
@@ -251,30 +270,16 @@ def _document(
     prepared: dict[str, PreparedStatistic],
     results: dict[str, Any],
     charge_id: int,
+    ledger_id: str,
 ) -> dict[str, Any]:
-    statistics: dict[str, Any] = {}
-    if "sufficient_statistics" in results:
-        stats: SufficientStatistics = results["sufficient_statistics"]
-        statistics["sufficient_statistics"] = {
-            **prepared["sufficient_statistics"].mechanism.document_fields(),
+    stats: SufficientStatistics = results[STATISTIC]
+    statistics = {
+        STATISTIC: {
+            **prepared[STATISTIC].mechanism.document_fields(),
             **stats.to_document(),
             "scaling": context.scaling.to_document(),
         }
-    if "group_means" in results:
-        means: GroupMeans = results["group_means"]
-        statistics["group_means"] = {
-            **prepared["group_means"].mechanism.document_fields(),
-            "regions": list(means.regions),
-            "groups": {
-                level: {
-                    "means": means.means[i].tolist(),
-                    "mean_noise_variance": means.mean_noise_var[i].tolist(),
-                    "count": float(means.counts[i]),
-                    "count_noise_variance": means.count_noise_var,
-                }
-                for i, level in enumerate(means.levels)
-            },
-        }
+    }
     spec, policy, design = context.spec, context.policy, context.design
     bounds = {t: list(policy.covariate_bounds(t)) for t in spec.numeric}
     bounds.update({r: list(policy.feature_bounds(r)) for r in design.regions})
@@ -297,6 +302,8 @@ def _document(
                 k: {"epsilon": e, "delta": d} for k, (e, d) in context.budget.items()
             },
             "bounds": bounds,
+            "max_participants": policy.max_participants,
+            "ledger_id": ledger_id,
             "ledger_charge": charge_id,
         },
         statistics=statistics,
