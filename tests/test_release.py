@@ -18,6 +18,7 @@ from fednipype.exceptions import (
     DisclosureError,
     PolicyError,
     PrivacyBudgetExceeded,
+    ReleaseValidationError,
 )
 from fednipype.hub.regression import pooled_regression
 from fednipype.hub.releases import load_releases
@@ -257,3 +258,27 @@ def test_no_release_holds_identifiers_per_subject_values_or_paths(bundled_featur
 
         leaked = [x for x in numbers(json.loads(text)) if x in private_numbers]
         assert leaked == [], path
+
+
+def test_releases_are_named_uniquely_and_never_overwritten(
+    bundled_features, tmp_path, site_policy
+):
+    """Each release is charged: a second one gets its own name (ledger and charge ids), and an
+    existing file is refused before anything is charged."""
+    policy = site_policy(tmp_path / "policy", epsilon=10.0)
+    ledger_id = SitePolicy.from_toml(policy).ledger_id
+    out = tmp_path / "releases"
+    kwargs = {"participants": BUNDLED / "siteC", "policy": policy, "site": "siteC"}
+    first, second = [
+        make_release(
+            features=bundled_features["siteC"], epsilon=1.0, delta=1e-5, out_dir=out, **kwargs
+        )
+        for _ in range(2)
+    ]
+    assert first.name == f"siteC_ledger-{ledger_id[:8]}_charge-0001_release.json"
+    assert second.name == f"siteC_ledger-{ledger_id[:8]}_charge-0002_release.json"
+    assert first.read_bytes() != second.read_bytes()
+    spent = _spent(policy)
+    with pytest.raises(ReleaseValidationError, match="never overwritten"):
+        _release(bundled_features["siteC"], policy, first)
+    assert _spent(policy) == spent

@@ -33,11 +33,12 @@ def test_site_release_workflow_charges_once_per_run(derivatives, policy, tmp_pat
         derivatives_dir=derivatives,
         policy=policy,
         epsilon=1.0,
-        release_file=tmp_path / "release" / "siteB_release.json",
+        release_dir=tmp_path / "release",
         work_dir=tmp_path / "work",
     )
     wf.run(plugin="Linear")
-    doc = read_release(tmp_path / "release" / "siteB_release.json")
+    (first,) = (tmp_path / "release").glob("siteB_*_release.json")
+    doc = read_release(first)
     assert doc["site"] == "siteB" and len(doc["atlas"]["regions"]) == 100
 
     assert budget.main(["--policy", str(policy), "--json"]) == 0
@@ -60,10 +61,11 @@ def test_site_release_workflow_charges_once_per_run(derivatives, policy, tmp_pat
     assert text.count("release siteB") == 2
 
     # The budget is spent: the third run fails, and the release on disk is the second one.
-    before = (tmp_path / "release" / "siteB_release.json").read_bytes()
+    before = sorted((tmp_path / "release").iterdir())
+    assert len(before) == 2  # the second release did not replace the first
     with pytest.raises(RuntimeError):
         wf.run(plugin="Linear")
-    assert (tmp_path / "release" / "siteB_release.json").read_bytes() == before
+    assert sorted((tmp_path / "release").iterdir()) == before
     assert budget.main(["--policy", str(policy), "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)["audit_trail"]) == 2
 
@@ -90,3 +92,19 @@ def test_budget_command_errors(site_policy, tmp_path, capsys):
     bad.write_text("[budget]\nepsilon = -1\n")
     assert budget.main(["--policy", str(bad)]) == 1
     assert "bad.toml" in capsys.readouterr().err
+
+
+def test_release_folder_keeps_every_release(derivatives, policy, tmp_path):
+    """The group level's default: releases beside the derivatives, each uniquely named."""
+    for _ in range(2):
+        init_site_release_wf(
+            bids_dir=BUNDLED / "siteB",
+            derivatives_dir=derivatives,
+            policy=policy,
+            epsilon=0.5,
+            release_dir=tmp_path / "release",
+            work_dir=tmp_path / "work",
+        ).run(plugin="Linear")
+    names = sorted(p.name for p in (tmp_path / "release").iterdir())
+    assert [n.split("_charge-")[1] for n in names] == ["0001_release.json", "0002_release.json"]
+    assert not list(derivatives.rglob("*_release.json"))

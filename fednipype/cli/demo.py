@@ -157,17 +157,18 @@ def _pipeline(args: argparse.Namespace, sites: list[Path]) -> int:
         for failure in run.failures:
             print(f"  failed: {failure}")
         policy = _site_policy(site_dir, site.name, total_epsilon=10 * args.epsilon)
-        release = out / "releases" / f"{site.name}_release.json"
         print(f"[{site.name}] DP release: epsilon={args.epsilon}, delta={args.delta}")
-        init_site_release_wf(
+        graph = init_site_release_wf(
             bids_dir=site,
             derivatives_dir=site_dir / "derivatives",
             policy=policy,
             epsilon=args.epsilon,
             delta=args.delta,
-            release_file=release,
+            release_dir=out / "releases",
             work_dir=site_dir / "work",
         ).run(plugin="Linear")
+        (node,) = [n for n in graph.nodes() if n.name == "dp_release"]
+        release = Path(node.result.outputs.out_release)  # named with its ledger and charge
         print(f"  {release.relative_to(out.parent) if out.parent in release.parents else release}")
         releases.append(release)
 

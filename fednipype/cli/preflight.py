@@ -80,7 +80,7 @@ class Setup:
     filters: dict[str, dict] = field(default_factory=dict)
     filter_file: Path | None = None
     policy: SitePolicy | None = None
-    release_file: Path | None = None
+    release_dir: Path | None = None
     site: str = ""
     feature_files: list[Path] = field(default_factory=list)
 
@@ -391,7 +391,7 @@ def check_group(args: argparse.Namespace) -> Setup:
     release_dir = check_side_dir(
         release_dir, "--release-dir", bids_dir=setup.bids_dir, output_dir=setup.output_dir
     )
-    setup.release_file = release_dir / f"{setup.site}_release.json"
+    setup.release_dir = release_dir
     return setup
 
 

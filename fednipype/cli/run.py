@@ -138,7 +138,7 @@ def _group(args: argparse.Namespace, setup) -> int:
         epsilon=args.epsilon,
         delta=args.delta,
         site=setup.site,
-        release_file=setup.release_file,
+        release_dir=setup.release_dir,
         participant_label=args.participant_label,
         work_dir=setup.work_dir,
     )
@@ -155,7 +155,7 @@ def _group(args: argparse.Namespace, setup) -> int:
         # Nipype reports a failed node as RuntimeError; its crash file holds the cause.
         errors = crash_errors(crash_dir)
         raise _from_crash(errors[0] if errors else str(err)) from None
-    release = setup.release_file
+    release = setup.release_dir
     for node in graph.nodes():
         if node.name == "dp_release" and node.result is not None:
             release = Path(node.result.outputs.out_release)

@@ -37,7 +37,16 @@ class _DPReleaseInputSpec(BaseInterfaceInputSpec):
     site = Str(mandatory=True, desc="site label written in the release")
     dataset = Str(desc="dataset name written in the release (default: the site label)")
     response = Str("volume_mm3", usedefault=True, desc="feature column modelled per region")
-    out_file = File(mandatory=True, desc="path of the release file to write (*_release.json)")
+    out_file = File(
+        xor=["out_dir"],
+        mandatory=True,
+        desc="path of the release file to write (*_release.json); it must not exist",
+    )
+    out_dir = traits.Directory(
+        xor=["out_file"],
+        mandatory=True,
+        desc="folder for the release, named uniquely with its ledger and charge ids",
+    )
 
 
 class _DPReleaseOutputSpec(TraitedSpec):
@@ -69,7 +78,8 @@ class DPRelease(SimpleInterface):
             delta=self.inputs.delta,
             site=self.inputs.site,
             dataset=self.inputs.dataset if isdefined(self.inputs.dataset) else None,
-            out_path=self.inputs.out_file,
+            out_path=self.inputs.out_file if isdefined(self.inputs.out_file) else None,
+            out_dir=self.inputs.out_dir if isdefined(self.inputs.out_dir) else None,
             spec=ModelSpec(response=self.inputs.response),
         )
         self._results["out_release"] = str(path)

@@ -26,7 +26,7 @@ from fednipype.site.ledger import PrivacyLedger
 from fednipype.site.mechanisms import PreparedStatistic, prepare_sufficient_statistics
 from fednipype.site.policy import SitePolicy
 
-__all__ = ["SESSIONS", "STATISTIC", "make_release"]
+__all__ = ["SESSIONS", "STATISTIC", "make_release", "release_name"]
 
 #: The statistic a release holds: the linear model's sufficient statistics.
 STATISTIC = "sufficient_statistics"
@@ -44,7 +44,8 @@ def make_release(
     epsilon: float,
     delta: float,
     site: str,
-    out_path: str | os.PathLike[str],
+    out_path: str | os.PathLike[str] | None = None,
+    out_dir: str | os.PathLike[str] | None = None,
     spec: ModelSpec | None = None,
     dataset: str | None = None,
 ) -> Path:
@@ -76,8 +77,12 @@ def make_release(
         What this release costs.
     site : str
         Site label written in the release.
-    out_path : path-like
-        Release file (``*_release.json``).
+    out_path : path-like, optional
+        Release file (``*_release.json``); it must not exist (a release is never
+        overwritten).
+    out_dir : path-like, optional
+        Instead of ``out_path``: a folder where the release gets a unique name,
+        :func:`release_name` (site, ledger id and charge id).
     spec : ModelSpec, optional
         The linear model (default: feature ``volume_mm3`` on age, sex and group).
     dataset : str, optional
@@ -96,7 +101,13 @@ def make_release(
     """
     spec = spec or ModelSpec()
     policy = policy if isinstance(policy, SitePolicy) else SitePolicy.from_toml(policy)
-    out_path = Path(out_path)
+    if (out_path is None) == (out_dir is None):
+        raise ReleaseValidationError("make_release: give exactly one of out_path and out_dir")
+    out_path = Path(out_path) if out_path is not None else Path(out_dir) / release_name(site)
+    if out_path.exists():
+        raise ReleaseValidationError(
+            f"{out_path}: exists already; a release is never overwritten (each one was charged)"
+        )
     budget = _check_request(policy, epsilon, delta)
     tsvs = [Path(f) for f in features]
     table = load_feature_table(tsvs, spec.response)
@@ -125,8 +136,21 @@ def make_release(
         results = {name: prepared_.release(spend) for name, prepared_ in prepared.items()}
         _check_noisy_cohort(context, results[STATISTIC])
         doc = _document(context, prepared, results, spend.charge_id, ledger.ledger_id)
+        if out_dir is not None:
+            out_path = Path(out_dir) / release_name(site, ledger.ledger_id, spend.charge_id)
         spend.write_release(out_path, validate(doc, str(out_path)))
     return out_path
+
+
+def release_name(site: str, ledger_id: str | None = None, charge_id: int | None = None) -> str:
+    """A release's unique file name: site, ledger and charge (``*_release.json``).
+
+    >>> release_name("siteA", "0123456789abcdef0123456789abcdef", 7)
+    'siteA_ledger-01234567_charge-0007_release.json'
+    """
+    if ledger_id is None or charge_id is None:
+        return f"{site}_release.json"
+    return f"{site}_ledger-{ledger_id[:8]}_charge-{charge_id:04d}_release.json"
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ def init_site_release_wf(
     delta: float = 1e-5,
     site: str | None = None,
     release_file: str | os.PathLike[str] | None = None,
+    release_dir: str | os.PathLike[str] | None = None,
     participant_label: list[str] | None = None,
     response: str = "volume_mm3",
     work_dir: str | os.PathLike[str] | None = None,
@@ -45,7 +46,11 @@ def init_site_release_wf(
     site : str, optional
         Site label (default: the BIDS folder's name).
     release_file : path-like, optional
-        Where to write the release (default: ``derivatives_dir/release/<site>_release.json``).
+        Where to write the release; it must not exist (a release is never overwritten).
+    release_dir : path-like, optional
+        Otherwise, the folder where the release gets a unique name with its ledger and charge
+        ids (:func:`fednipype.site.release.release_name`); default: a ``release`` folder beside
+        ``derivatives_dir``, outside the derivative dataset.
     participant_label : list of str, optional
         Subjects to include (default: all with feature tables).
     response : str
@@ -77,7 +82,11 @@ def init_site_release_wf(
     bids_dir = Path(bids_dir).absolute()
     derivatives_dir = Path(derivatives_dir).absolute()
     site = site or bids_dir.name
-    release_file = Path(release_file or derivatives_dir / "release" / f"{site}_release.json")
+    if release_file is None:
+        release_dir = Path(release_dir or derivatives_dir.parent / "release").absolute()
+        target = {"out_dir": str(release_dir)}
+    else:
+        target = {"out_file": str(Path(release_file).absolute())}
     work = Path(work_dir) if work_dir else derivatives_dir.parent / "work"
 
     workflow = pe.Workflow(name=name, base_dir=str(work))
@@ -98,7 +107,7 @@ def init_site_release_wf(
             delta=delta,
             site=site,
             response=response,
-            out_file=str(release_file.absolute()),
+            **target,
         ),
         name="dp_release",
         overwrite=True,
