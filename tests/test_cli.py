@@ -136,3 +136,28 @@ def test_demo_without_sites_fails_clearly(tmp_path, capsys):
     assert demo.main([str(tmp_path), str(tmp_path / "out")]) == errors.EXIT_INVALID_INPUT
     err = capsys.readouterr().err
     assert "no BIDS dataset below" in err and len(err.strip().splitlines()) == 1
+
+
+def test_group_level_releases_pre_registered_regions(
+    bundled_derivatives, tmp_path, site_policy, capsys
+):
+    """``--regions @FILE``: the release holds exactly the pre-registered regions."""
+    import shutil
+
+    from fednipype.contract.document import read_release
+
+    out = tmp_path / "derivatives"
+    shutil.copytree(bundled_derivatives["siteB"], out)
+    regions = tmp_path / "regions.txt"
+    regions.write_text("# pre-registered\nL_P12\nR_P12\n\nL_P27\n")
+    policy = site_policy(tmp_path / "owner", dataset="siteB")
+    argv = [str(BUNDLED / "siteB"), str(out), "group", "--policy", str(policy)]
+    code = run.main(
+        [*argv, "--epsilon", "1.0", "--regions", f"@{regions}", "--skip-bids-validation"]
+    )
+    assert code == 0, capsys.readouterr().err
+    (release,) = (tmp_path / "release").glob("siteB_*_release.json")
+    assert read_release(release)["atlas"]["regions"] == ["L_P12", "L_P27", "R_P12"]
+    code = run.main([*argv, "--epsilon", "1.0", "--regions", "@missing.txt"])
+    assert code == errors.EXIT_INVALID_INPUT
+    assert "--regions @missing.txt" in capsys.readouterr().err

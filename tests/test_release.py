@@ -282,3 +282,31 @@ def test_releases_are_named_uniquely_and_never_overwritten(
     with pytest.raises(ReleaseValidationError, match="never overwritten"):
         _release(bundled_features["siteC"], policy, first)
     assert _spent(policy) == spent
+
+
+def test_pre_registered_regions_cost_less_noise_per_region(
+    bundled_features, tmp_path, site_policy
+):
+    """Five regions instead of 100: the same ε buys a far smaller σ (sensitivity √(1 + 10 +
+    4·5 + 5) = 6 against √511 on the [-1, 1] scale); an unknown name is refused uncharged."""
+    policy = site_policy(tmp_path / "policy", epsilon=10.0)
+    regions = ["L_P12", "R_P12", "L_P27", "R_P33", "L_P01"]
+    path = _release(bundled_features["siteC"], policy, tmp_path / "five_release.json",
+                    regions=regions)  # fmt: skip
+    doc = read_release(path)
+    block = doc["statistics"]["sufficient_statistics"]
+    assert block["regions"] == doc["atlas"]["regions"] == sorted(regions, key=_atlas_order)
+    assert block["sensitivity"] == pytest.approx(6.0)
+    full = _release(bundled_features["siteC"], policy, tmp_path / "all_release.json")
+    ratio = read_release(full)["statistics"]["sufficient_statistics"]["scale"] / block["scale"]
+    assert ratio == pytest.approx(math.sqrt(511) / 6.0, rel=1e-9)
+    spent = _spent(policy)
+    with pytest.raises(ReleaseValidationError, match="'L_P99'"):
+        _release(bundled_features["siteC"], policy, tmp_path / "x_release.json",
+                 regions=["L_P01", "L_P99"])  # fmt: skip
+    assert _spent(policy) == spent
+
+
+def _atlas_order(name: str) -> tuple[str, str]:
+    side, parcel = name.split("_")
+    return (side, parcel)

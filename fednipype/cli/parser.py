@@ -211,4 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder of the release files, outside the derivative dataset (default: "
         "'release' beside output_dir)",
     )
+    privacy.add_argument(
+        "--regions",
+        nargs="+",
+        metavar="R",
+        help="release only these atlas regions, pre-registered (default: every region); "
+        "'@FILE' reads one name per line. Fewer regions, less noise per region",
+    )
     return parser

@@ -33,7 +33,7 @@ from fednipype.cli.errors import UsageError
 from fednipype.cli.participant import default_work_dir
 from fednipype.contract.calibration import check_delta, check_epsilon
 from fednipype.derivatives import PIPELINE_NAME, atlas_entity
-from fednipype.exceptions import BIDSError
+from fednipype.exceptions import BIDSError, DataError
 from fednipype.grids import read_label_table
 from fednipype.images import bids_entities, open_image
 from fednipype.site.design import ModelSpec
@@ -81,6 +81,7 @@ class Setup:
     filter_file: Path | None = None
     policy: SitePolicy | None = None
     release_dir: Path | None = None
+    regions: list[str] | None = None
     site: str = ""
     feature_files: list[Path] = field(default_factory=list)
 
@@ -392,6 +393,7 @@ def check_group(args: argparse.Namespace) -> Setup:
         release_dir, "--release-dir", bids_dir=setup.bids_dir, output_dir=setup.output_dir
     )
     setup.release_dir = release_dir
+    setup.regions = _regions(args.regions)
     return setup
 
 
@@ -431,3 +433,21 @@ def _check_covariates(participants: Path, feature_files: list[Path]) -> None:
                 f"{participants}: column '{column}' is n/a for every participant with features; "
                 "the model needs values"
             )
+
+
+def _regions(values: list[str] | None) -> list[str] | None:
+    """``--regions``: names, or ``@FILE`` with one name per line (blank lines and # ignored)."""
+    if not values:
+        return None
+    names: list[str] = []
+    for value in values:
+        if not value.startswith("@"):
+            names.append(value)
+            continue
+        path = Path(value[1:]).expanduser()
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as err:
+            raise DataError(f"--regions {value}: cannot read the file ({err})") from err
+        names += [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    return names

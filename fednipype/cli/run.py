@@ -139,6 +139,7 @@ def _group(args: argparse.Namespace, setup) -> int:
         delta=args.delta,
         site=setup.site,
         release_dir=setup.release_dir,
+        regions=setup.regions,
         participant_label=args.participant_label,
         work_dir=setup.work_dir,
     )

@@ -37,6 +37,9 @@ class _DPReleaseInputSpec(BaseInterfaceInputSpec):
     site = Str(mandatory=True, desc="site label written in the release")
     dataset = Str(desc="dataset name written in the release (default: the site label)")
     response = Str("volume_mm3", usedefault=True, desc="feature column modelled per region")
+    regions = traits.List(
+        Str(), minlen=1, desc="atlas regions to release, pre-registered (default: all)"
+    )
     out_file = File(
         xor=["out_dir"],
         mandatory=True,
@@ -80,6 +83,7 @@ class DPRelease(SimpleInterface):
             dataset=self.inputs.dataset if isdefined(self.inputs.dataset) else None,
             out_path=self.inputs.out_file if isdefined(self.inputs.out_file) else None,
             out_dir=self.inputs.out_dir if isdefined(self.inputs.out_dir) else None,
+            regions=self.inputs.regions if isdefined(self.inputs.regions) else None,
             spec=ModelSpec(response=self.inputs.response),
         )
         self._results["out_release"] = str(path)

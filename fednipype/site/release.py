@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from fednipype.bids import read_participants
 from fednipype.contract.calibration import check_delta, check_epsilon
 from fednipype.contract.document import new_release, validate
@@ -48,6 +50,7 @@ def make_release(
     out_dir: str | os.PathLike[str] | None = None,
     spec: ModelSpec | None = None,
     dataset: str | None = None,
+    regions: Sequence[str] | None = None,
 ) -> Path:
     """Make a site's DP release: validate, charge the ledger, draw the noise, write atomically.
 
@@ -87,6 +90,11 @@ def make_release(
         The linear model (default: feature ``volume_mm3`` on age, sex and group).
     dataset : str, optional
         Dataset name written in the release (default: the site label).
+    regions : sequence of str, optional
+        The atlas regions to release, pre-registered (default: all). The sensitivity, hence
+        the noise, grows with the number of released entries: a few regions cost far less
+        noise per region than all of them. Names are public (the atlas's); an unknown name is
+        refused before any charge.
 
     Returns
     -------
@@ -110,7 +118,7 @@ def make_release(
         )
     budget = _check_request(policy, epsilon, delta)
     tsvs = [Path(f) for f in features]
-    table = load_feature_table(tsvs, spec.response)
+    table = _select_regions(load_feature_table(tsvs, spec.response), regions)
     design = build_design(table, read_participants(participants), spec)
     context = _Context(
         dataset=dataset or site,
@@ -189,6 +197,20 @@ def _check_request(
 
 
 # -- 2. the design and its public scaling -----------------------------------------------------
+
+
+def _select_regions(table: pd.DataFrame, regions: Sequence[str] | None) -> pd.DataFrame:
+    """The feature table restricted to the pre-registered regions, in atlas order."""
+    if regions is None:
+        return table
+    wanted = [str(r) for r in regions]
+    unknown = [r for r in wanted if r not in table.columns]
+    if unknown or not wanted or len(set(wanted)) != len(wanted):
+        raise ReleaseValidationError(
+            f"release regions: expected distinct names of the atlas's regions, got "
+            f"{unknown or wanted or 'none'} (the atlas has {', '.join(table.columns[:5])}, …)"
+        )
+    return table[[c for c in table.columns if c in set(wanted)]]
 
 
 def _scaling(policy: SitePolicy, spec: ModelSpec, design: Design) -> Scaling:

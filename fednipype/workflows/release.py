@@ -23,6 +23,7 @@ def init_site_release_wf(
     release_dir: str | os.PathLike[str] | None = None,
     participant_label: list[str] | None = None,
     response: str = "volume_mm3",
+    regions: list[str] | None = None,
     work_dir: str | os.PathLike[str] | None = None,
     name: str = "site_release_wf",
 ) -> pe.Workflow:
@@ -55,6 +56,8 @@ def init_site_release_wf(
         Subjects to include (default: all with feature tables).
     response : str
         Feature column modelled per region.
+    regions : list of str, optional
+        Atlas regions to release, pre-registered (default: all).
     work_dir : path-like, optional
         Nipype's working directory (default: a ``work`` folder beside ``derivatives_dir``).
     name : str
@@ -108,6 +111,7 @@ def init_site_release_wf(
             site=site,
             response=response,
             **target,
+            **({"regions": list(regions)} if regions else {}),
         ),
         name="dp_release",
         overwrite=True,
