@@ -178,6 +178,7 @@ def release_doc(
                 "zty": stats["zty"].tolist(),
                 "yty": stats["yty"].tolist(),
                 "n": float(stats["n"]),
+                "n_terms": [],
                 "noise_variances": {"n": var, "ztz": var, "zty": var, "yty": var},
                 "scaling": copy.deepcopy(SCALING),
             }

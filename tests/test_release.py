@@ -287,8 +287,9 @@ def test_releases_are_named_uniquely_and_never_overwritten(
 def test_pre_registered_regions_cost_less_noise_per_region(
     bundled_features, tmp_path, site_policy
 ):
-    """Five regions instead of 100: the same ε buys a far smaller σ (sensitivity √(1 + 10 +
-    4·5 + 5) = 6 against √511 on the [-1, 1] scale); an unknown name is refused uncharged."""
+    """Five regions instead of 100: the same ε buys a far smaller σ (sensitivity √(1 + 7 +
+    4·5 + 5) = √33 against √508 on the [-1, 1] scale: n once, 7 of ZᵀZ's entries, Zᵀy, yᵀy);
+    an unknown name is refused uncharged."""
     policy = site_policy(tmp_path / "policy", epsilon=10.0)
     regions = ["L_P12", "R_P12", "L_P27", "R_P33", "L_P01"]
     path = _release(bundled_features["siteC"], policy, tmp_path / "five_release.json",
@@ -296,10 +297,10 @@ def test_pre_registered_regions_cost_less_noise_per_region(
     doc = read_release(path)
     block = doc["statistics"]["sufficient_statistics"]
     assert block["regions"] == doc["atlas"]["regions"] == sorted(regions, key=_atlas_order)
-    assert block["sensitivity"] == pytest.approx(6.0)
+    assert block["sensitivity"] == pytest.approx(math.sqrt(33))
     full = _release(bundled_features["siteC"], policy, tmp_path / "all_release.json")
     ratio = read_release(full)["statistics"]["sufficient_statistics"]["scale"] / block["scale"]
-    assert ratio == pytest.approx(math.sqrt(511) / 6.0, rel=1e-9)
+    assert ratio == pytest.approx(math.sqrt(508 / 33), rel=1e-9)
     spent = _spent(policy)
     with pytest.raises(ReleaseValidationError, match="'L_P99'"):
         _release(bundled_features["siteC"], policy, tmp_path / "x_release.json",

@@ -137,7 +137,7 @@ def test_broken_subjects_fail_alone_with_their_reason(plugin, tmp_path, caplog):
     subjects = [f"{i:02d}" for i in range(1, 10)]
     site = copy_site("siteB", tmp_path, subjects)
     reasons = _break(site)
-    with caplog.at_level(logging.ERROR, logger="fednipype.cli.participant"):
+    with caplog.at_level(logging.INFO, logger="fednipype.cli.participant"):
         result = run_participant_wf(
             bids_dir=site,
             output_dir=tmp_path / "out" / "fednipype",

@@ -13,6 +13,7 @@ analytical calibration and optimal denoising. ICML. arXiv:1805.06530.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -178,19 +179,25 @@ def analytic_gaussian_sigma(epsilon: float, delta: float, l2_sensitivity: float)
     return sigma
 
 
-def sufficient_statistics_sensitivity(z_bounds: Any, y_bounds: Any) -> float:
+def sufficient_statistics_sensitivity(
+    z_bounds: Any, y_bounds: Any, n_columns: Sequence[int] = ()
+) -> float:
     """L2 sensitivity of the vector (n, upper triangle of Z^T Z, Z^T Y, diag Y^T Y).
 
     One participant (z, y) adds ``1``, ``z_i z_j`` (i <= j), ``z_i y_k`` and ``y_k^2``. Every
     squared entry is a product of squares of single coordinates, so the norm is largest where
     each |z_i| and |y_k| is largest over its bounds: with ``a_i = max(lo_i^2, hi_i^2)`` and
     ``b_k`` likewise, the squared sensitivity is
-    ``1 + sum_{i<=j} a_i a_j + sum_{i,k} a_i b_k + sum_k b_k^2``.
+    ``1 + sum_{i<=j} a_i a_j + sum_{i,k} a_i b_k + sum_k b_k^2``. The diagonal entries of
+    ``n_columns`` (columns whose square is 1 for everyone: the intercept, ±1-coded dummies)
+    equal n and are not released, so their ``a_i^2`` terms drop out: n is released once.
 
     Parameters
     ----------
     z_bounds, y_bounds : tuple
         ``(lo, hi)`` per column of Z and Y.
+    n_columns : sequence of int
+        Columns of Z whose diagonal entry of Z^T Z is n itself (not released).
 
     Returns
     -------
@@ -201,4 +208,5 @@ def sufficient_statistics_sensitivity(z_bounds: Any, y_bounds: Any) -> float:
     a = np.maximum(zlo**2, zhi**2)
     b = np.maximum(ylo**2, yhi**2)
     upper = np.triu(np.outer(a, a))
+    upper[list(n_columns), list(n_columns)] = 0.0
     return math.sqrt(1.0 + float(upper.sum()) + float(np.outer(a, b).sum()) + float(np.sum(b**2)))

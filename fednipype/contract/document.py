@@ -234,7 +234,20 @@ def _check_privacy(doc: dict[str, Any], source: str) -> None:
         )
     z_bounds = ([1.0] + [-1.0] * (len(terms) - 1), [1.0] * len(terms))
     y_bounds = ([-1.0] * len(regions), [1.0] * len(regions))
-    sensitivity = sufficient_statistics_sensitivity(z_bounds, y_bounds)
+    unit = []
+    for name in block["n_terms"]:
+        # only the intercept and ±1-coded dummies square to 1 for everyone
+        if name not in terms or not (name == terms[0] or "[" in name):
+            raise ReleaseValidationError(
+                f"{where}/n_terms: {name!r} is not the intercept or a dummy term"
+            )
+        i = terms.index(name)
+        if block["ztz"][i][i] != block["n"]:
+            raise ReleaseValidationError(
+                f"{where}/ztz: the diagonal entry of {name!r} must be n (n_terms)"
+            )
+        unit.append(i)
+    sensitivity = sufficient_statistics_sensitivity(z_bounds, y_bounds, unit)
     if not math.isclose(block["sensitivity"], sensitivity, rel_tol=1e-9):
         raise ReleaseValidationError(
             f"{where}/sensitivity: declared {block['sensitivity']:g}, but {len(terms)} terms and "

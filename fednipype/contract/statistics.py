@@ -44,6 +44,10 @@ class SufficientStatistics:
         Variance of the independent Gaussian noise added to each entry of ZᵀY and of yᵀy.
     n_noise_var : float
         Variance of the noise on ``n`` (0.0 when ``n`` is exact).
+    n_terms : tuple of str
+        Terms whose ZᵀZ diagonal entry is n itself (the intercept and ±1-coded dummies, whose
+        squares are 1 for everyone): the release carries n once, these entries equal it and
+        share its noise (not independent noise of ``ztz_noise_var``).
 
     Notes
     -----
@@ -61,6 +65,7 @@ class SufficientStatistics:
     zty_noise_var: float = 0.0
     yty_noise_var: float = 0.0
     n_noise_var: float = 0.0
+    n_terms: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         terms = _check_names(self.terms, "terms")
@@ -87,6 +92,18 @@ class SufficientStatistics:
         object.__setattr__(self, "zty", zty)
         object.__setattr__(self, "yty", yty)
         object.__setattr__(self, "n", n)
+        n_terms = tuple(self.n_terms)
+        unknown = [t for t in n_terms if t not in terms]
+        if unknown:
+            raise MetaAnalysisError(f"SufficientStatistics.n_terms {unknown!r} are not terms")
+        for t in n_terms:
+            i = terms.index(t)
+            if not math.isclose(ztz[i, i], n, rel_tol=1e-12, abs_tol=1e-9):
+                raise MetaAnalysisError(
+                    f"SufficientStatistics.ztz[{t}, {t}] = {ztz[i, i]!r} must equal n = {n!r} "
+                    "(n_terms: its diagonal is n itself)"
+                )
+        object.__setattr__(self, "n_terms", n_terms)
         for name in ("ztz_noise_var", "zty_noise_var", "yty_noise_var", "n_noise_var"):
             value = _finite_number(getattr(self, name), name)
             if value < 0:
@@ -117,6 +134,7 @@ class SufficientStatistics:
             "zty": self.zty.tolist(),
             "yty": self.yty.tolist(),
             "n": float(self.n),
+            "n_terms": list(self.n_terms),
             "noise_variances": {
                 "n": self.n_noise_var,
                 "ztz": self.ztz_noise_var,
@@ -150,6 +168,7 @@ class SufficientStatistics:
             zty_noise_var=noise["zty"],
             yty_noise_var=noise["yty"],
             n_noise_var=noise["n"],
+            n_terms=tuple(block.get("n_terms", ())),
         )
 
     def with_n(self, n: float) -> SufficientStatistics:

@@ -73,7 +73,7 @@ def _site_list(stats: Any) -> list[tuple[Any, SufficientStatistics]]:
             raise MetaAnalysisError(
                 f"stats[{label!r}]: SufficientStatistics.n must be positive; got {site.n!r}"
             )
-        for field in ("terms", "regions"):
+        for field in ("terms", "regions", "n_terms"):
             if getattr(site, field) != getattr(first, field):
                 raise MetaAnalysisError(
                     f"stats[{label!r}].{field} {getattr(site, field)!r} differ from "
@@ -238,9 +238,12 @@ class _Block:
     ztz_var: np.ndarray  # (S,)
     zty_var: np.ndarray  # (S,)
     yty_var: np.ndarray  # (S,)
+    tied: np.ndarray  # (p,) 1.0 where ZᵀZ's diagonal is n itself (shares n's noise)
+    n_var: np.ndarray  # (S,) noise variance of n
 
     @classmethod
     def stack(cls, sites: list[SufficientStatistics]) -> _Block:
+        terms = sites[0].terms
         return cls(
             ztz=np.stack([s.ztz for s in sites]),
             zty=np.stack([s.zty for s in sites]),
@@ -249,6 +252,8 @@ class _Block:
             ztz_var=np.array([s.ztz_noise_var for s in sites]),
             zty_var=np.array([s.zty_noise_var for s in sites]),
             yty_var=np.array([s.yty_noise_var for s in sites]),
+            tied=np.array([float(t in sites[0].n_terms) for t in terms]),
+            n_var=np.array([s.n_noise_var for s in sites]),
         )
 
     def total(self) -> _Block:
@@ -259,6 +264,8 @@ class _Block:
                 np.array([math.fsum(x)])
                 for x in (self.n, self.ztz_var, self.zty_var, self.yty_var)
             ),
+            tied=self.tied,
+            n_var=np.array([math.fsum(self.n_var)]),
         )
 
 
@@ -268,8 +275,11 @@ class _System:
 
     ``a_var[s, i, j]`` is the variance of the noise in A[s, i, j]; the entries of the upper
     triangle (diagonal included) carry independent noise, mirrored to the lower triangle.
-    ``b_var[s, i]`` is the variance of the independent noise in each B[s, i, r], ``c_var[s]``
-    that in each c[s, r]. The reported terms are the rows of ``contrasts`` applied to θ.
+    Diagonal entries that are a released n itself (the intercept's, ±1-coded dummies') carry
+    that n's noise instead: ``tied[s, k]`` marks (with 1.0) the diagonal entries sharing the
+    k-th such noise, of variance ``tied_var[s, k]``; ``a_var`` is 0 there. ``b_var[s, i]``
+    is the variance of the independent noise in each B[s, i, r], ``c_var[s]`` that in each
+    c[s, r]. The reported terms are the rows of ``contrasts`` applied to θ.
     """
 
     a: np.ndarray  # (S, m, m)
@@ -280,20 +290,26 @@ class _System:
     b_var: np.ndarray  # (S, m)
     c_var: np.ndarray  # (S,)
     contrasts: np.ndarray  # (S, p, m)
+    tied: np.ndarray  # (S, K, m)
+    tied_var: np.ndarray  # (S, K)
 
     @classmethod
     def of(cls, block: _Block) -> _System:
         """Each block's own normal equations: equal noise variance in every entry, L = I."""
         n_blocks, p, _ = block.ztz.shape
+        a_var = np.broadcast_to(block.ztz_var[:, None, None], (n_blocks, p, p)).copy()
+        a_var[:, block.tied > 0, block.tied > 0] = 0.0
         return cls(
             a=block.ztz,
             b=block.zty,
             c=block.yty,
             n=block.n,
-            a_var=np.broadcast_to(block.ztz_var[:, None, None], (n_blocks, p, p)),
+            a_var=a_var,
             b_var=np.broadcast_to(block.zty_var[:, None], (n_blocks, p)),
             c_var=block.yty_var,
             contrasts=np.broadcast_to(np.eye(p), (n_blocks, p, p)),
+            tied=np.broadcast_to(block.tied, (n_blocks, 1, p)),
+            tied_var=block.n_var[:, None],
         )
 
     @classmethod
@@ -318,6 +334,12 @@ class _System:
         a_var[slopes, k] = sites.ztz_var[None, :]
         a_var[slopes, slopes] = math.fsum(sites.ztz_var)
         b_var = np.concatenate([sites.zty_var, np.full(p - 1, math.fsum(sites.zty_var))])
+        # Site k's n is its intercept's diagonal and, summed over sites, the tied slopes'.
+        tied = np.zeros((n_sites, m))
+        tied[k, k] = sites.tied[0]
+        tied[:, slopes] = sites.tied[1:]
+        diagonal = np.flatnonzero(tied.max(axis=0) > 0)
+        a_var[diagonal, diagonal] = 0.0
         contrasts = np.zeros((p, m))
         contrasts[0, k] = sites.n / math.fsum(sites.n)
         contrasts[np.arange(1, p), slopes] = np.eye(p - 1)
@@ -330,12 +352,20 @@ class _System:
             b_var=b_var[None],
             c_var=np.array([math.fsum(sites.yty_var)]),
             contrasts=contrasts[None],
+            tied=tied[None],
+            tied_var=sites.n_var[None],
         )
 
     @property
     def noisy(self) -> np.ndarray:
-        a_noisy = self.a_var.max(axis=(1, 2)) > 0.0
+        a_noisy = (self.a_var.max(axis=(1, 2)) > 0.0) | (self.tied_var.max(axis=1) > 0.0)
         return a_noisy | (self.b_var.max(axis=1) > 0.0) | (self.c_var > 0.0)
+
+    @property
+    def diagonal_noise_var(self) -> np.ndarray:
+        """Noise variance of each diagonal entry of A, independent or tied: (S, m)."""
+        tied = np.einsum("sk,skm->sm", self.tied_var, self.tied**2)
+        return np.diagonal(self.a_var, axis1=1, axis2=2) + tied
 
 
 @dataclass(frozen=True)
@@ -365,7 +395,7 @@ def _solve(system: _System, terms: tuple[str, ...], where: list[str] | None) -> 
     """
     m = system.a.shape[1]
     a = system.a
-    noise_var = np.diagonal(system.a_var, axis1=1, axis2=2)  # (S, m)
+    noise_var = system.diagonal_noise_var  # (S, m)
     noisy_design = noise_var.max(axis=1) > 0.0
     root = noise_var**0.25
     # A noise-free row in a noisy system (a site released without noise) gets the smallest
@@ -481,7 +511,11 @@ def _inference(
     resid_df = solution.resid_df[:, None]  # (S, 1)
     var_a, f, var_c = system.a_var, system.b_var, system.c_var[:, None]
     noisy = system.noisy[:, None]
-    var_e_theta = _var_e_theta(var_a, second)  # W = Var(Eθ), (S, R, m, m)
+    # W = Var(Eθ), (S, R, m, m): independent entries, plus each tied n noise e_k, which adds
+    # e_k P_k θ with P_k = diag(tied[k]): v_k P_k θθᵀ P_k.
+    var_e_theta = _var_e_theta(var_a, second) + np.einsum(
+        "sk,ska,skb,srab->srab", system.tied_var, system.tied, system.tied, second
+    )
     theta_sq = np.diagonal(second, axis1=2, axis2=3)  # θ_a², (S, R, m)
 
     # De-bias the residual sum of squares for the noise in B and A:
@@ -498,6 +532,10 @@ def _inference(
         + 2.0 * np.einsum("sab,sa,sb->s", inv**2, f, f)[:, None]
         + 2.0 * np.einsum("sra,sab,srb->sr", theta_sq, var_a, theta_sq)
         - np.einsum("saa,sra->sr", var_a, theta_sq**2)
+        # θᵀEθ gains e_k Σ_a tied[k, a] θ_a² from each tied noise
+        + np.einsum(
+            "sk,srk->sr", system.tied_var, np.einsum("ska,sra->srk", system.tied, theta_sq) ** 2
+        )
     )
     sigma2 = rss / resid_df
     sigma2_floor = np.sqrt(rss_noise_var) / resid_df

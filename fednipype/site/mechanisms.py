@@ -388,6 +388,7 @@ def prepare_sufficient_statistics(
     terms: Sequence[str],
     regions: Sequence[str],
     max_participants: int,
+    n_terms: Sequence[str] = (),
 ) -> PreparedStatistic:
     """Prepare noisy sufficient statistics of a linear model per region: ZᵀZ, ZᵀY, yᵀy, n.
 
@@ -417,6 +418,10 @@ def prepare_sufficient_statistics(
         The public upper bound on the cohort δ is checked against. Nothing here is refused
         because of the data's own size: a minimum cohort is checked on the released noisy
         count, after the charge (:mod:`fednipype.site.release`).
+    n_terms : sequence of str
+        Terms whose column squares to 1 for every participant (the intercept, ±1-coded
+        dummies): their ZᵀZ diagonal is n itself, so it is not released again (n is released
+        once, and these entries are set to it). A value whose square is not 1 is an error.
 
     Returns
     -------
@@ -440,10 +445,23 @@ def prepare_sufficient_statistics(
     z, y = np.clip(z, zlo, zhi), np.clip(y, ylo, yhi)
     n = z.shape[0]
     p, r = z.shape[1], y.shape[1]
+    unit = [terms.index(t) for t in n_terms if t in terms]
+    if len(unit) != len(n_terms) or np.any(z[:, unit] ** 2 != 1.0):
+        raise DataError(
+            f"{statistic}: n_terms {list(n_terms)!r} must be terms whose values are ±1 for "
+            "every participant (the intercept, ±1-coded dummies)"
+        )
     ztz, zty, yty = z.T @ z, z.T @ y, np.sum(y**2, axis=0)
-    iu = np.triu_indices(p)
+    iu = tuple(
+        np.array(a)
+        for a in zip(
+            *[(i, j) for i, j in zip(*np.triu_indices(p), strict=True)
+              if not (i == j and i in unit)],
+            strict=True,
+        )
+    )  # fmt: skip
     exact = np.concatenate([[float(n)], ztz[iu], zty.ravel(), yty])
-    l2 = sufficient_statistics_sensitivity((zlo, zhi), (ylo, yhi))
+    l2 = sufficient_statistics_sensitivity((zlo, zhi), (ylo, yhi), unit)
     layout = ["n"] + [f"ztz:{terms[i]}:{terms[j]}" for i, j in zip(*iu, strict=True)]
     layout += [f"zty:{t}:{reg}" for t in terms for reg in regions]
     layout += [f"yty:{reg}" for reg in regions]
@@ -457,6 +475,7 @@ def prepare_sufficient_statistics(
         noisy_ztz = np.zeros((p, p))
         noisy_ztz[iu] = noisy[1 : 1 + n_upper]
         noisy_ztz = noisy_ztz + np.triu(noisy_ztz, 1).T
+        noisy_ztz[unit, unit] = noisy[0]  # n itself, released once
         start = 1 + n_upper
         return SufficientStatistics(
             terms=tuple(terms),
@@ -469,6 +488,7 @@ def prepare_sufficient_statistics(
             zty_noise_var=v,
             yty_noise_var=v,
             n_noise_var=v,
+            n_terms=tuple(terms[i] for i in unit),
         )
 
     return PreparedStatistic(mech, exact, finish)

@@ -257,6 +257,8 @@ def _prepare_statistics(context: _Context) -> dict[str, PreparedStatistic]:
             terms=design.terms,
             regions=design.regions,
             max_participants=policy.max_participants,
+            # the intercept and the ±1-coded dummies: their ZᵀZ diagonal is n
+            n_terms=(design.terms[0], *design.terms[1 + len(context.spec.numeric) :]),
         )
     }
 
