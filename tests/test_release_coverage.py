@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from fednipype.contract.calibration import sufficient_statistics_sensitivity
-from fednipype.hub.regression import pooled_regression
+from fednipype.hub.regression import pooled_regression, site_estimates
 from fednipype.site.mechanisms import prepare_sufficient_statistics
 
 TERMS = ("intercept", "age", "sex[M]", "group[patient]")
@@ -59,6 +59,7 @@ def test_pooled_intervals_cover_with_n_released_once():
     rng = np.random.default_rng(20261129)
     sites = [_site(rng) for _ in range(10)]
     covered, total = 0, 0
+    site_covered, site_total = 0, 0
     for _ in range(400):
         released = [
             prepare_sufficient_statistics(
@@ -73,5 +74,11 @@ def test_pooled_intervals_cover_with_n_released_once():
                 low, high = table.loc[(region, term), ["ci_low", "ci_high"]]
                 covered += bool(low <= truth <= high)
                 total += 1
-    assert total == 2400
+        per_site = site_estimates(released[:2])  # each site's own fit, as the forest plots
+        for row in per_site[per_site["term"] != "intercept"].itertuples():
+            truth = SLOPES[row.region][TERMS.index(row.term) - 1]
+            site_covered += bool(row.ci_low <= truth <= row.ci_high)
+            site_total += 1
+    assert total == 2400 and site_total == 4800
     assert 0.93 <= covered / total <= 0.97, covered / total
+    assert 0.93 <= site_covered / site_total <= 0.97, site_covered / site_total
