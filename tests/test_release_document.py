@@ -6,6 +6,7 @@ import copy
 import json
 import re
 
+import numpy as np
 import pytest
 from support import release_doc, simulate_site
 
@@ -16,6 +17,7 @@ from fednipype.contract.document import (
     validate,
     write_release,
 )
+from fednipype.contract.statistics import SufficientStatistics
 from fednipype.exceptions import ReleaseValidationError
 
 
@@ -208,3 +210,28 @@ def test_deep_nesting_is_named(tmp_path):
     shallow.write_text('{"schema_version": "2.0", "x": ' + "[" * 50 + "]" * 50 + "}")
     with pytest.raises(ReleaseValidationError, match="deeper_release.json: nested deeper"):
         read_release(shallow)
+
+
+def test_n_terms_diagonal_must_be_the_released_n():
+    doc = _doc()
+    block = doc["statistics"]["sufficient_statistics"]
+    block["n_terms"] = ["intercept"]
+    block["ztz"][0][0] = block["n"] + 1.0
+    with pytest.raises(ReleaseValidationError, match="diagonal entry of 'intercept' must be n"):
+        validate(doc, "x_release.json")
+    block["n_terms"] = ["age"]  # a numeric covariate does not square to 1
+    with pytest.raises(ReleaseValidationError, match="'age' is not the intercept or a dummy"):
+        validate(doc, "x_release.json")
+
+
+def test_a_noisy_n_raised_for_degrees_of_freedom_keeps_the_released_diagonal():
+    """The hub raises a noisy n below terms + 1 (post-processing); ZᵀZ keeps what was released."""
+    doc = _doc()
+    stats = SufficientStatistics.from_document(doc["statistics"]["sufficient_statistics"])
+    low = np.array(stats.ztz)
+    low[0, 0] = -3.0
+    released = SufficientStatistics(
+        stats.terms, stats.regions, low, stats.zty, stats.yty, n=-3.0, n_terms=("intercept",)
+    )
+    raised = released.with_n(5.0)
+    assert raised.n == 5.0 and raised.ztz[0, 0] == -3.0

@@ -37,6 +37,7 @@ from fednipype.hub.reports import TSV_NAME
 from fednipype.io import atomic_write_text
 from fednipype.site.lifecycle import init_ledger
 from fednipype.site.policy import SitePolicy, example_policy
+from fednipype.site.report import write_site_report
 from fednipype.workflows.release import init_site_release_wf
 
 PROG = "fednipype-demo"
@@ -142,7 +143,7 @@ def _pipeline(args: argparse.Namespace, sites: list[Path]) -> int:
     logging.getLogger("fednipype.hub.regression").setLevel(logging.ERROR)
 
     out = args.output_dir.absolute()
-    releases = []
+    releases, reports = [], []
     for site in sites:
         site_dir = out / site.name
         print(f"\n[{site.name}] regional features (Nipype MultiProc, {args.n_procs} procs)")
@@ -171,6 +172,15 @@ def _pipeline(args: argparse.Namespace, sites: list[Path]) -> int:
         release = Path(node.result.outputs.out_release)  # named with its ledger and charge
         print(f"  {release.relative_to(out.parent) if out.parent in release.parents else release}")
         releases.append(release)
+        reports.append(
+            write_site_report(
+                site_dir / "derivatives",
+                bids_dir=site,
+                policy=policy,
+                releases=[release],
+                failures=run.failures,
+            )
+        )
 
     truth = args.sites_dir / "ground_truth.json"
     regions = ["L_P12", "R_P12", "L_P27", "R_P33", "L_P01"]
@@ -198,6 +208,10 @@ def _pipeline(args: argparse.Namespace, sites: list[Path]) -> int:
         "is much larger than these effects: the intervals are honest (they include the DP "
         "noise) and wide. See bench/privacy_utility.py for error against epsilon."
     )
+    print("\nReports to open:")
+    print(f"  {out / 'meta' / 'index.html'}  (the coordinator's: pooled results, forest plots)")
+    for page in reports:
+        print(f"  {page}  (private to its site: subjects, QC, budget)")
     return 0
 
 

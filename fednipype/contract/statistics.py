@@ -96,13 +96,8 @@ class SufficientStatistics:
         unknown = [t for t in n_terms if t not in terms]
         if unknown:
             raise MetaAnalysisError(f"SufficientStatistics.n_terms {unknown!r} are not terms")
-        for t in n_terms:
-            i = terms.index(t)
-            if not math.isclose(ztz[i, i], n, rel_tol=1e-12, abs_tol=1e-9):
-                raise MetaAnalysisError(
-                    f"SufficientStatistics.ztz[{t}, {t}] = {ztz[i, i]!r} must equal n = {n!r} "
-                    "(n_terms: its diagonal is n itself)"
-                )
+        # As released, their diagonal equals n (the contract checks it); the hub may raise a
+        # noisy n afterwards (post-processing for degrees of freedom) and keep the diagonal.
         object.__setattr__(self, "n_terms", n_terms)
         for name in ("ztz_noise_var", "zty_noise_var", "yty_noise_var", "n_noise_var"):
             value = _finite_number(getattr(self, name), name)
