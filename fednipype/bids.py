@@ -62,7 +62,8 @@ def _normalise_label(label: str) -> str:
     return label[4:] if label.startswith("sub-") else label
 
 
-def _read_description(root: Path) -> dict:
+def read_description(root: Path) -> dict:
+    """A dataset's ``dataset_description.json`` as a dict (BIDSError naming it otherwise)."""
     path = root / "dataset_description.json"
     if not path.is_file():
         raise BIDSError(
@@ -99,7 +100,7 @@ def check_derivative_dataset(root: Path) -> None:
     BIDSError
         Naming the folder's ``dataset_description.json`` and what is wrong with it.
     """
-    description = _read_description(root)
+    description = read_description(root)
     generated = description.get("GeneratedBy")
     legacy = description.get("PipelineDescription")
     if not (
@@ -170,7 +171,7 @@ def load_layout(
     from bids import BIDSLayout  # pybids takes ~0.4 s to import: only when a dataset is read
 
     root = _resolve_root(bids_dir)
-    description = _read_description(root)
+    description = read_description(root)
     is_derivative = description.get("DatasetType") == "derivative"
     if isinstance(derivatives, bool):
         deriv = [str(p) for p in usable_derivatives(root)] if derivatives else []

@@ -27,6 +27,7 @@ from fednipype.bids import (
     check_derivative_dataset,
     find_feature_files,
     read_bids_filters,
+    read_description,
     read_participants,
 )
 from fednipype.cli.errors import UsageError
@@ -108,17 +109,7 @@ def check_bids_dir(path: Path) -> Path:
         raise BIDSError(f"bids_dir {path}: does not exist; expected the root of a BIDS dataset")
     if not root.is_dir():
         raise BIDSError(f"bids_dir {path}: not a folder; expected the root of a BIDS dataset")
-    description = root / "dataset_description.json"
-    if not description.is_file():
-        raise BIDSError(
-            f"{description}: missing dataset_description.json; expected a BIDS dataset at {root}"
-        )
-    try:
-        value = json.loads(description.read_text(encoding="utf-8-sig"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise BIDSError(f"{description}: not valid JSON ({err})") from err
-    if not isinstance(value, dict):
-        raise BIDSError(f"{description}: expected a JSON object, got {type(value).__name__}")
+    read_description(root)
     return root
 
 
