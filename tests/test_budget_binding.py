@@ -16,7 +16,7 @@ from dp_accounting import dp_event
 from dp_accounting.pld import pld_privacy_accountant
 from dp_accounting.rdp import rdp_privacy_accountant
 
-from fednipype.cli import budget
+from fednipype.cli import budget, errors
 from fednipype.contract.calibration import analytic_gaussian_sigma
 from fednipype.exceptions import PolicyError, PrivacyBudgetExceeded
 from fednipype.site.ledger import PrivacyLedger
@@ -43,7 +43,7 @@ def exhausted(tmp_path):
 def _refused(policy, capsys, match: str) -> None:
     with pytest.raises(PolicyError, match=match):
         PrivacyLedger.from_policy(SitePolicy.from_toml(policy))
-    assert budget.main(["--policy", str(policy)]) == 1
+    assert budget.main(["--policy", str(policy)]) == errors.EXIT_PRIVACY
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
 
@@ -65,7 +65,7 @@ def test_init_binds_policy_and_ledger(tmp_path, capsys):
     assert budget.main(["--policy", str(policy), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["ledger_id"] == bound.ledger_id
     # A second init is refused: it would start a new budget.
-    assert budget.main(["init", "--policy", str(policy)]) == 1
+    assert budget.main(["init", "--policy", str(policy)]) == errors.EXIT_PRIVACY
     assert "pass --reinit --reason" in capsys.readouterr().err
 
 
@@ -106,7 +106,7 @@ def test_editing_the_ledger_path_is_a_refusal(exhausted, tmp_path, capsys):
 
 def test_reinit_is_explicit_and_audited(exhausted, capsys):
     old_id = SitePolicy.from_toml(exhausted).ledger_id
-    assert budget.main(["init", "--policy", str(exhausted), "--reinit"]) == 1
+    assert budget.main(["init", "--policy", str(exhausted), "--reinit"]) == errors.EXIT_PRIVACY
     assert "--reinit needs --reason" in capsys.readouterr().err
     argv = ["init", "--policy", str(exhausted), "--reinit", "--reason", "ethics amendment 9"]
     assert budget.main(argv) == 0

@@ -578,7 +578,7 @@ BUDGET_CASES = [
         "budget-policy-missing",
         "budget",
         lambda e: ["show", "--policy", str(e.root / "none.toml")],
-        1,
+        4,
         "none.toml",
     ),
     Case(
@@ -588,7 +588,7 @@ BUDGET_CASES = [
             (e.root / "p.toml").write_text("[x"),
             ["show", "--policy", str(e.root / "p.toml")],
         )[1],
-        1,
+        4,
         "p.toml",
     ),
 ]

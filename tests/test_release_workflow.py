@@ -9,7 +9,7 @@ import pytest
 from dp_accounting import gaussian_mechanism
 from support import BUNDLED
 
-from fednipype.cli import budget
+from fednipype.cli import budget, errors
 from fednipype.contract.document import read_release
 from fednipype.interfaces.release import DPRelease
 from fednipype.site.ledger import PrivacyLedger
@@ -86,11 +86,11 @@ def test_dprelease_requires_epsilon(derivatives, policy, tmp_path):
 
 def test_budget_command_errors(site_policy, tmp_path, capsys):
     unbound = site_policy(tmp_path / "owner", dataset="siteB", bind=False)
-    assert budget.main(["--policy", str(unbound)]) == 1
+    assert budget.main(["--policy", str(unbound)]) == errors.EXIT_PRIVACY
     assert "not bound to a privacy ledger" in capsys.readouterr().err
     bad = tmp_path / "bad.toml"
     bad.write_text("[budget]\nepsilon = -1\n")
-    assert budget.main(["--policy", str(bad)]) == 1
+    assert budget.main(["--policy", str(bad)]) == errors.EXIT_PRIVACY
     assert "bad.toml" in capsys.readouterr().err
 
 

@@ -12,7 +12,9 @@ budget is never restarted by a file operation. Re-initialising (a lost ledger, a
 is possible only with ``--reinit`` and a reason; it is recorded in the new ledger, and in the
 old one when that still exists (which is kept, renamed aside).
 
-Exit codes: 0 success, 1 the policy or the ledger cannot be used (one line on stderr), 2 usage.
+Exit codes as every fednipype command (``fednipype-budget --help``): 0 success, 2 usage,
+3 invalid input (an unreadable policy), 4 privacy refusal (an unbound, missing, moved or other
+ledger; an init that would start a new budget) — one line on stderr.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from fednipype.exceptions import FednipypeError
+from fednipype.cli.console import setup_logging
+from fednipype.cli.errors import ArgumentParser, HelpFormatter, exit_epilog, guarded
 from fednipype.site.ledger import PrivacyLedger
 from fednipype.site.lifecycle import init_ledger
 from fednipype.site.policy import SitePolicy
@@ -33,12 +36,14 @@ PROG = "fednipype-budget"
 
 def build_parser(command: str) -> argparse.ArgumentParser:
     """The parser of ``fednipype-budget init`` or ``fednipype-budget show``."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog=f"{PROG} {command}",
         description=__doc__.split("\n\n")[0].split(": ", 1)[1],
-        epilog="exit codes: 0 success, 1 the policy or the ledger cannot be used, 2 usage",
+        epilog=exit_epilog(),
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--policy", type=Path, required=True, help="the site policy (TOML)")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="traceback on error")
     if command == "init":
         parser.add_argument(
             "--reinit",
@@ -62,13 +67,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] in ("init", "show") else "show"
     args = build_parser(command).parse_args(argv)
-    try:
-        if command == "init":
-            return _init(args)
-        return _show(args)
-    except FednipypeError as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 1
+    setup_logging(PROG, args.verbose)
+    body = _init if command == "init" else _show
+    return guarded(PROG, lambda: body(args), verbose=args.verbose)
 
 
 def _init(args: argparse.Namespace) -> int:
