@@ -64,6 +64,7 @@ setup(
             "fednipype-demo=fednipype.cli.demo:main",
             "fednipype-meta=fednipype.cli.hub:main",
             "fednipype-budget=fednipype.cli.budget:main",
+            "fednipype-plan=fednipype.cli.plan:main",
         ]
     },
     classifiers=[
