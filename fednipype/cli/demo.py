@@ -10,8 +10,11 @@ the example sites have no data owner; a real site writes its own.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
+import statistics
+import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,6 +22,7 @@ import pandas as pd
 from nipype import config
 from nipype import logging as nipype_logging
 
+from fednipype.atlas import default_atlas
 from fednipype.bids import summarize
 from fednipype.cli import hub as meta
 from fednipype.cli.console import configure_nipype, setup_logging
@@ -32,9 +36,20 @@ from fednipype.cli.errors import (
     report,
 )
 from fednipype.cli.participant import format_summary, run_participant_wf
+from fednipype.cli.plan import format_plan, format_requirement
 from fednipype.exceptions import BIDSError, FednipypeError
 from fednipype.hub.reports import TSV_NAME
 from fednipype.io import atomic_write_text
+from fednipype.participants import read_participants
+from fednipype.plan import (
+    Covariate,
+    Response,
+    Scenario,
+    predict,
+    required_epsilon,
+    required_n,
+    uniform_moments,
+)
 from fednipype.site.lifecycle import init_ledger
 from fednipype.site.policy import SitePolicy, example_policy
 from fednipype.site.report import write_site_report
@@ -58,6 +73,74 @@ def _site_policy(site_dir: Path, site: str, total_epsilon: float) -> Path:
         ledger_id = init_ledger(path)
         print(f"  fednipype-budget init: ledger {ledger_id} for dataset {site!r}")
     return path
+
+
+#: The age-slope standard error (mm3/yr) the demo's plan asks for: the planted slopes are
+#: −12 to −29 mm3/yr.
+PLAN_TARGET_SE = ("age", 5.0)
+#: A pre-registered subset of regions, for comparison: fewer regions, less noise per entry.
+PLAN_FEWER_REGIONS = 5
+
+
+def plan_text(sites: list[Path], epsilon: float, delta: float) -> str:
+    """The privacy plan of the demo's releases, printed before anything is spent.
+
+    Public inputs: the example policy's bounds, the default atlas's region count (every region
+    is released), ε and δ per site. Assumptions: ages uniform over each site's recruitment
+    range, the residual sd and mean volume of the generator's design (``ground_truth.json``,
+    when present; otherwise ages over the bounds and a residual sd of 2.5 % of the volume
+    bounds). The sites' sizes are read from their ``participants.tsv``: the demo is the data
+    owner here.
+    """
+    bounds = tomllib.loads(example_policy(dataset="plan", total_epsilon=1.0))["bounds"]
+    age_bounds, volume_bounds = bounds["age"], bounds["features"]["default"]
+    labels = pd.read_csv(default_atlas().labels, sep="\t")
+    regions = int((labels["index"] != 0).sum())
+    truth_file = sites[0].parent / "ground_truth.json"
+    truth = json.loads(truth_file.read_text()) if truth_file.is_file() else {}
+    design = truth.get("sites", {})
+    assumed = [
+        {"age": uniform_moments(*design[site.name]["age_range"])} if site.name in design else {}
+        for site in sites
+    ]
+    if truth.get("regions"):
+        baseline = statistics.median(r["baseline_volume_mm3"] for r in truth["regions"])
+        slope = statistics.median(r["age_slope_mm3_per_year"] for r in truth["regions"])
+        response = Response(
+            volume_bounds,
+            residual_sd=truth["sd_subject_fraction"] * baseline,
+            mean=baseline,
+            effects={"age": slope},
+        )
+    else:
+        response = Response(
+            volume_bounds, residual_sd=0.025 * (volume_bounds[1] - volume_bounds[0])
+        )
+    scenario = Scenario.of(
+        [
+            Covariate.numeric("age", age_bounds),
+            Covariate.dummy("sex[M]", 0.5),
+            Covariate.dummy("group[patient]", 0.5),
+        ],
+        response,
+        n=[len(read_participants(site)) for site in sites],
+        epsilon=epsilon,
+        delta=delta,
+        regions=regions,
+        assumed=assumed,
+    )
+    lines = [format_plan(predict(scenario), "regional grey-matter volume, mm3")]
+    lines += [
+        format_requirement(find(scenario, *PLAN_TARGET_SE), scenario)
+        for find in (required_epsilon, required_n)
+    ]
+    fewer = dataclasses.replace(scenario, regions=PLAN_FEWER_REGIONS)
+    lines += [
+        f"releasing {PLAN_FEWER_REGIONS} pre-registered regions instead of {regions}: "
+        + format_requirement(find(fewer, *PLAN_TARGET_SE), fewer)
+        for find in (required_epsilon, required_n)
+    ]
+    return "\n".join(lines)
 
 
 def _effects_table(meta_dir: Path, truth_file: Path, regions: list[str]) -> str:
@@ -141,6 +224,12 @@ def _pipeline(args: argparse.Namespace, sites: list[Path]) -> int:
     nipype_logging.update_logging(config)
     # Per-region noise notes of each fit; the coordinator prints their summary.
     logging.getLogger("fednipype.hub.regression").setLevel(logging.ERROR)
+
+    print(
+        f"\n[plan] what releases at epsilon={args.epsilon} per site can show "
+        "(fednipype-plan: public bounds and assumptions only, nothing spent)"
+    )
+    print(plan_text(sites, args.epsilon, args.delta))
 
     out = args.output_dir.absolute()
     releases, reports = [], []
