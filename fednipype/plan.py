@@ -17,7 +17,7 @@ Examples
 ...     n=[500] * 10, epsilon=1.0, delta=1e-5, regions=5,
 ... )
 >>> predict(scenario).first_order, round(predict(scenario).se("age"), 1)
-(True, 6.2)
+(True, 6.0)
 """
 
 # Why hand-written: no library predicts the standard errors of a regression solved from
@@ -407,13 +407,22 @@ class Plan:
         return float(rows.iloc[0])
 
 
-def noise_sd(n_covariates: int, regions: int, epsilon: float, delta: float) -> tuple[float, float]:
+def noise_sd(
+    n_covariates: int,
+    regions: int,
+    epsilon: float,
+    delta: float,
+    *,
+    dummies: Sequence[int] = (),
+) -> tuple[float, float]:
     """``(sigma, sensitivity)`` of a release with ``n_covariates`` terms after the intercept and
     ``regions`` regions at (``epsilon``, ``delta``; ``epsilon = inf``: no noise), released units.
 
     As :func:`fednipype.site.mechanisms.prepare_sufficient_statistics` after the scaling onto
     [-1, 1] of :func:`fednipype.site.release.make_release`: one Gaussian vector over n, ZᵀZ's
-    upper triangle, ZᵀY and yᵀy, analytic Gaussian mechanism for its L2 sensitivity.
+    upper triangle, ZᵀY and yᵀy, analytic Gaussian mechanism for its L2 sensitivity. With
+    ``dummies`` (indices among the covariates of the ±1-coded ones) the release carries n once:
+    the intercept's and the dummies' ZᵀZ diagonal are n itself and are not released again.
 
     Examples
     --------
@@ -423,8 +432,9 @@ def noise_sd(n_covariates: int, regions: int, epsilon: float, delta: float) -> t
     """
     terms = [INTERCEPT] + [f"x{i}" for i in range(n_covariates)]
     names = [f"r{i}" for i in range(regions)]
+    n_columns = [0, *(1 + int(j) for j in dummies)] if dummies else []
     sensitivity = sufficient_statistics_sensitivity(
-        Scaling.design_bounds(terms), Scaling.response_bounds(names)
+        Scaling.design_bounds(terms), Scaling.response_bounds(names), n_columns
     )
     if epsilon == math.inf:
         return 0.0, sensitivity
@@ -481,13 +491,17 @@ def predict(scenario: Scenario) -> Plan:
     sigmas, sensitivity = [], 0.0
     within = np.zeros(c)  # Σ_k n_k Var_k(z): what identifies the slopes next to site intercepts
     slopes = slice(k, m)
+    # As make_release: the 0/1 dummies (``name[level]``) are released as ±1, n once.
+    dummies = [j for j, x in enumerate(covariates) if "[" in x.name]
     center = np.array([scaling.center(x.name) for x in covariates])
     scale = np.array([scaling.scale(x.name) for x in covariates])
     beta = np.array([response.effects.get(x.name, 0.0) for x in covariates]) * scale / y_scale
     for i, site in enumerate(sites):
         moments = np.array([site.assumed.get(x.name, (x.mean, x.sd)) for x in covariates])
         mean, variance = (moments[:, 0] - center) / scale, (moments[:, 1] / scale) ** 2
-        sigma, sensitivity = noise_sd(c, scenario.regions, site.epsilon, site.delta)
+        sigma, sensitivity = noise_sd(
+            c, scenario.regions, site.epsilon, site.delta, dummies=dummies
+        )
         sigmas.append(sigma)
         a[i, i] = site.n
         a[i, slopes] = a[slopes, i] = site.n * mean
