@@ -408,12 +408,7 @@ class Plan:
 
 
 def noise_sd(
-    n_covariates: int,
-    regions: int,
-    epsilon: float,
-    delta: float,
-    *,
-    dummies: Sequence[int] = (),
+    n_covariates: int, regions: int, epsilon: float, delta: float, *, dummies: Sequence[int] = ()
 ) -> tuple[float, float]:
     """``(sigma, sensitivity)`` of a release with ``n_covariates`` terms after the intercept and
     ``regions`` regions at (``epsilon``, ``delta``; ``epsilon = inf``: no noise), released units.
