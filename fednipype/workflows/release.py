@@ -34,6 +34,17 @@ def init_site_release_wf(
     covariates of ``bids_dir/participants.tsv``, then runs :class:`DPRelease`, which charges
     the site's ledger and writes the release.
 
+    Workflow Graph
+        .. workflow::
+            :graph2use: orig
+            :simple_form: yes
+
+            from fednipype.workflows.release import init_site_release_wf
+
+            wf = init_site_release_wf(bids_dir="bids_examples/siteA",
+                                      derivatives_dir="derivatives", policy="policy.toml",
+                                      epsilon=1.0)
+
     Parameters
     ----------
     bids_dir : path-like
