@@ -23,6 +23,7 @@ from fednipype.exceptions import (
 from fednipype.hub.regression import pooled_regression
 from fednipype.hub.releases import load_releases
 from fednipype.site.ledger import PrivacyLedger
+from fednipype.site.lifecycle import init_ledger
 from fednipype.site.policy import SitePolicy
 from fednipype.site.release import make_release
 
@@ -167,6 +168,7 @@ def test_missing_bounds_are_refused(bundled_features, tmp_path):
         '[ledger]\npath = "l.sqlite"\ndataset = "c"\n'
         "[bounds.features]\ndefault = [0.0, 12000.0]\n"
     )
+    init_ledger(path)
     with pytest.raises(PolicyError, match="bounds.age"):
         _release(bundled_features["siteC"], path, tmp_path / "x_release.json")
     assert not (folder / "l.sqlite").exists() or _spent(path) == (0.0, 0.0)

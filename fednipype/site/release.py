@@ -117,6 +117,7 @@ def make_release(
             f"{out_path}: exists already; a release is never overwritten (each one was charged)"
         )
     budget = _check_request(policy, epsilon, delta)
+    ledger = PrivacyLedger.from_policy(policy)  # refuses an unbound, missing or other ledger
     tsvs = [Path(f) for f in features]
     table = _select_regions(load_feature_table(tsvs, spec.response), regions)
     design = build_design(table, read_participants(participants), spec)
@@ -135,7 +136,6 @@ def make_release(
     prepared = _prepare_statistics(context)
     _dry_run(context, prepared, out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)  # a missing folder must not waste a charge
-    ledger = PrivacyLedger.from_policy(policy)
     parameters = _audit(context, prepared, out_path)
     statistic = prepared[STATISTIC]
     multiplier = statistic.mechanism.noise_multiplier
