@@ -80,6 +80,7 @@ def federation(reps: int, out: Path) -> None:
 
     from fednipype.contract.scaling import Scaling
     from fednipype.hub.regression import pooled_regression
+    from fednipype.hub.releases import floor_n
     from fednipype.plan import Covariate, Response, Scenario, predict, uniform_moments
     from fednipype.site.mechanisms import prepare_sufficient_statistics
 
@@ -133,8 +134,7 @@ def federation(reps: int, out: Path) -> None:
                     )._draw()
                     for z, y in scaled
                 ]  # fmt: skip
-                # as the hub does on reading a release: a noisy n raised to terms + 1
-                released = [s.with_n(max(s.n, len(TERMS) + 1.0)) for s in released]
+                released = [floor_n(s) for s in released]  # as the hub on reading a release
                 table = scaling.unscale(pooled_regression(released)).set_index(["region", "term"])
                 row = table.loc[(TARGET, "age")]
                 estimates.append(row["estimate"])

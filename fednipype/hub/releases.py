@@ -23,7 +23,14 @@ from fednipype.exceptions import MetaAnalysisError, ReleaseValidationError
 
 LOGGER = logging.getLogger(__name__)
 
-__all__ = ["COMPATIBLE_FIELDS", "STATISTIC", "SiteRelease", "load_releases", "short_list"]
+__all__ = [
+    "COMPATIBLE_FIELDS",
+    "STATISTIC",
+    "SiteRelease",
+    "floor_n",
+    "load_releases",
+    "short_list",
+]
 
 #: The statistic the hub pools.
 STATISTIC = "sufficient_statistics"
@@ -108,16 +115,20 @@ class SiteRelease:
             raise ReleaseValidationError(
                 f"{self.path}: field statistics/{STATISTIC}: {err}"
             ) from err
-        floor = len(stats.terms) + 1
-        if stats.n < floor:
-            LOGGER.warning(
-                "release of site %r: noisy n = %.1f raised to %d (terms + 1)",
-                self.site,
-                stats.n,
-                floor,
-            )
-            stats = stats.with_n(float(floor))
+        return floor_n(stats, f"release of site {self.site!r}")
+
+
+def floor_n(stats: SufficientStatistics, where: str = "statistics") -> SufficientStatistics:
+    """``stats`` with a noisy n below ``terms + 1`` raised to it (post-processing, no cost).
+
+    At small ε a released count can fall below the number of parameters, or below zero; the
+    pooled fit needs positive residual degrees of freedom. The released ZᵀZ is kept as it is.
+    """
+    floor = len(stats.terms) + 1
+    if stats.n >= floor:
         return stats
+    LOGGER.warning("%s: noisy n = %.1f raised to %d (terms + 1)", where, stats.n, floor)
+    return stats.with_n(float(floor))
 
 
 def load_releases(paths: Iterable[str | os.PathLike[str]]) -> list[SiteRelease]:
