@@ -452,14 +452,9 @@ def prepare_sufficient_statistics(
             "every participant (the intercept, ±1-coded dummies)"
         )
     ztz, zty, yty = z.T @ z, z.T @ y, np.sum(y**2, axis=0)
-    iu = tuple(
-        np.array(a)
-        for a in zip(
-            *[(i, j) for i, j in zip(*np.triu_indices(p), strict=True)
-              if not (i == j and i in unit)],
-            strict=True,
-        )
-    )  # fmt: skip
+    upper = np.triu_indices(p)
+    released = ~((upper[0] == upper[1]) & np.isin(upper[0], unit))  # n_terms' diagonal is n
+    iu = (upper[0][released], upper[1][released])
     exact = np.concatenate([[float(n)], ztz[iu], zty.ravel(), yty])
     l2 = sufficient_statistics_sensitivity((zlo, zhi), (ylo, yhi), unit)
     layout = ["n"] + [f"ztz:{terms[i]}:{terms[j]}" for i, j in zip(*iu, strict=True)]
