@@ -16,7 +16,9 @@ INSTALL_REQUIRES = [
     "scipy>=1.11",
     "pandas>=2.0",
     "scikit-learn>=1.3",
-    "flwr>=1.42,<2",
+    # Flower: the federation (deployment engine, SecAgg+); [simulation] brings Ray for the
+    # in-process simulation the tests and the demo use
+    "flwr[simulation]>=1.42,<2",
     "opendp>=0.12",
     "dp-accounting>=0.4",
     "matplotlib>=3.7",
@@ -27,6 +29,7 @@ INSTALL_REQUIRES = [
 
 TEST_REQUIRE = [
     "pytest>=7.4",
+    "pytest-timeout>=2.2",
     "import-linter>=2.1",
     # the site report's tests: an HTML5 parser, a DevTools client for headless chromium
     "html5lib>=1.1",
