@@ -35,3 +35,11 @@ class ReleaseValidationError(FednipypeError):
 
 class MetaAnalysisError(FednipypeError):
     """Site results cannot be pooled as asked."""
+
+
+class RequestError(FednipypeError):
+    """A federated analysis request is malformed, altered or not approved."""
+
+
+class FederationError(FednipypeError):
+    """A federated run cannot start or complete (unreachable SuperLink, too few sites)."""
