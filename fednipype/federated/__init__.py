@@ -1,0 +1,1 @@
+"""Federated statistics on Flower: the app, its transport, certificates and local deployment."""
