@@ -26,6 +26,10 @@ Layout::
     default = [0.0, 1.0]            # any region without its own entry
     "Left-Hippocampus" = [0.0, 0.8] # per-region overrides, by region name
 
+    [federation]                    # optional: how the site answers federated requests
+    modes = ["dp", "distributed-dp"]  # DP modes it answers in (default ["dp"])
+    allow_exact_secure_sum = false  # answer noise-free sums through SecAgg+ (default false)
+
 ``features`` is therefore a reserved name in ``[bounds]``, and ``default`` in
 ``[bounds.features]``. Unknown keys are refused, so a typo cannot silently drop a setting.
 
@@ -76,7 +80,12 @@ LOGGER = logging.getLogger(__name__)
 #: Smallest cohort a statistic may be computed over, unless the policy says otherwise.
 DEFAULT_MIN_COHORT = 10
 
-_TOP_KEYS = {"min_cohort", "budget", "ledger", "bounds"}
+_TOP_KEYS = {"min_cohort", "budget", "ledger", "bounds", "federation"}
+_FEDERATION_KEYS = {"modes", "allow_exact_secure_sum"}
+#: The DP modes of a federated answer a policy may list in ``[federation] modes``.
+FEDERATION_DP_MODES = ("dp", "distributed-dp")
+#: The mode without noise; allowed only by ``[federation] allow_exact_secure_sum = true``.
+EXACT_MODE = "exact"
 _BUDGET_KEYS = {"epsilon", "delta", "max_participants"}
 _LEDGER_KEYS = {"path", "dataset", "id"}
 _LEDGER_ID = re.compile(r"[0-9a-f]{32}")
@@ -86,6 +95,27 @@ Bounds = tuple[float, float]
 
 def _where(source: Path | None, key: str) -> str:
     return f"{source}: '{key}'" if source is not None else f"site policy: '{key}'"
+
+
+def _check_modes(modes: Any, source: Path | None) -> tuple[str, ...]:
+    """``[federation] modes``: distinct names of DP modes (``exact`` has its own switch)."""
+    where = _where(source, "federation.modes")
+    if isinstance(modes, str | bytes) or not isinstance(modes, Sequence):
+        raise PolicyError(f"{where}: expected a list of mode names, got {modes!r}")
+    modes = tuple(modes)
+    for mode in modes:
+        if mode == EXACT_MODE:
+            raise PolicyError(
+                f"{where}: 'exact' is not a DP mode; a site answers noise-free sums only with "
+                "[federation] allow_exact_secure_sum = true"
+            )
+        if mode not in FEDERATION_DP_MODES:
+            raise PolicyError(
+                f"{where}: unknown mode {mode!r}; expected some of {list(FEDERATION_DP_MODES)}"
+            )
+    if len(set(modes)) != len(modes):
+        raise PolicyError(f"{where}: lists a mode twice: {list(modes)}")
+    return modes
 
 
 def check_bounds(value: Any, where: str) -> Bounds:
@@ -177,6 +207,12 @@ class SitePolicy:
     max_participants : int or None
         Public upper bound on the number of participants (``[budget] max_participants``):
         δ is checked against it, never against the data.
+    federation_modes : tuple of str
+        ``[federation] modes``: the DP modes the site answers federated requests in
+        (``"dp"``, ``"distributed-dp"``; default ``("dp",)``).
+    allow_exact_secure_sum : bool
+        ``[federation] allow_exact_secure_sum``: whether the site answers ``exact`` requests
+        (noise-free sums through secure aggregation, a non-DP disclosure; default False).
     """
 
     epsilon: float
@@ -189,9 +225,17 @@ class SitePolicy:
     source: Path | None = None
     ledger_id: str | None = None
     max_participants: int | None = None
+    federation_modes: tuple[str, ...] = ("dp",)
+    allow_exact_secure_sum: bool = False
 
     def __post_init__(self) -> None:
         src = self.source
+        object.__setattr__(self, "federation_modes", _check_modes(self.federation_modes, src))
+        if not isinstance(self.allow_exact_secure_sum, bool):
+            raise PolicyError(
+                f"{_where(src, 'federation.allow_exact_secure_sum')}: must be true or false, "
+                f"got {self.allow_exact_secure_sum!r}"
+            )
         if self.ledger_id is not None and not (
             isinstance(self.ledger_id, str) and _LEDGER_ID.fullmatch(self.ledger_id)
         ):
@@ -289,6 +333,14 @@ class SitePolicy:
                 )
         covariates = {k: v for k, v in bounds.items() if k != "features"}
 
+        federation = data.get("federation", {})
+        if not isinstance(federation, Mapping):
+            raise PolicyError(
+                f"{_where(source, 'federation')}: expected a table [federation], got "
+                f"{federation!r}"
+            )
+        _refuse_unknown(federation, _FEDERATION_KEYS, "federation.", source)
+
         return cls(
             epsilon=epsilon,
             delta=delta,
@@ -300,7 +352,22 @@ class SitePolicy:
             source=source,
             ledger_id=ledger.get("id"),
             max_participants=budget.get("max_participants"),
+            federation_modes=federation.get("modes", ("dp",)),
+            allow_exact_secure_sum=federation.get("allow_exact_secure_sum", False),
         )
+
+    def allows_mode(self, mode: str) -> bool:
+        """Whether the site answers federated requests in ``mode``.
+
+        ``exact`` only with ``[federation] allow_exact_secure_sum = true``; a DP mode when it
+        is listed in ``[federation] modes``.
+
+        >>> SitePolicy(1.0, 1e-6, Path("l"), "d", {"default": (0, 1)}, {}).allows_mode("dp")
+        True
+        """
+        if mode == EXACT_MODE:
+            return self.allow_exact_secure_sum
+        return mode in self.federation_modes
 
     def feature_bounds(self, region: str) -> Bounds:
         """Public bounds of a regional feature: its own entry, else ``default``.
