@@ -120,7 +120,7 @@ def epsilon(sigma: float, n_parties: int, l2: float, dim: int, delta: float) -> 
     >>> import dp_accounting
     >>> accountant = dp_accounting.rdp.RdpAccountant(orders=list(ORDERS))
     >>> _ = accountant.compose(dp_accounting.GaussianDpEvent(math.sqrt(3) * 1e6 / 4e5))
-    >>> abs(epsilon(1e6, 3, 4e5, 20, 1e-5) - accountant.get_epsilon(1e-5)) < 1e-12
+    >>> bool(abs(epsilon(1e6, 3, 4e5, 20, 1e-5) - accountant.get_epsilon(1e-5)) < 1e-12)
     True
     """
     l1 = min(math.sqrt(dim) * l2, l2**2)
