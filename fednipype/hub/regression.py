@@ -27,7 +27,13 @@ from fednipype.hub.meta_analysis import check_level
 
 LOGGER = logging.getLogger(__name__)
 
-__all__ = ["REGRESSION_COLUMNS", "pooled_regression", "site_estimates"]
+__all__ = [
+    "REGRESSION_COLUMNS",
+    "NormalEquations",
+    "fit_normal_equations",
+    "pooled_regression",
+    "site_estimates",
+]
 
 #: Columns of the tables returned by :func:`pooled_regression` and :func:`site_estimates`.
 REGRESSION_COLUMNS = (
@@ -225,6 +231,52 @@ def site_estimates(stats: Any, *, level: float = 0.95) -> pd.DataFrame:
     per_site = len(first.terms) * len(first.regions)
     fit = {"site": [label for label, _ in items for _ in range(per_site)], **fit}
     return pd.DataFrame(fit, columns=["site", *REGRESSION_COLUMNS])
+
+
+@dataclass(frozen=True)
+class NormalEquations:
+    """One pooled system A θ = B (R right-hand sides) given explicitly, with its noise.
+
+    For sums whose noise is not one variance per site (a secure sum): ``a`` (m, m), ``b``
+    (m, R), ``c`` (R,) = yᵀy, ``n`` the participants; ``a_var`` (m, m) the variance of the
+    independent noise of each entry of A's upper triangle (mirrored; 0 where tied),
+    ``b_var`` (m,) of each row of B, ``c_var`` of each yᵀy; ``tied`` (K, m) marks the
+    diagonal entries carrying the k-th noisy count, of variance ``tied_var`` (K,);
+    ``contrasts`` (p, m) the reported rows Lθ, named ``terms``.
+    """
+
+    a: np.ndarray
+    b: np.ndarray
+    c: np.ndarray
+    n: float
+    a_var: np.ndarray
+    b_var: np.ndarray
+    c_var: float
+    tied: np.ndarray
+    tied_var: np.ndarray
+    contrasts: np.ndarray
+    terms: tuple[str, ...]
+    regions: tuple[str, ...]
+
+
+def fit_normal_equations(
+    eq: NormalEquations, *, level: float = 0.95, where: str = "pooled fit"
+) -> pd.DataFrame:
+    """Solve ``eq`` with the noise handling of :func:`pooled_regression`; same table columns."""
+    level = check_level(level)
+    system = _System(
+        *(np.asarray(x, dtype=float)[None] for x in (eq.a, eq.b, eq.c)),
+        n=np.array([float(eq.n)]),
+        a_var=np.asarray(eq.a_var, dtype=float)[None],
+        b_var=np.asarray(eq.b_var, dtype=float)[None],
+        c_var=np.array([float(eq.c_var)]),
+        contrasts=np.asarray(eq.contrasts, dtype=float)[None],
+        tied=np.asarray(eq.tied, dtype=float)[None],
+        tied_var=np.asarray(eq.tied_var, dtype=float)[None],
+    )
+    solution = _solve(system, eq.terms, [where])
+    fit = _inference(system, solution, _theta_second_moment(system, solution), level, eq, [where])
+    return pd.DataFrame(fit, columns=list(REGRESSION_COLUMNS))
 
 
 @dataclass(frozen=True)
@@ -495,7 +547,7 @@ def _inference(
     solution: _Solution,
     second: np.ndarray,
     level: float,
-    names: SufficientStatistics,
+    names: SufficientStatistics | NormalEquations,
     where: list[str],
 ) -> dict[str, Any]:
     """Standard errors, t statistics, p-values and intervals with the DP noise included.
