@@ -4,6 +4,7 @@ independent references (numpy statistics of the raw rows, dp-accounting, a chi-s
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from fednipype.exceptions import (
 )
 from fednipype.features import FEATURE_COLUMNS
 from fednipype.site import approvals
-from fednipype.site.answer import answer_request
+from fednipype.site.answer import answer_node_request, answer_request, check_request
 from fednipype.site.ledger import PrivacyLedger
 from fednipype.site.policy import SitePolicy
 
@@ -54,8 +55,17 @@ def simulate(n: int, seed: int) -> pd.DataFrame:
 
 
 def write_site(folder: Path, rows: pd.DataFrame) -> tuple[list[Path], Path]:
-    """The site's participants.tsv and one regional-features table per participant."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """The site's participants.tsv and one regional-features table per participant, in a
+    derivative dataset ``folder/derivatives``."""
+    derivatives = folder / "derivatives"
+    derivatives.mkdir(parents=True, exist_ok=True)
+    (derivatives / "dataset_description.json").write_text(
+        json.dumps(
+            {"Name": "features", "BIDSVersion": "1.9.0", "DatasetType": "derivative",
+             "GeneratedBy": [{"Name": "fednipype"}]}
+        ),
+        encoding="utf-8",
+    )  # fmt: skip
     participants = folder / "participants.tsv"
     rows[["participant_id", "age", "sex", "group"]].to_csv(participants, sep="\t", index=False)
     features = []
@@ -71,7 +81,9 @@ def write_site(folder: Path, rows: pd.DataFrame) -> tuple[list[Path], Path]:
                 "std": [0.1] * len(REGIONS),
             }
         )[list(FEATURE_COLUMNS)]
-        path = folder / f"{row['participant_id']}_desc-regional_features.tsv"
+        anat = derivatives / row["participant_id"] / "anat"
+        anat.mkdir(parents=True)
+        path = anat / f"{row['participant_id']}_desc-regional_features.tsv"
         table.to_csv(path, sep="\t", index=False)
         features.append(path)
     return features, participants
@@ -110,7 +122,8 @@ class Site:
         from fednipype.site.lifecycle import init_ledger
 
         init_ledger(self.policy)
-        self.features, self.participants = write_site(folder / "data", rows)
+        self.folder = folder / "data"
+        self.features, self.participants = write_site(self.folder, rows)
 
     @property
     def ledger(self) -> PrivacyLedger:
@@ -243,6 +256,40 @@ def test_refusal_texts_do_not_depend_on_the_data(tmp_path, site_policy):
     assert texts["full"] == texts["less"]
     for text in texts["full"]:
         assert "siteC" in text and "refused" in text and "/" not in text
+
+
+# -- through a SuperNode's node config ------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_node_config_check_then_answer(site):
+    config = {
+        "site": "siteA",
+        "policy": str(site.policy),
+        "bids-dir": str(site.folder),
+        "derivatives": str(site.folder / "derivatives"),
+    }
+    request = _exact_request()
+    with pytest.raises(RequestError) as err:  # the check round records it as pending
+        check_request(request, config)
+    assert err.value.public_reason == str(err.value) and "recorded as pending" in str(err.value)
+    approvals.approve(site.ledger, request)
+    check_request(request, config)  # nothing computed, nothing recorded
+    assert approvals.request_status(site.ledger, request.content_hash) == "approved"
+    answer = answer_node_request(request, config)
+    expected = Grid.for_request(request).encode(raw_vector(request, site.rows, 0))
+    np.testing.assert_array_equal(answer.vector, expected)
+    # The check round previews the budget: a request the budget cannot cover is refused there.
+    costly = make_request(request_id="costly", epsilon=50.0, delta=1e-5)
+    approvals.approve(site.ledger, costly)
+    with pytest.raises(PrivacyBudgetExceeded, match="does not cover epsilon=50"):
+        check_request(costly, config)
+    cheap = make_request(request_id="cheap")
+    approvals.approve(site.ledger, cheap)
+    check_request(cheap, {**config, "bids-dir": str(site.folder / "absent")})  # reads no data
+    assert site.ledger.audit_trail() == []
+    with pytest.raises(PolicyError, match="key 'policy' is missing"):
+        check_request(request, {"site": "siteA"})
 
 
 # -- dp ------------------------------------------------------------------------------------------

@@ -54,15 +54,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
 import numpy as np
-import opendp.prelude as dp
 
-from fednipype.bids import read_participants
+from fednipype.bids import find_feature_files, read_participants
+from fednipype.contract.calibration import analytic_gaussian_sigma
 from fednipype.contract.document import content_hash
 from fednipype.contract.request import AnalysisRequest
 from fednipype.contract.secure_sum import DEFAULT_CAPACITY, NOISE_TAIL, Grid, SumLayout
@@ -76,14 +76,16 @@ from fednipype.exceptions import (
     RequestError,
 )
 from fednipype.site import approvals
+from fednipype.site.accountant import Charge, composed_epsilon
 from fednipype.site.design import ModelSpec, build_design, load_feature_table
-from fednipype.site.distributed_dp import DistributedNoise, calibrate
-from fednipype.site.ledger import PrivacyLedger, Spend
+from fednipype.site.distributed_dp import DistributedNoise, calibrate, draw_discrete_gaussian
+from fednipype.site.ledger import RELATIVE_TOLERANCE, PrivacyLedger, Spend
+from fednipype.site.ledger_store import connect
 from fednipype.site.mechanisms import Mechanism, PreparedStatistic
 from fednipype.site.policy import SitePolicy
 from fednipype.site.release import COHORT_MARGIN_SD
 
-__all__ = ["SiteAnswer", "answer_request"]
+__all__ = ["SiteAnswer", "answer_node_request", "answer_request", "check_request"]
 
 LOGGER = logging.getLogger(__name__)
 
@@ -91,8 +93,6 @@ LOGGER = logging.getLogger(__name__)
 PURPOSE = "federated answer"
 #: τ·d below this is negligible: the distributed charge is composed as a Gaussian mechanism.
 NEGLIGIBLE_TAU = 1e-12
-
-dp.enable_features("contrib")
 
 
 @dataclass(frozen=True)
@@ -191,30 +191,93 @@ def answer_request(
         ``exact``: a cell below the minimum cohort (before anything is recorded); ``dp``: the
         noisy counts show one (after the charge, which stands).
     """
-    if not isinstance(request, AnalysisRequest):
-        raise RequestError(f"answer_request: expected an AnalysisRequest, got {type(request)}")
-    where = f"site {site}: request {request.request_id} ({request.content_hash[:12]})"
-    if site not in request.sites:
-        _refuse(RequestError, where, "this site is not one of the request's sites")
-    slot = request.slot(site)
-    policy, ledger = _open(policy, where)
-    _check_approved(ledger, request, where)
-    _check_policy(policy, request, where)
-    layout = SumLayout.from_request(request)
-    try:
-        grid = Grid.for_request(request, capacity=capacity)
-    except RequestError as err:
-        LOGGER.error("%s: %s", where, err)
-        _refuse(RequestError, where, "its secure-sum grid cannot carry this request")
-    stats, design = _statistics(request, features, participants, where)
-    exact = layout.site_vector(stats, slot)
-    context = _Context(request, policy, ledger, site, slot, layout, grid, where)
+    context = _checked(request, policy, site, capacity)
+    stats, design = _statistics(request, features, participants, context.where)
+    exact = context.layout.site_vector(stats, context.slot)
     parameters = _audit(context, design)
     if request.mode == "exact":
         return _answer_exact(context, exact, parameters)
     if request.mode == "dp":
         return _answer_dp(context, exact, parameters)
     return _answer_distributed(context, exact, parameters)
+
+
+def check_request(request: AnalysisRequest, node_config: Mapping[str, Any]) -> None:
+    """The data-free check of a request at a SuperNode: nothing is computed or charged.
+
+    Runs every refusal of :func:`answer_request` that needs no data (site, ledger, approval
+    — an unapproved request is recorded as pending —, policy, grid) and previews the charge
+    against the ledger's budget (the charge itself, at answer time, is what counts).
+
+    Parameters
+    ----------
+    request : AnalysisRequest
+        The hub's request.
+    node_config : Mapping
+        The SuperNode's node config: ``site``, ``policy`` (and ``bids-dir``,
+        ``derivatives``, not read here).
+
+    Raises
+    ------
+    RequestError, PolicyError, PrivacyBudgetExceeded
+        With a text of public facts only.
+    """
+    site, policy = _node_value(node_config, "site"), _node_value(node_config, "policy")
+    context = _checked(request, policy, site, DEFAULT_CAPACITY)
+    if request.mode == "exact":
+        return
+    ledger = context.ledger
+    with connect(ledger.path) as conn:
+        charges = PrivacyLedger._charges(conn)  # the ledger's own reading of its charges
+    planned = Charge(request.epsilon, request.delta, _planned_multiplier(context))
+    if composed_epsilon([*charges, planned], ledger.total.delta) > ledger.total.epsilon * (
+        1.0 + RELATIVE_TOLERANCE
+    ):
+        _refuse(
+            PrivacyBudgetExceeded,
+            context.where,
+            f"the site's privacy budget does not cover epsilon={request.epsilon:g}, "
+            f"delta={request.delta:g}",
+        )
+
+
+def answer_node_request(request: AnalysisRequest, node_config: Mapping[str, Any]) -> SiteAnswer:
+    """:func:`answer_request` with the files a SuperNode's node config names.
+
+    Parameters
+    ----------
+    request : AnalysisRequest
+        The hub's request.
+    node_config : Mapping
+        ``site`` (the public label), ``policy`` (the site policy), ``bids-dir`` (the dataset
+        with ``participants.tsv``) and ``derivatives`` (the participant level's output, with
+        the ``*_desc-regional_features.tsv`` tables).
+
+    Returns
+    -------
+    SiteAnswer
+    """
+    site = _node_value(node_config, "site")
+    where = f"site {site}: request {request.request_id} ({request.content_hash[:12]})"
+    try:
+        features = find_feature_files(_node_value(node_config, "derivatives"))
+    except (FednipypeError, OSError) as err:
+        LOGGER.error("%s: %s", where, err)
+        _refuse(DataError, where, "the site has no usable regional features for it")
+    return answer_request(
+        request,
+        _node_value(node_config, "policy"),
+        features=features,
+        participants=_node_value(node_config, "bids-dir"),
+        site=site,
+    )
+
+
+def _node_value(node_config: Mapping[str, Any], key: str) -> str:
+    value = node_config.get(key)
+    if not isinstance(value, str) or not value:
+        raise PolicyError(f"node config: key {key!r} is missing (the SuperNode's --node-config)")
+    return value
 
 
 @dataclass(frozen=True)
@@ -227,10 +290,14 @@ class _Context:
     layout: SumLayout
     grid: Grid
     where: str
+    noise: DistributedNoise | None
 
 
 def _refusal(kind: type[FednipypeError], where: str, text: str) -> FednipypeError:
-    return kind(f"{where}: refused: {text}")
+    """A refusal whose text is public facts only (also as ``public_reason``, for the hub)."""
+    error = kind(f"{where}: refused: {text}")
+    error.public_reason = str(error)  # type: ignore[attr-defined]
+    return error
 
 
 def _refuse(kind: type[FednipypeError], where: str, text: str) -> NoReturn:
@@ -238,6 +305,49 @@ def _refuse(kind: type[FednipypeError], where: str, text: str) -> NoReturn:
 
 
 # -- checks before any charge ------------------------------------------------------------------
+
+
+def _checked(
+    request: AnalysisRequest,
+    policy: SitePolicy | str | os.PathLike[str],
+    site: str,
+    capacity: int,
+) -> _Context:
+    """Every refusal on public facts, in order; the context of an answer that may proceed."""
+    if not isinstance(request, AnalysisRequest):
+        raise RequestError(f"answer_request: expected an AnalysisRequest, got {type(request)}")
+    where = f"site {site}: request {request.request_id} ({request.content_hash[:12]})"
+    if site not in request.sites:
+        _refuse(RequestError, where, "this site is not one of the request's sites")
+    policy, ledger = _open(policy, where)
+    _check_approved(ledger, request, where)
+    _check_policy(policy, request, where)
+    layout = SumLayout.from_request(request)
+    try:
+        grid = Grid.for_request(request, capacity=capacity)
+    except RequestError as err:
+        LOGGER.error("%s: %s", where, err)
+        _refuse(RequestError, where, "its secure-sum grid cannot carry this request")
+    noise = None
+    if request.mode == "distributed-dp":
+        l2 = grid.sensitivity(layout.sensitivity, layout.site_dim)
+        honest = request.k - request.max_dropouts
+        noise = calibrate(request.epsilon, request.delta, l2, layout.site_dim, honest)
+        room = grid.bound * grid.step - request.max_participants
+        if NOISE_TAIL * noise.sigma_site * grid.step > room:
+            _refuse(RequestError, where, "its grid leaves no room for the noise's tail")
+    slot = request.slot(site)
+    return _Context(request, policy, ledger, site, slot, layout, grid, where, noise)
+
+
+def _planned_multiplier(context: _Context) -> float | None:
+    """The noise multiplier the answer's charge will carry (None: composed by its (ε, δ))."""
+    request, layout = context.request, context.layout
+    if context.noise is not None:
+        negligible = context.noise.tau * context.noise.dim <= NEGLIGIBLE_TAU
+        return context.noise.noise_multiplier if negligible else None
+    sigma = analytic_gaussian_sigma(request.epsilon, request.delta, layout.sensitivity)
+    return sigma / layout.sensitivity
 
 
 def _open(policy: SitePolicy | str | os.PathLike[str], where: str):
@@ -421,15 +531,9 @@ def _answer_dp(context: _Context, exact: np.ndarray, parameters: dict) -> SiteAn
 
 
 def _answer_distributed(context: _Context, exact: np.ndarray, parameters: dict) -> SiteAnswer:
-    request, layout, grid = context.request, context.layout, context.grid
-    l2 = grid.sensitivity(layout.sensitivity, layout.site_dim)
-    noise = calibrate(
-        request.epsilon, request.delta, l2, layout.site_dim, request.k - request.max_dropouts
-    )
-    room = grid.bound * grid.step - request.max_participants
-    if NOISE_TAIL * noise.sigma_site * grid.step > room:
-        _refuse(RequestError, context.where, "its grid leaves no room for the noise's tail")
-    negligible = noise.tau * noise.dim <= NEGLIGIBLE_TAU
+    request, grid, noise = context.request, context.grid, context.noise
+    assert noise is not None  # calibrated by _checked in distributed-dp mode
+    multiplier = _planned_multiplier(context)
     parameters = {
         **parameters,
         "mechanism": noise.as_dict(),
@@ -440,14 +544,11 @@ def _answer_distributed(context: _Context, exact: np.ndarray, parameters: dict) 
             f"hub; this site's answer alone is (epsilon={noise.local_floor_epsilon:.6g}, "
             f"delta={request.delta:g})-DP (its local floor)"
         ),
-        "composition": "Gaussian (noise multiplier)"
-        if negligible
-        else "basic (tau not negligible)",
+        "composition": "Gaussian multiplier" if multiplier else "basic (tau not negligible)",
     }
     rounded = grid.encode(exact)
-    multiplier = noise.noise_multiplier if negligible else None
     with _charged(context, request.epsilon, request.delta, parameters, multiplier) as spend:
-        ints = _discrete_gaussian(spend, rounded, noise, request)
+        ints = draw_discrete_gaussian(spend, rounded, noise)
         ints = np.clip(ints, -grid.bound, grid.bound)
         _finish(context, spend, ints)
     return _answer(context, ints, noise.sigma_site * grid.step, spend)
@@ -494,23 +595,6 @@ def _answer(context: _Context, ints: np.ndarray, noise_sd: float, spend: Spend |
 
 
 # -- noise and disclosure checks ---------------------------------------------------------------
-
-
-def _discrete_gaussian(
-    spend: Spend, rounded: np.ndarray, noise: DistributedNoise, request: AnalysisRequest
-) -> np.ndarray:
-    """``rounded`` plus independent N_ℤ(0, σ_site²) per coordinate, drawn by OpenDP.
-
-    ``make_gaussian`` over a vector of 64-bit integers with the L2 distance samples the
-    discrete Gaussian exactly (Canonne, Kamath & Steinke 2020) from the operating system's
-    randomness. Drawn only against the open charge that pays for it.
-    """
-    if not isinstance(spend, Spend):
-        raise PolicyError("distributed-dp: the noise needs the ledger reservation that pays it")
-    spend.consume(request.epsilon, request.delta, "distributed discrete Gaussian share")
-    domain = dp.vector_domain(dp.atom_domain(T="i64"))
-    measurement = dp.m.make_gaussian(domain, dp.l2_distance(T="i64"), scale=noise.sigma_site)
-    return np.asarray(measurement([int(v) for v in rounded]), dtype=np.int64)
 
 
 def _cells(request: AnalysisRequest, slot_values: np.ndarray) -> dict[str, tuple[float, float]]:
