@@ -1,0 +1,1 @@
+"""A trivial Flower app that proves a deployment works end to end (query, answer, print)."""
