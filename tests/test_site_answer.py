@@ -16,6 +16,7 @@ from scipy import stats as scipy_stats
 from test_site_approvals import SITES, make_request
 
 from fednipype.contract.calibration import analytic_gaussian_sigma
+from fednipype.contract.distributed_dp import request_noise
 from fednipype.contract.secure_sum import Grid, SumLayout
 from fednipype.contract.statistics import SufficientStatistics
 from fednipype.exceptions import (
@@ -366,6 +367,9 @@ def test_distributed_noise_of_the_sum_has_the_stated_variance(tmp_path, site_pol
             sigma_site.add(answer.noise_sd / answer.grid_step)
         sums.append(total)
     (sigma,) = sigma_site
+    # The hub recomputes the same σ from the request alone (public arithmetic).
+    hub_noise, hub_grid = request_noise(request)
+    assert hub_noise.sigma_site == sigma and hub_grid == grid
     noise = np.concatenate(sums).astype(float)
     statistic = float(np.sum((noise / sigma) ** 2) / len(sites))
     df = noise.size

@@ -28,7 +28,7 @@ Modes:
     exceed 32 bits) is added to **every** coordinate (all slots), with σ_site² =
     σ_central² / (K − t): the sum carries at least the central noise while at most t sites
     drop out or collude. σ_site is calibrated on the rounded vector's sensitivity
-    (Δ/step + √d) by :mod:`fednipype.site.distributed_dp` (Kairouz, Liu & Steinke 2021, with
+    (Δ/step + √d) by :mod:`fednipype.contract.distributed_dp` (Kairouz, Liu & Steinke 2021, with
     their τ correction). The ledger is charged the request's (ε, δ) with noise multiplier
     σ_central / Δ_grid, so its accountant composes it as the Gaussian mechanism whose Rényi
     curve the bound equals at τ = 0 (when τ is not negligible, the charge is composed by its
@@ -63,6 +63,7 @@ import numpy as np
 
 from fednipype.bids import find_feature_files, read_participants
 from fednipype.contract.calibration import analytic_gaussian_sigma
+from fednipype.contract.distributed_dp import DistributedNoise, request_noise
 from fednipype.contract.document import content_hash
 from fednipype.contract.request import AnalysisRequest
 from fednipype.contract.secure_sum import DEFAULT_CAPACITY, NOISE_TAIL, Grid, SumLayout
@@ -78,7 +79,7 @@ from fednipype.exceptions import (
 from fednipype.site import approvals
 from fednipype.site.accountant import Charge, composed_epsilon
 from fednipype.site.design import ModelSpec, build_design, load_feature_table
-from fednipype.site.distributed_dp import DistributedNoise, calibrate, draw_discrete_gaussian
+from fednipype.site.distributed_dp import draw_discrete_gaussian
 from fednipype.site.ledger import RELATIVE_TOLERANCE, PrivacyLedger, Spend
 from fednipype.site.ledger_store import connect
 from fednipype.site.mechanisms import Mechanism, PreparedStatistic
@@ -330,9 +331,7 @@ def _checked(
         _refuse(RequestError, where, "its secure-sum grid cannot carry this request")
     noise = None
     if request.mode == "distributed-dp":
-        l2 = grid.sensitivity(layout.sensitivity, layout.site_dim)
-        honest = request.k - request.max_dropouts
-        noise = calibrate(request.epsilon, request.delta, l2, layout.site_dim, honest)
+        noise, _ = request_noise(request, capacity=capacity)
         room = grid.bound * grid.step - request.max_participants
         if NOISE_TAIL * noise.sigma_site * grid.step > room:
             _refuse(RequestError, where, "its grid leaves no room for the noise's tail")
