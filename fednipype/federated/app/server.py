@@ -282,9 +282,14 @@ def _wait_for_nodes(grid: Grid, want: int, timeout: float) -> list[int]:
 
 
 def _site_table(
-    sites: tuple[str, ...], replies: list[SiteReply], contributors: set[int]
+    sites: tuple[str, ...], replies: list[SiteReply], contributors: set[int] | None
 ) -> list[dict[str, Any]]:
-    """One row per request site (slot order): contributed, refused, dropped or absent."""
+    """One row per request site (slot order): its check-round answer, then what it did.
+
+    Before the SecAgg+ round (``contributors`` None) a site is ``accepted``, ``refused``,
+    ``error``, ``no-reply`` or ``absent`` (not connected); after it an accepted site is
+    ``contributed`` or ``dropped``.
+    """
     by_site = {r.site: r for r in replies if r.site in sites}
     rows = []
     for site in sites:
@@ -292,7 +297,10 @@ def _site_table(
         if reply is None:
             rows.append({"site": site, "node_id": None, "status": "absent", "reason": ""})
         elif reply.status == "accepted":
-            status = "contributed" if reply.node_id in contributors else "dropped"
+            if contributors is None:
+                status = "accepted"
+            else:
+                status = "contributed" if reply.node_id in contributors else "dropped"
             rows.append({"site": site, "node_id": reply.node_id, "status": status, "reason": ""})
         else:
             rows.append(
@@ -359,7 +367,7 @@ def _run(grid: Grid, context: Context, settings: RunSettings, record: _Record) -
     )
     timings["check"] = round(time.monotonic() - tic, 3)
     accepted = {r.node_id: r.site for r in replies if r.status == "accepted"}
-    record.doc["sites"] = _site_table(request.sites, replies, set())
+    record.doc["sites"] = _site_table(request.sites, replies, None)
     record.doc["other_nodes"] = [r.node_id for r in replies if r.site not in request.sites]
     if len(accepted) < min_sites:
         raise FederationError(
@@ -393,6 +401,13 @@ def _run(grid: Grid, context: Context, settings: RunSettings, record: _Record) -
     record.doc["sites"] = _site_table(request.sites, replies, contributors)
     if outcome is None or len(contributors) < min_sites:
         halted = getattr(fit_workflow, "halted", None) or "the fit round"
+        live = getattr(fit_workflow, "live_at_halt", set())
+        record.doc["sites"] = [  # halted: who was still there, and who had dropped
+            {**row, "status": "accepted" if row["node_id"] in live else "dropped"}
+            if row["status"] == "dropped"
+            else row
+            for row in record.doc["sites"]
+        ]
         raise FederationError(
             f"secure sum: halted at the {halted}; fewer than min-sites = {min_sites} sites "
             "remained, so no sum was unmasked"

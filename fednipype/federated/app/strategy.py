@@ -44,13 +44,28 @@ __all__ = [
 
 LOGGER = logging.getLogger(__name__)
 
-# Flower's error reason for an exception raised in a ClientApp: "<class 'X'>:<'text'>".
+# Flower's error reason for an exception raised in a ClientApp: "<class 'X'>:<'text'>" on a
+# SuperNode; in simulation, Ray's traceback ending in "... occurred. Message: text".
 _CLIENT_ERROR = re.compile(r"^<class '[^']*'>:<'(?P<text>.*)'>$", re.DOTALL)
+_SIMULATION_ERROR = re.compile(r"Message: (?P<text>[^\n]*)\s*$")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_MAX_REASON = 300
 
 
 def error_text(reason: str) -> str:
-    match = _CLIENT_ERROR.match(reason)
-    return match.group("text") if match else reason
+    """The client's own message out of Flower's error reason (no traceback, one line).
+
+    Examples
+    --------
+    >>> error_text("<class 'fednipype.exceptions.FederationError'>:<'refused: budget'>")
+    'refused: budget'
+    """
+    reason = _ANSI.sub("", reason).strip()
+    match = _CLIENT_ERROR.match(reason) or _SIMULATION_ERROR.search(reason)
+    if match:
+        reason = match.group("text")
+    lines = [line.strip() for line in reason.splitlines() if line.strip()]
+    return (lines[-1] if lines else "")[:_MAX_REASON]
 
 
 def _failure_text(failure: Any) -> str:
@@ -179,6 +194,7 @@ class QuorumSecAggPlusWorkflow(SecAggPlusWorkflow):
         super().__init__(*args, **kwargs)
         self.min_sites = min_sites
         self.halted: str | None = None
+        self.live_at_halt: set[int] = set()
 
     def _quorum(self, ok: bool, state: Any, stage: str) -> bool:
         live = len(state.active_node_ids)
@@ -187,6 +203,7 @@ class QuorumSecAggPlusWorkflow(SecAggPlusWorkflow):
             ok = False
         if not ok and self.halted is None:
             self.halted = f"{stage} stage with {live} site(s) answering"
+            self.live_at_halt = set(state.active_node_ids)
         return ok
 
     def setup_stage(self, grid: Grid, context: LegacyContext, state: Any) -> bool:
