@@ -221,6 +221,13 @@ def test_refusals_on_public_facts(tmp_path, site_policy, site):
     assert site.ledger.audit_trail() == []
 
 
+def test_a_missing_ledger_is_refused_without_naming_local_paths(site):
+    site.ledger.path.rename(site.ledger.path.with_suffix(".moved"))
+    text = site.refusal(make_request(), PolicyError)
+    assert text.endswith("refused: the site's policy or privacy ledger cannot be used")
+    assert "/" not in text and "sqlite" not in text
+
+
 def test_an_exhausted_budget_is_refused_before_any_charge(tmp_path, site_policy):
     site = Site(tmp_path / "b", site_policy, "siteA", simulate(40, 2), epsilon=1.0)
     first, second = make_request(request_id="first"), make_request(request_id="second")
@@ -384,4 +391,7 @@ def test_distributed_noise_of_the_sum_has_the_stated_variance(tmp_path, site_pol
     assert "at most t=1 of the K=3 sites" in record.parameters["trust"]
     # Utility: one site's noise sd against dp mode's (the sum of K - t shares is the central).
     dp_sigma = analytic_gaussian_sigma(1.0, 1e-5, math.sqrt(1 + 3 + 3 + 6 - 2 + 9 + 3))
-    print(f"distributed-dp sigma_site / dp sigma = {sigma * grid.step / dp_sigma:.3f}")
+    print(
+        f"chi2 {statistic:.1f} on {df} df (accept {lo:.1f}..{hi:.1f}); distributed-dp "
+        f"sigma_site / dp sigma = {sigma * grid.step / dp_sigma:.3f}"
+    )
