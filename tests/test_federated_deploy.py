@@ -240,6 +240,7 @@ def test_everything_stops_when_the_body_raises(tmp_path):
     with pytest.raises(RuntimeError, match="body failed"):
         with LocalConsortium(workdir, sites, stop_grace=5.0) as c:
             assert flower_processes(c.ports, c.workdir)  # the check sees live processes
+            assert "SuperNode ID" in c.wait_log("site-b", r"SuperNode ID: \d+", timeout=30)
             c.kill_node("site-b")
             assert wait_no_processes([runtime_port(c.processes["site-b"])]) == {}
             assert c.processes["site-a"].running() and c.processes["superlink"].running()

@@ -10,11 +10,9 @@ SuperNode authentication (each site's public key registered with the SuperLink):
         c.kill_node("site-b")                      # a site's machine dies (SIGKILL)
     # every process started is stopped here, also when the body raised
 
-Interface (stable): the constructor, ``run``, ``kill_node``, ``start_supernode``,
-``wait_online``, ``node_status``, ``flwr``, ``stop`` and the attributes ``connection``,
-``flwr_home`` (``cli_env()`` sets ``FLWR_HOME``), ``superlink_address``, ``node_ids``,
-``ports``, ``logs``, ``timings``; :func:`config_arg` and :func:`stop_processes` serve a
-site's own command as well.
+Stable interface: the constructor, ``run``, ``kill_node``, ``wait_log``, ``start_supernode``,
+``wait_online``, ``node_status``, ``flwr``, ``stop``, ``cli_env`` and ``connection``,
+``flwr_home``, ``superlink_address``, ``node_ids``, ``ports``, ``logs``, ``timings``.
 
 Production commands
 -------------------
@@ -435,8 +433,7 @@ class LocalConsortium:
         self.timings["stop_s"] = time.monotonic() - begin
 
     def process_pattern(self) -> re.Pattern[str]:
-        """Matches an argument naming this consortium's folder or ``host:port`` of one of
-        its ports: how its processes, and the ones Flower starts for them, are recognised."""
+        """Matches an argument naming the workdir or one of its ``host:port``s (processes)."""
         ports = "|".join(str(port) for port in self.ports)
         host = re.escape(self.host)
         return re.compile(rf"{re.escape(str(self.workdir))}|(?<![\d.]){host}:({ports})(?!\d)")
@@ -480,8 +477,7 @@ class LocalConsortium:
             time.sleep(0.1)
 
     def _tls_handshake(self) -> bool:
-        """Whether the SuperLink answers TLS with a certificate of our CA naming ``host``
-        (a port merely open may belong to another program)."""
+        """Whether the SuperLink answers TLS with our CA's certificate (not just any port)."""
         context = ssl.create_default_context(cafile=str(self.ca))
         try:
             with socket.create_connection((self.host, self.port), timeout=1.0) as raw:
@@ -582,6 +578,16 @@ class LocalConsortium:
                     + f" (logs: {self.log_dir})"
                 )
             time.sleep(0.5)
+
+    def wait_log(self, key: str, pattern: str, timeout: float = 60.0) -> str:
+        """Wait until the log of process ``key`` has a line matching ``pattern`` (e.g. a
+        SuperNode's ``Receiving: train message``, to kill it mid-run); returns that line."""
+        deadline = time.monotonic() + timeout
+        while not (found := re.search(f".*{pattern}.*", self.processes[key].tail(10**6))):
+            if time.monotonic() > deadline:
+                raise self.processes[key].failure(f"logged no {pattern!r} in {timeout:g} s")
+            time.sleep(0.2)
+        return found[0]
 
     def kill_node(self, site: str) -> None:
         """Kill a SuperNode and all it started with SIGKILL: a site that dies mid-run."""

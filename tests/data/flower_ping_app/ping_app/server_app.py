@@ -3,7 +3,7 @@
 import json
 import time
 
-from flwr.app import ConfigRecord, Context, MessageType, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 app = ServerApp()
@@ -22,7 +22,7 @@ def main(grid: Grid, context: Context) -> None:
         node_ids = list(grid.get_node_ids())
     content = RecordDict({"ping": ConfigRecord({"value": int(cfg["ping-value"])})})
     messages = [
-        grid.create_message(content, MessageType.QUERY, node_id, group_id="ping")
+        Message(content, dst_node_id=node_id, message_type=MessageType.QUERY, group_id="ping")
         for node_id in node_ids
     ]
     replies = grid.send_and_receive(messages, timeout=float(cfg["reply-timeout"]))
