@@ -296,7 +296,7 @@ def make_server_certificate(
                 content_commitment=False,
                 key_encipherment=False,
                 data_encipherment=False,
-                key_agreement=True,
+                key_agreement=False,
                 key_cert_sign=False,
                 crl_sign=False,
                 encipher_only=False,
