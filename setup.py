@@ -25,6 +25,9 @@ INSTALL_REQUIRES = [
     "nilearn>=0.10,<0.14",
     "statsmodels>=0.14",
     "jsonschema>=4.18",
+    # the federation's local certificate authority and SuperNode keys; Flower's config.toml
+    "cryptography>=42",
+    "tomli-w>=1.0",
 ]
 
 TEST_REQUIRE = [
@@ -68,6 +71,7 @@ setup(
             "fednipype-meta=fednipype.cli.hub:main",
             "fednipype-budget=fednipype.cli.budget:main",
             "fednipype-plan=fednipype.cli.plan:main",
+            "fednipype-site=fednipype.cli.site:main",
         ]
     },
     classifiers=[
