@@ -61,9 +61,10 @@ def error_text(reason: str) -> str:
     'refused: budget'
     """
     reason = _ANSI.sub("", reason).strip()
-    match = _CLIENT_ERROR.match(reason) or _SIMULATION_ERROR.search(reason)
-    if match:
-        reason = match.group("text")
+    for pattern in (_CLIENT_ERROR.match, _SIMULATION_ERROR.search):
+        match = pattern(reason)
+        if match:
+            reason = match.group("text").strip()
     lines = [line.strip() for line in reason.splitlines() if line.strip()]
     return (lines[-1] if lines else "")[:_MAX_REASON]
 
@@ -162,7 +163,8 @@ class SecureSumStrategy(Strategy):
             total=total,
             node_ids=[proxy.node_id for proxy, _ in results],
             distinct_parameters=len(payloads),
-            failures=[_failure_text(failure) for failure in failures],
+            # Distinct reasons: Flower's collect stage lists each failed reply twice.
+            failures=list(dict.fromkeys(_failure_text(failure) for failure in failures)),
         )
         return None, {}
 
