@@ -481,3 +481,41 @@ def test_no_flower_or_ray_process_is_left(link: SimulationLink) -> None:
     assert _marked_pids(link.marker)  # the SuperLink and its executor are running ...
     assert link.stop() == []  # ... and nothing it started outlives it
     assert _marked_pids(link.marker) == []
+
+
+# -- the same app against a deployed SuperLink --------------------------------------------------
+
+
+@pytest.mark.timeout(480)
+def test_the_app_runs_against_a_tls_superlink_and_supernodes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``flwr run APP CONNECTION`` against a real SuperLink (TLS, node auth), 3 SuperNodes."""
+    from fednipype.federated.deploy import LocalConsortium, processes_matching
+
+    monkeypatch.setenv("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+    request, out = tmp_path / "request.json", tmp_path / "out"
+    request.write_text(json.dumps(_request("deployed", 2)))
+    sites = {f"site-{p}": {"partition-id": p} for p in range(K)}
+    config = {
+        "request": str(request),
+        "out-dir": str(out),
+        "site-bound": B3,
+        "echo-size": ECHO_SIZE,
+        "echo-seed": ECHO_SEED,
+        "timeout": 90.0,
+        "connect-timeout": 60.0,
+    }
+    with LocalConsortium(tmp_path / "consortium", sites, stop_grace=5.0) as consortium:
+        done = consortium.run(ECHO_APP, config, timeout=360.0)
+        pattern = consortium.process_pattern()
+    doc = json.loads((out / "secure_sum.json").read_text())
+    assert doc["status"] == "completed", (doc["error"], done.stdout[-2000:])
+    assert doc["sum"] == np.sum(np.stack(echo_vectors()), axis=0).tolist()
+    assert doc["contributors"] == ["site-0", "site-1", "site-2"]
+    assert doc["aggregate_fit"]["distinct_parameters"] == 1
+    assert processes_matching(pattern, flower_only=False) == {}
+    print(
+        f"\ndeployed: SecAgg+ round {doc['timings_s']['aggregation']:.1f} s, check "
+        f"{doc['timings_s']['check']:.1f} s, flwr run {done.seconds:.1f} s"
+    )
