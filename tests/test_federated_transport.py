@@ -60,7 +60,7 @@ from fednipype.federated.app.client_app import public_reason
 from fednipype.federated.app.server import RunSettings
 from fednipype.federated.transport import (
     FIT_NUM_EXAMPLES,
-    MAX_SITE_BOUND,
+    MAX_COORDINATE_BOUND,
     MAX_SUM_BOUND,
     SecAggEncoding,
 )
@@ -68,8 +68,10 @@ from fednipype.federated.transport import (
 ECHO_APP = Path(__file__).parent / "data" / "secagg_echo_app"
 MARKER = "FEDNIPYPE_SECAGG_TEST_RUN"
 K = 3
-#: The largest per-site bound with 3 sites: K * B <= 2**31 - 1.
-B3 = MAX_SUM_BOUND // K
+#: The largest per-site bound one coordinate carries for 3 sites: K * B <= 2**31 - 1.
+B3 = (2**31 - 1) // K
+#: The largest per-site bound for 3 sites (two limbs): K * B <= 2**53.
+BIG3 = MAX_SUM_BOUND // K
 ECHO_SIZE = 12
 ECHO_SEED = 11
 
@@ -118,6 +120,7 @@ def _through_secaggplus(vectors: list[np.ndarray], enc: SecAggEncoding) -> np.nd
         mask = pseudo_rand_gen(seed, enc.modulus_range, [a.shape for a in masked])
         masked = parameters_subtraction(masked, mask)
     ratio, recon = factor_extract(parameters_mod(masked, enc.modulus_range))
+    assert recon[0].size == enc.limbs * vectors[0].size
     assert ratio == len(vectors)  # every site's weight quantised to 1: no wrap of the ratio
     (aggregated,) = dequantize(recon, enc.clipping_range, enc.quantization_range)
     aggregated += -(len(vectors) - 1) * enc.clipping_range
@@ -128,11 +131,19 @@ def _through_secaggplus(vectors: list[np.ndarray], enc: SecAggEncoding) -> np.nd
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize(
     ("bound", "sites"),
-    [(MAX_SITE_BOUND, 2), (B3, 3), (MAX_SUM_BOUND // 5, 5), (MAX_SUM_BOUND // 17, 17), (1, 4)],
+    [
+        (MAX_COORDINATE_BOUND, 2),
+        (B3, 3),
+        (1, 4),
+        (B3 + 1, 3),
+        (BIG3, 3),
+        (MAX_SUM_BOUND // 17, 17),
+        (MAX_SUM_BOUND // 1000, 1000),
+    ],
 )
 def test_flower_masking_step_carries_integers_exactly(bound: int, sites: int) -> None:
-    enc = SecAggEncoding.for_bound(bound)
-    enc.check_sites(sites)
+    enc = SecAggEncoding.for_bound(bound, n_sites=sites)
+    assert (enc.limbs == 1) == (bound <= (2**31 - 1) // sites)
     rng = np.random.default_rng(sites)
     vectors = [rng.integers(-bound, bound + 1, size=40) for _ in range(sites)]
     for k, vec in enumerate(vectors):  # the extremes: every site at +B, at -B, and mixed
@@ -145,40 +156,43 @@ def test_flower_masking_step_carries_integers_exactly(bound: int, sites: int) ->
 
 
 @pytest.mark.timeout(30)
-def test_site_bound_limit_is_flowers_int32_cast() -> None:
-    # At c = 2**30 (B = 2**30 - 1) Flower's quantiser gives v + c exactly up to 2**31 - 1 ...
+def test_one_coordinate_limit_is_flowers_int32_cast() -> None:
+    # At c = 2**30 (D = 2**30 - 1) Flower's quantiser gives d + c exactly up to 2**31 - 1 ...
     clip, target = float(2**30), 2**31
-    ok = quantize([np.array([MAX_SITE_BOUND, -MAX_SITE_BOUND], float)], clip, target)[0]
+    bound = MAX_COORDINATE_BOUND
+    ok = quantize([np.array([bound, -bound], float)], clip, target)[0]
     assert ok.tolist() == [2**31 - 1, 1]
-    # ... one more and the int32 cast wraps: B = 2**30 cannot be carried, so it is refused.
+    # ... one more and the int32 cast wraps: 2**30 cannot be one coordinate, so it is split.
     with warnings.catch_warnings():  # numpy warns of the overflowing cast it performs
         warnings.simplefilter("ignore", RuntimeWarning)
         wrapped = quantize([np.array([2.0**30])], clip, target)[0]
     assert wrapped.tolist() != [2**31]
-    with pytest.raises(FederationError, match="site-bound"):
-        SecAggEncoding.for_bound(MAX_SITE_BOUND + 1)
+    assert SecAggEncoding.for_bound(bound, n_sites=2).limbs == 1
+    assert SecAggEncoding.for_bound(bound + 1, n_sites=2).limbs == 2
 
 
 @pytest.mark.timeout(30)
 def test_encoding_parameters_and_limits() -> None:
-    enc = SecAggEncoding.for_bound(1000)
+    enc = SecAggEncoding.for_bound(1000, n_sites=K)
     assert (enc.clipping_range, enc.quantization_range, enc.max_weight) == (1024.0, 2048, 2048.0)
     assert enc.workflow_parameters()["modulus_range"] == 2**32
     # Flower's weight: round(num_examples / max_weight * Q) is exactly 1 for every site.
     assert round(FIT_NUM_EXAMPLES / enc.max_weight * enc.quantization_range) == 1
-    assert enc.max_sites() == MAX_SUM_BOUND // 1000
-    enc.check_sites(enc.max_sites())
-    with pytest.raises(FederationError, match="sites"):
-        enc.check_sites(enc.max_sites() + 1)
+    big = SecAggEncoding.for_bound(BIG3, n_sites=K)  # 29-bit digits: K (2**29 - 1) < 2**31
+    assert (big.limbs, big.limb_bits, big.quantization_range) == (2, 29, 2**30)
+    with pytest.raises(FederationError, match="K \\* B <= 2"):
+        SecAggEncoding.for_bound(BIG3 + 1, n_sites=K)
     for bad in (0, -3, True, 2.5):
         with pytest.raises(FederationError, match="site-bound"):
-            SecAggEncoding.for_bound(bad)
+            SecAggEncoding.for_bound(bad, n_sites=K)
+    with pytest.raises(FederationError, match="contributors"):
+        enc.decode(np.zeros(4), n_contributors=K + 1)
     with pytest.raises(FederationError, match="exceeds site-bound"):
         enc.encode(np.array([1001]))
     with pytest.raises(FederationError, match="integer vector"):
         enc.encode(np.array([1.5]))
     with pytest.raises(FederationError, match="quantization-range"):
-        SecAggEncoding.from_config({"site-bound": 1000, "quantization-range": 4096})
+        SecAggEncoding.from_config({"site-bound": 1000, "sites": K, "quantization-range": 4096})
     # A vector off the integer grid (other quantisation parameters) is refused, not rounded.
     with pytest.raises(FederationError, match="integer grid"):
         enc.decode(np.array([0.25 * 2048 / 3]), n_contributors=3)
@@ -216,7 +230,8 @@ def test_run_settings_name_the_bad_key() -> None:
     for key, value in (
         ("min-sites", 1),
         ("timeout", 0.0),
-        ("site-bound", 2**30),
+        ("site-bound", -1),
+        ("site-bound", 2**53 + 1),
         ("min-sites", "2"),
     ):
         with pytest.raises(FederationError, match=key):
@@ -304,7 +319,7 @@ class SimulationLink:
         self.stop()
         raise RuntimeError("flower-superlink did not become healthy within 60 s")
 
-    def run(self, name: str, **overrides: Any) -> tuple[dict[str, Any], float]:
+    def run(self, name: str, bound: int = B3, **overrides: Any) -> tuple[dict[str, Any], float]:
         """``flwr run`` of the echo app with three simulated sites; the written outcome."""
         out = self.root / name
         request = self.root / f"{name}-request.json"
@@ -313,7 +328,7 @@ class SimulationLink:
         config = {
             "request": str(request),
             "out-dir": str(out),
-            "site-bound": B3,
+            "site-bound": bound,
             "echo-size": ECHO_SIZE,
             "echo-seed": ECHO_SEED,
             "timeout": 60.0,
@@ -401,12 +416,13 @@ TIMES: dict[str, float] = {}
 
 @pytest.mark.timeout(300)
 def test_secure_sum_is_the_exact_sum_and_the_hub_holds_only_it(link: SimulationLink) -> None:
-    doc, wall = link.run("exact")
-    vectors = echo_vectors()
+    doc, wall = link.run("exact", bound=BIG3)  # two limbs per integer
+    vectors = echo_vectors(BIG3)
     expected = np.sum(np.stack(vectors), axis=0)
     assert doc["status"] == "completed", doc["error"]
+    assert doc["transport"]["limbs"] == 2
     assert doc["sum"] == expected.tolist()
-    assert doc["sum"][0] == K * B3 == 2**31 - 2 and doc["sum"][1] == -K * B3  # the extremes
+    assert doc["sum"][0] == K * BIG3 and doc["sum"][1] == -K * BIG3  # the extremes
     assert doc["contributors"] == ["site-0", "site-1", "site-2"]
     # What aggregate_fit received: one result per site, all one and the same aggregate ...
     assert doc["aggregate_fit"] == {"results": K, "distinct_parameters": 1, "failures": []}
@@ -466,8 +482,8 @@ def test_a_run_below_min_sites_in_the_secagg_round_unmasks_nothing(link: Simulat
 
 @pytest.mark.timeout(300)
 def test_plain_baseline_sums_the_same_and_shows_each_vector(link: SimulationLink) -> None:
-    doc, wall = link.run("plain", **{"secure-aggregation": False})
-    vectors = echo_vectors()
+    doc, wall = link.run("plain", bound=BIG3, **{"secure-aggregation": False})
+    vectors = echo_vectors(BIG3)
     assert doc["status"] == "completed", doc["error"]
     assert doc["sum"] == np.sum(np.stack(vectors), axis=0).tolist()
     assert doc["aggregate_fit"]["distinct_parameters"] == K  # what SecAgg+ keeps from the hub
@@ -500,7 +516,7 @@ def test_the_app_runs_against_a_tls_superlink_and_supernodes(
     config = {
         "request": str(request),
         "out-dir": str(out),
-        "site-bound": B3,
+        "site-bound": BIG3,
         "echo-size": ECHO_SIZE,
         "echo-seed": ECHO_SEED,
         "timeout": 90.0,
@@ -511,7 +527,7 @@ def test_the_app_runs_against_a_tls_superlink_and_supernodes(
         pattern = consortium.process_pattern()
     doc = json.loads((out / "secure_sum.json").read_text())
     assert doc["status"] == "completed", (doc["error"], done.stdout[-2000:])
-    assert doc["sum"] == np.sum(np.stack(echo_vectors()), axis=0).tolist()
+    assert doc["sum"] == np.sum(np.stack(echo_vectors(BIG3)), axis=0).tolist()
     assert doc["contributors"] == ["site-0", "site-1", "site-2"]
     assert doc["aggregate_fit"]["distinct_parameters"] == 1
     assert processes_matching(pattern, flower_only=False) == {}

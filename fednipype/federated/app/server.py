@@ -44,6 +44,7 @@ from flwr.server.compat.legacy_context import LegacyContext
 from flwr.server.workflow import DefaultWorkflow
 from flwr.serverapp.grid import Grid
 
+from fednipype.contract import secure_sum
 from fednipype.contract.request import AnalysisRequest
 from fednipype.exceptions import FederationError, FednipypeError
 from fednipype.federated.app.strategy import (
@@ -52,7 +53,7 @@ from fednipype.federated.app.strategy import (
     error_text,
     plain_fit_workflow,
 )
-from fednipype.federated.transport import SecAggEncoding
+from fednipype.federated.transport import MAX_SUM_BOUND, SecAggEncoding
 
 __all__ = [
     "OUTPUT_NAME",
@@ -103,7 +104,9 @@ class RunSettings:
     connect_timeout : float
         ``connect-timeout``: seconds to wait for the request's sites to connect.
     site_bound : int
-        ``site-bound``: the largest ``|integer|`` one site sends (the request's grid bound).
+        ``site-bound``: the largest ``|integer|`` one site sends; ``0`` (the default) takes
+        the request's grid bound (``contract.secure_sum.Grid.for_request``), which the sites
+        derive from the request alike.
     secure_aggregation : bool
         ``secure-aggregation``: ``false`` only for the plain baseline of a benchmark (the
         strategy then sees every site's vector; a site's client app with ``secaggplus_mod``
@@ -140,7 +143,7 @@ class RunSettings:
             ),
             timeout=float(_value(config, "timeout", number, "seconds > 0")),
             connect_timeout=float(_value(config, "connect-timeout", number, "seconds >= 0")),
-            site_bound=_value(config, "site-bound", (int,), "an integer >= 1"),
+            site_bound=_value(config, "site-bound", (int,), "0 or an integer >= 1"),
             secure_aggregation=bool(config.get("secure-aggregation", True)),
         )
         if not str(settings.request) or not str(settings.out_dir) or str(settings.out_dir) == ".":
@@ -153,7 +156,11 @@ class RunSettings:
             raise FederationError(
                 "run config: keys 'timeout' and 'connect-timeout': expected seconds > 0 and >= 0"
             )
-        SecAggEncoding.for_bound(settings.site_bound)  # range check, naming the key
+        if settings.site_bound < 0 or settings.site_bound > MAX_SUM_BOUND:
+            raise FederationError(
+                f"run config: key 'site-bound': expected 0 (the request's grid) or 1 to "
+                f"{MAX_SUM_BOUND}, got {settings.site_bound}"
+            )
         return settings
 
 
@@ -340,8 +347,10 @@ def run_secure_sum(grid: Grid, context: Context) -> Path:
 def _run(grid: Grid, context: Context, settings: RunSettings, record: _Record) -> Path:
     request = AnalysisRequest.from_file(settings.request)
     min_sites = max(settings.min_sites, request.min_sites)
-    encoding = SecAggEncoding.for_bound(settings.site_bound)
-    encoding.check_sites(len(request.sites))
+    bound = settings.site_bound
+    if bound == 0:  # the request's grid, which every site derives from the request alike
+        bound = secure_sum.Grid.for_request(request, capacity=MAX_SUM_BOUND).bound
+    encoding = SecAggEncoding.for_bound(bound, n_sites=len(request.sites))
     record.doc.update(
         request_id=request.request_id,
         request_hash=request.content_hash,
@@ -350,6 +359,8 @@ def _run(grid: Grid, context: Context, settings: RunSettings, record: _Record) -
         secure_aggregation=settings.secure_aggregation,
         transport={
             "site_bound": encoding.site_bound,
+            "limbs": encoding.limbs,
+            "limb_bits": encoding.limb_bits,
             **encoding.workflow_parameters(),
             "num_shares": settings.num_shares,
             "reconstruction_threshold": settings.reconstruction_threshold,
