@@ -199,6 +199,14 @@ def test_encoding_parameters_and_limits() -> None:
 
 
 @pytest.mark.timeout(30)
+def test_the_layout_grid_fits_the_transport() -> None:
+    from fednipype.contract import secure_sum
+
+    # The grid the hub and the sites derive from a request assumes this capacity.
+    assert secure_sum.DEFAULT_CAPACITY == MAX_SUM_BOUND
+
+
+@pytest.mark.timeout(30)
 def test_refusal_reasons_carry_public_facts_only() -> None:
     private = "site-b: 212 participants, spent 0.93 at /data/site-b/ledger.sqlite"
     for err in (
