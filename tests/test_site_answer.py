@@ -4,8 +4,10 @@ independent references (numpy statistics of the raw rows, dp-accounting, a chi-s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import sqlite3
 from pathlib import Path
 
 import dp_accounting
@@ -382,8 +384,12 @@ def test_distributed_noise_of_the_sum_has_the_stated_variance(tmp_path, site_pol
     df = noise.size
     lo, hi = scipy_stats.chi2.ppf(5e-7, df), scipy_stats.chi2.isf(5e-7, df)
     assert lo < statistic < hi, (statistic, df)
-    # Accounting: (ε, δ) charged with the central multiplier; trust and local floor recorded.
+    # Accounting: (ε, δ) charged and composed by basic composition (a Rényi bound, not a
+    # Gaussian mechanism); trust and local floor recorded.
     (record, *_) = sites[0].ledger.audit_trail()
+    with contextlib.closing(sqlite3.connect(sites[0].ledger.path)) as conn:
+        multipliers = conn.execute("SELECT noise_multiplier FROM charge").fetchall()
+    assert multipliers and all(m is None for (m,) in multipliers)
     mechanism = record.parameters["mechanism"]
     assert (record.epsilon, record.delta) == (1.0, 1e-5)
     assert mechanism["sigma_central"] == pytest.approx(math.sqrt(2) * sigma)  # K - t = 2

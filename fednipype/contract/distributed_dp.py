@@ -174,14 +174,10 @@ class DistributedNoise:
     def noise_multiplier(self) -> float:
         """σ_central / Δ₂: the Gaussian multiplier whose Rényi curve the bound equals at τ = 0.
 
-        The site's ledger composes the answer's charge as a Gaussian mechanism of this
-        multiplier (Gaussian DP). That is a close approximation, not the theorem above (which
-        bounds Rényi divergences): at τ = 0 the sum is, up to terms of order τ, a discrete
-        Gaussian of sd σ_central, whose privacy loss for an integer shift Δ is a normal
-        variable restricted to a lattice of spacing at most ‖Δ‖∞/σ_central² — on the secure
-        sum's fine grid (σ of order 10¹⁰ integer units and more) indistinguishable from the
-        continuous Gaussian's. When τ is not negligible the answer's charge is composed by
-        its (ε, δ) alone (:mod:`fednipype.site.answer`).
+        Recorded for reference. The site's ledger does not compose the answer's charge as a
+        Gaussian of this multiplier: the theorem bounds Rényi divergences of a sum of
+        discrete Gaussians, so the charge is composed by its (ε, δ)
+        (:mod:`fednipype.site.answer`).
         """
         return self.sigma_central / self.l2_sensitivity
 

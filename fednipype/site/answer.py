@@ -29,11 +29,11 @@ Modes:
     σ_central² / (K − t): the sum carries at least the central noise while at most t sites
     drop out or collude. σ_site is calibrated on the rounded vector's sensitivity
     (Δ/step + √d) by :mod:`fednipype.contract.distributed_dp` (Kairouz, Liu & Steinke 2021, with
-    their τ correction). The ledger is charged the request's (ε, δ) with noise multiplier
-    σ_central / Δ_grid, so its accountant composes it as the Gaussian mechanism whose Rényi
-    curve the bound equals at τ = 0 (when τ is not negligible, the charge is composed by its
-    (ε, δ) alone); the trust assumption and the site's local floor ε (its own noise alone)
-    are recorded in the audit row. No cohort check: any decision on the site's own noisy
+    their τ correction). The ledger is charged the request's (ε, δ), composed with the
+    site's other charges by basic composition (sound for any mechanism; the tight Gaussian
+    composition is kept for the Gaussian mechanisms of ``dp`` answers and releases); the
+    trust assumption and the site's local floor ε (its own noise alone) are recorded in the
+    audit row. No cohort check: any decision on the site's own noisy
     vector would cost its local floor, not the charged ε; the central noise protects small
     cells.
 ``exact``
@@ -92,8 +92,6 @@ LOGGER = logging.getLogger(__name__)
 
 #: What the ledger's audit rows of federated answers say they paid for.
 PURPOSE = "federated answer"
-#: τ·d below this is negligible: the distributed charge is composed as a Gaussian mechanism.
-NEGLIGIBLE_TAU = 1e-12
 
 
 @dataclass(frozen=True)
@@ -343,8 +341,10 @@ def _planned_multiplier(context: _Context) -> float | None:
     """The noise multiplier the answer's charge will carry (None: composed by its (ε, δ))."""
     request, layout = context.request, context.layout
     if context.noise is not None:
-        negligible = context.noise.tau * context.noise.dim <= NEGLIGIBLE_TAU
-        return context.noise.noise_multiplier if negligible else None
+        # The distributed bound is a Rényi bound on a sum of discrete Gaussians, not a
+        # Gaussian mechanism: composed by its (ε, δ) (basic composition, sound) rather than
+        # as a Gaussian of multiplier σ_central / Δ, which would be an approximation.
+        return None
     sigma = analytic_gaussian_sigma(request.epsilon, request.delta, layout.sensitivity)
     return sigma / layout.sensitivity
 
@@ -543,7 +543,7 @@ def _answer_distributed(context: _Context, exact: np.ndarray, parameters: dict) 
             f"hub; this site's answer alone is (epsilon={noise.local_floor_epsilon:.6g}, "
             f"delta={request.delta:g})-DP (its local floor)"
         ),
-        "composition": "Gaussian multiplier" if multiplier else "basic (tau not negligible)",
+        "composition": "basic (a Rényi bound, not a Gaussian mechanism)",
     }
     rounded = grid.encode(exact)
     with _charged(context, request.epsilon, request.delta, parameters, multiplier) as spend:
