@@ -17,6 +17,7 @@ import pandas as pd
 from dp_accounting import gaussian_mechanism
 
 from fednipype.contract.document import content_hash, new_release, write_release
+from fednipype.contract.request import AnalysisRequest
 from fednipype.hub.releases import SiteRelease
 from fednipype.site.release import SESSIONS
 
@@ -210,3 +211,36 @@ def write_sites(
         doc = release_doc(site, raw[site], epsilon=epsilon, seed=seed * 100 + i)
         paths.append(write_release(doc, folder / f"{site}_release.json"))
     return paths, raw
+
+
+#: The sites and regions of the federated test requests.
+REQUEST_SITES = ["siteA", "siteB", "siteC"]
+REQUEST_REGIONS = ["L_P01", "R_P01", "L_P12"]
+
+
+def request_document(**changes) -> dict:
+    """A valid request document (fednipype-request/1.0); ``changes`` replace top-level keys."""
+    doc = {
+        "schema": "fednipype-request/1.0",
+        "request_id": "age-gm-test",
+        "sites": list(REQUEST_SITES),
+        "model": {
+            "response": "volume_mm3",
+            "numeric": ["age"],
+            "categorical": {"sex": ["F", "M"], "group": ["control", "patient"]},
+        },
+        "regions": list(REQUEST_REGIONS),
+        "bounds": {"covariates": {"age": [10, 90]}, "regions": {"default": [2000, 10000]}},
+        "mode": "dp",
+        "epsilon": 1.0,
+        "delta": 1e-5,
+        "max_dropouts": 0,
+        "min_sites": 2,
+        "max_participants": 1000,
+    }
+    doc.update(copy.deepcopy(changes))
+    return doc
+
+
+def make_request(**changes) -> AnalysisRequest:
+    return AnalysisRequest.from_document(request_document(**changes), source="request.json")

@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from test_site_approvals import make_request, request_document
+from support import make_request, request_document
 
 from fednipype.cli.site import main
 from fednipype.site import approvals

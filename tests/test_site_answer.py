@@ -15,7 +15,8 @@ import numpy as np
 import pandas as pd
 import pytest
 from scipy import stats as scipy_stats
-from test_site_approvals import SITES, make_request
+from support import REQUEST_SITES as SITES
+from support import make_request
 
 from fednipype.contract.calibration import analytic_gaussian_sigma
 from fednipype.contract.distributed_dp import request_noise

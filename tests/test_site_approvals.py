@@ -3,48 +3,17 @@ pending arrivals, one answer per approval, and the policy's ``[federation]`` tab
 
 from __future__ import annotations
 
-import copy
 import sqlite3
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from support import make_request
 
 from fednipype.contract.request import AnalysisRequest
 from fednipype.exceptions import PolicyError, RequestError
 from fednipype.site import approvals
 from fednipype.site.ledger import PrivacyLedger
 from fednipype.site.policy import SitePolicy
-
-SITES = ["siteA", "siteB", "siteC"]
-REGIONS = ["L_P01", "R_P01", "L_P12"]
-
-
-def request_document(**changes) -> dict:
-    """A valid request document (fednipype-request/1.0); ``changes`` replace top-level keys."""
-    doc = {
-        "schema": "fednipype-request/1.0",
-        "request_id": "age-gm-test",
-        "sites": list(SITES),
-        "model": {
-            "response": "volume_mm3",
-            "numeric": ["age"],
-            "categorical": {"sex": ["F", "M"], "group": ["control", "patient"]},
-        },
-        "regions": list(REGIONS),
-        "bounds": {"covariates": {"age": [10, 90]}, "regions": {"default": [2000, 10000]}},
-        "mode": "dp",
-        "epsilon": 1.0,
-        "delta": 1e-5,
-        "max_dropouts": 0,
-        "min_sites": 2,
-        "max_participants": 1000,
-    }
-    doc.update(copy.deepcopy(changes))
-    return doc
-
-
-def make_request(**changes) -> AnalysisRequest:
-    return AnalysisRequest.from_document(request_document(**changes), source="request.json")
 
 
 @pytest.fixture
