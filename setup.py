@@ -60,7 +60,9 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.11",
     packages=find_packages(include=["fednipype", "fednipype.*"]),
-    package_data={"fednipype": ["data/*", "data/*/*"]},
+    package_data={
+        "fednipype": ["data/*", "data/*/*", "federated/app/*.toml", "federated/app/*.md"]
+    },
     include_package_data=True,
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
