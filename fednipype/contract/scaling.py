@@ -192,6 +192,78 @@ class Scaling:
             out.loc[rows, "p"] = 2.0 * special.stdtr(out.loc[rows, "df"], -np.abs(t))
         return out
 
+    # -- per-site units --------------------------------------------------------------------
+
+    @classmethod
+    def envelope(cls, scalings: Sequence[Scaling], names: Sequence[str]) -> Scaling:
+        """The common maps of several sites: per name, the map of the union of their bounds.
+
+        Sites may declare their own public range of a numeric covariate (e.g. their
+        recruitment age range), which keeps their noise small in original units. The hub
+        converts their statistics exactly into the units of this envelope
+        (:meth:`conversion_to`). Maps outside ``names`` are taken from the first scaling.
+
+        Parameters
+        ----------
+        scalings : sequence of Scaling
+            The sites' maps (at least one).
+        names : sequence of str
+            The names whose maps may differ between sites.
+
+        Returns
+        -------
+        Scaling
+
+        Examples
+        --------
+        >>> a = Scaling({"age": (30.0, 10.0)})
+        >>> b = Scaling({"age": (60.0, 20.0)})
+        >>> Scaling.envelope([a, b], ["age"]).maps["age"]
+        (50.0, 30.0)
+        """
+        maps = dict(scalings[0].maps)
+        for name in names:
+            if name == INTERCEPT:
+                continue
+            lo = min(s.center(name) - s.scale(name) for s in scalings)
+            hi = max(s.center(name) + s.scale(name) for s in scalings)
+            maps[name] = ((lo + hi) / 2, (hi - lo) / 2)
+        return cls(maps)
+
+    def conversion_to(
+        self, common: Scaling, terms: Sequence[str]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The exact affine map from these scaled design units to ``common``'s.
+
+        A column scaled here, ``z = (x − c) / s``, is ``d z + e`` in common units
+        ``(x − c₀) / s₀``, with ``d = s / s₀`` and ``e = (c − c₀) / s₀``. With one intercept
+        per site the shifts ``e`` are absorbed by the site's intercept, so only the ratios
+        ``d`` rescale the site's statistics, which keeps their noise independent per entry
+        (:func:`fednipype.hub.regression.pooled_regression`, ``units``).
+
+        Parameters
+        ----------
+        common : Scaling
+            The common maps (e.g. :meth:`envelope`).
+        terms : sequence of str
+            Design columns; the intercept maps to itself (d = 1, e = 0).
+
+        Returns
+        -------
+        d, e : ndarray
+            One entry per term.
+
+        Examples
+        --------
+        >>> site = Scaling({"age": (30.0, 10.0)})
+        >>> d, e = site.conversion_to(Scaling({"age": (50.0, 30.0)}), ["intercept", "age"])
+        >>> d.round(4).tolist(), e.round(4).tolist()
+        ([1.0, 0.3333], [0.0, -0.6667])
+        """
+        center, scale = self._arrays(terms)
+        center0, scale0 = common._arrays(terms)
+        return scale / scale0, (center - center0) / scale0
+
     # -- compatibility ---------------------------------------------------------------------
 
     def missing(self, names: Sequence[str]) -> list[str]:

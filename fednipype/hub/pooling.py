@@ -29,6 +29,7 @@ import pandas as pd
 
 from fednipype.exceptions import MetaAnalysisError
 from fednipype.hub.meta_analysis import RE_METHODS, TESTS, fixed_effect, random_effects
+from fednipype.contract.scaling import Scaling
 from fednipype.hub.regression import pooled_regression, site_estimates
 from fednipype.hub.releases import SiteRelease, load_releases, short_list
 
@@ -236,9 +237,13 @@ def pool(
     selected = _select_regions(all_regions, regions)
 
     stats = {release.site: release.statistics() for release in items}
-    scaling = items[0].scaling
-    pooled = pooled_regression(stats, site_effects=site_effects, level=level)
-    per_site = site_estimates(stats, level=level)
+    terms = list(items[0].doc["model"]["terms"])
+    # Sites may have released covariates in their own public ranges: report in the envelope's
+    # units, each site's statistics converted exactly (Scaling.conversion_to).
+    scaling = Scaling.envelope([release.scaling for release in items], terms)
+    units = {release.site: release.scaling.conversion_to(scaling, terms) for release in items}
+    pooled = pooled_regression(stats, site_effects=site_effects, level=level, units=units)
+    per_site = site_estimates(stats, level=level, units=units)
     pooled = scaling.unscale(_keep_regions(pooled, selected))
     per_site = scaling.unscale(_keep_regions(per_site, selected))
 

@@ -12,7 +12,6 @@ variance the differential-privacy noise adds into every standard error.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +23,7 @@ from scipy import special
 from fednipype.contract.statistics import SufficientStatistics
 from fednipype.exceptions import MetaAnalysisError
 from fednipype.hub.meta_analysis import check_level
+from fednipype.hub.systems import _Block, _System, _units
 
 LOGGER = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def _site_list(stats: Any) -> list[tuple[Any, SufficientStatistics]]:
 
 
 def pooled_regression(
-    stats: Any, *, site_effects: bool = True, level: float = 0.95
+    stats: Any, *, site_effects: bool = True, level: float = 0.95, units: Any = None
 ) -> pd.DataFrame:
     """Fit the pooled (mega-analysis) linear model from the sites' statistics.
 
@@ -117,6 +117,16 @@ def pooled_regression(
 
     With ``site_effects=False`` the sites' ZᵀZ, ZᵀY, yᵀy, n are summed and one model with a
     common intercept is solved: ordinary least squares on the pooled rows without site terms.
+
+    Sites may have released in their own units (each its public range of a numeric covariate,
+    e.g. its recruitment age range): ``units`` then gives, per site, the exact map of its
+    design columns to common units, z ↦ d z + e (:meth:`Scaling.conversion_to
+    <fednipype.contract.scaling.Scaling.conversion_to>`). With site intercepts the shift e
+    is absorbed by the site's intercept, so site k enters with D_k = diag(d) as
+    D_k ZₖᵀZₖ D_k and D_k ZₖᵀY, its noise variances scaled entry by entry (still independent),
+    and the reported intercept is corrected by −Σ_k (n_k / n) e_kᵀβ. The fit equals the fit
+    of the rows converted to common units. A common intercept (``site_effects=False``) needs
+    every site in the same units.
 
     DP noise is included in every standard error. Each released entry of ZᵀZ (upper triangle,
     mirrored), ZᵀY and yᵀy carries independent Gaussian noise; in the normal equations Ãθ = b̃
@@ -157,6 +167,10 @@ def pooled_regression(
         Fit one intercept per site (default) or a common intercept.
     level : float
         Confidence level as a fraction, default 0.95.
+    units : sequence or mapping of (d, e), optional
+        Per site (in the order or with the keys of ``stats``), the map of its design columns
+        to common units, two arrays with one entry per term. Default: all sites in the same
+        units.
 
     Returns
     -------
@@ -182,11 +196,16 @@ def pooled_regression(
     if not isinstance(site_effects, (bool, np.bool_)):
         raise MetaAnalysisError(f"site_effects must be True or False; got {site_effects!r}")
     first = items[0][1]
-    sites = _Block.stack([site for _, site in items])
+    sites = _Block.stack([site for _, site in items], _units(items, units))
     if site_effects:
         system = _System.with_site_intercepts(sites)
         where = [f"pooled fit of {len(items)} site(s) with site intercepts"]
     else:
+        if not sites.same_units:
+            raise MetaAnalysisError(
+                "the sites released in their own units (per-site covariate ranges): a common "
+                "intercept needs common units; fit site intercepts (site_effects=True)"
+            )
         system = _System.of(sites.total())
         where = [f"pooled fit of {len(items)} site(s)"]
     solution = _solve(system, first.terms, where)
@@ -195,7 +214,7 @@ def pooled_regression(
     return pd.DataFrame(fit, columns=list(REGRESSION_COLUMNS))
 
 
-def site_estimates(stats: Any, *, level: float = 0.95) -> pd.DataFrame:
+def site_estimates(stats: Any, *, level: float = 0.95, units: Any = None) -> pd.DataFrame:
     """Fit each site's own linear model, with the same noise handling as :func:`pooled_regression`.
 
     The rows can be pooled across sites per region and term with :func:`random_effects`, using
@@ -212,6 +231,10 @@ def site_estimates(stats: Any, *, level: float = 0.95) -> pd.DataFrame:
         One per site; a mapping's keys become the ``site`` labels, otherwise positions are used.
     level : float
         Confidence level as a fraction, default 0.95.
+    units : sequence or mapping of (d, e), optional
+        As :func:`pooled_regression`: each site's estimates are reported in common units
+        (slopes of d z, the intercept at the common centers). The β of the noise term is then
+        the pooled fit's with site intercepts.
 
     Returns
     -------
@@ -222,9 +245,17 @@ def site_estimates(stats: Any, *, level: float = 0.95) -> pd.DataFrame:
     items = _site_list(stats)
     level = check_level(level)
     first = items[0][1]
-    sites = _Block.stack([site for _, site in items])
-    total = _System.of(sites.total())
-    second = _theta_second_moment(total, _solve(total, first.terms, None))
+    sites = _Block.stack([site for _, site in items], _units(items, units))
+    if sites.same_units:
+        total = _System.of(sites.total())
+        second = _theta_second_moment(total, _solve(total, first.terms, None))
+    else:
+        # θ of site k in its own (rescaled) units is (α_k, β) of the fit with site intercepts
+        pooled = _System.with_site_intercepts(sites)
+        both = _theta_second_moment(pooled, _solve(pooled, first.terms, None))[0]
+        n_sites, p = len(items), len(first.terms)
+        index = np.array([[k, *range(n_sites, n_sites + p - 1)] for k in range(n_sites)])
+        second = both[:, index[:, :, None], index[:, None, :]].transpose(1, 0, 2, 3)
     where = [f"site {label!r}" for label, _ in items]
     system = _System.of(sites)
     fit = _inference(system, _solve(system, first.terms, where), second, level, first, where)
@@ -278,146 +309,6 @@ def fit_normal_equations(
     fit = _inference(system, solution, _theta_second_moment(system, solution), level, eq, [where])
     return pd.DataFrame(fit, columns=list(REGRESSION_COLUMNS))
 
-
-@dataclass(frozen=True)
-class _Block:
-    """A stack of S sites' statistics (or S = 1 sum of sites) with their noise variances."""
-
-    ztz: np.ndarray  # (S, p, p)
-    zty: np.ndarray  # (S, p, R)
-    yty: np.ndarray  # (S, R)
-    n: np.ndarray  # (S,)
-    ztz_var: np.ndarray  # (S,)
-    zty_var: np.ndarray  # (S,)
-    yty_var: np.ndarray  # (S,)
-    tied: np.ndarray  # (p,) 1.0 where ZᵀZ's diagonal is n itself (shares n's noise)
-    n_var: np.ndarray  # (S,) noise variance of n
-
-    @classmethod
-    def stack(cls, sites: list[SufficientStatistics]) -> _Block:
-        terms = sites[0].terms
-        return cls(
-            ztz=np.stack([s.ztz for s in sites]),
-            zty=np.stack([s.zty for s in sites]),
-            yty=np.stack([s.yty for s in sites]),
-            n=np.array([s.n for s in sites]),
-            ztz_var=np.array([s.ztz_noise_var for s in sites]),
-            zty_var=np.array([s.zty_noise_var for s in sites]),
-            yty_var=np.array([s.yty_noise_var for s in sites]),
-            tied=np.array([float(t in sites[0].n_terms) for t in terms]),
-            n_var=np.array([s.n_noise_var for s in sites]),
-        )
-
-    def total(self) -> _Block:
-        """The sum over sites (independent noise: the variances add up)."""
-        return _Block(
-            *(np.sum(x, axis=0, keepdims=True) for x in (self.ztz, self.zty, self.yty)),
-            *(
-                np.array([math.fsum(x)])
-                for x in (self.n, self.ztz_var, self.zty_var, self.yty_var)
-            ),
-            tied=self.tied,
-            n_var=np.array([math.fsum(self.n_var)]),
-        )
-
-
-@dataclass(frozen=True)
-class _System:
-    """S sets of normal equations A θ = B (R right-hand sides) with per-entry noise variances.
-
-    ``a_var[s, i, j]`` is the variance of the noise in A[s, i, j]; the entries of the upper
-    triangle (diagonal included) carry independent noise, mirrored to the lower triangle.
-    Diagonal entries that are a released n itself (the intercept's, ±1-coded dummies') carry
-    that n's noise instead: ``tied[s, k]`` marks (with 1.0) the diagonal entries sharing the
-    k-th such noise, of variance ``tied_var[s, k]``; ``a_var`` is 0 there. ``b_var[s, i]``
-    is the variance of the independent noise in each B[s, i, r], ``c_var[s]`` that in each
-    c[s, r]. The reported terms are the rows of ``contrasts`` applied to θ.
-    """
-
-    a: np.ndarray  # (S, m, m)
-    b: np.ndarray  # (S, m, R)
-    c: np.ndarray  # (S, R)
-    n: np.ndarray  # (S,)
-    a_var: np.ndarray  # (S, m, m)
-    b_var: np.ndarray  # (S, m)
-    c_var: np.ndarray  # (S,)
-    contrasts: np.ndarray  # (S, p, m)
-    tied: np.ndarray  # (S, K, m)
-    tied_var: np.ndarray  # (S, K)
-
-    @classmethod
-    def of(cls, block: _Block) -> _System:
-        """Each block's own normal equations: equal noise variance in every entry, L = I."""
-        n_blocks, p, _ = block.ztz.shape
-        a_var = np.broadcast_to(block.ztz_var[:, None, None], (n_blocks, p, p)).copy()
-        a_var[:, block.tied > 0, block.tied > 0] = 0.0
-        return cls(
-            a=block.ztz,
-            b=block.zty,
-            c=block.yty,
-            n=block.n,
-            a_var=a_var,
-            b_var=np.broadcast_to(block.zty_var[:, None], (n_blocks, p)),
-            c_var=block.yty_var,
-            contrasts=np.broadcast_to(np.eye(p), (n_blocks, p, p)),
-            tied=np.broadcast_to(block.tied, (n_blocks, 1, p)),
-            tied_var=block.n_var[:, None],
-        )
-
-    @classmethod
-    def with_site_intercepts(cls, sites: _Block) -> _System:
-        """One system θ = (α_1, …, α_K, β): site intercepts and common slopes.
-
-        The reported intercept is Σ n_k α_k / Σ n_k; the slopes are reported as they are.
-        """
-        n_sites, p, _ = sites.ztz.shape
-        m = n_sites + p - 1
-        k = np.arange(n_sites)
-        slopes = slice(n_sites, m)
-        a = np.zeros((m, m))
-        a[k, k] = sites.ztz[:, 0, 0]
-        a[k, slopes] = sites.ztz[:, 0, 1:]
-        a[slopes, k] = sites.ztz[:, 0, 1:].T
-        a[slopes, slopes] = sites.ztz[:, 1:, 1:].sum(axis=0)
-        b = np.concatenate([sites.zty[:, 0, :], sites.zty[:, 1:, :].sum(axis=0)])
-        a_var = np.zeros((m, m))  # site k's intercept meets no other site's: no entry, no noise
-        a_var[k, k] = sites.ztz_var
-        a_var[k, slopes] = sites.ztz_var[:, None]
-        a_var[slopes, k] = sites.ztz_var[None, :]
-        a_var[slopes, slopes] = math.fsum(sites.ztz_var)
-        b_var = np.concatenate([sites.zty_var, np.full(p - 1, math.fsum(sites.zty_var))])
-        # Site k's n is its intercept's diagonal and, summed over sites, the tied slopes'.
-        tied = np.zeros((n_sites, m))
-        tied[k, k] = sites.tied[0]
-        tied[:, slopes] = sites.tied[1:]
-        diagonal = np.flatnonzero(tied.max(axis=0) > 0)
-        a_var[diagonal, diagonal] = 0.0
-        contrasts = np.zeros((p, m))
-        contrasts[0, k] = sites.n / math.fsum(sites.n)
-        contrasts[np.arange(1, p), slopes] = np.eye(p - 1)
-        return cls(
-            a=a[None],
-            b=b[None],
-            c=sites.yty.sum(axis=0, keepdims=True),
-            n=np.array([math.fsum(sites.n)]),
-            a_var=a_var[None],
-            b_var=b_var[None],
-            c_var=np.array([math.fsum(sites.yty_var)]),
-            contrasts=contrasts[None],
-            tied=tied[None],
-            tied_var=sites.n_var[None],
-        )
-
-    @property
-    def noisy(self) -> np.ndarray:
-        a_noisy = (self.a_var.max(axis=(1, 2)) > 0.0) | (self.tied_var.max(axis=1) > 0.0)
-        return a_noisy | (self.b_var.max(axis=1) > 0.0) | (self.c_var > 0.0)
-
-    @property
-    def diagonal_noise_var(self) -> np.ndarray:
-        """Noise variance of each diagonal entry of A, independent or tied: (S, m)."""
-        tied = np.einsum("sk,skm->sm", self.tied_var, self.tied**2)
-        return np.diagonal(self.a_var, axis1=1, axis2=2) + tied
 
 
 @dataclass(frozen=True)

@@ -251,14 +251,17 @@ def _check_compatible(first: SiteRelease, release: SiteRelease) -> None:
                 f"{_difference(found, expected)}; releases can only be pooled when they "
                 "describe the same analysis"
             )
-    name = first.scaling.first_difference(release.scaling, _scaled_names(first))
+    # A site may declare its own public range of a covariate (the hub converts its statistics
+    # to common units exactly), but the responses must share one map: converting a response
+    # would mix the noise of ZᵀZ into ZᵀY.
+    name = first.scaling.first_difference(release.scaling, first.doc["atlas"]["regions"])
     if name is not None:
         found = release.block["scaling"].get(name)
         expected = first.block["scaling"][name]
         raise ReleaseValidationError(
             f"{release.path}: field statistics/{STATISTIC}/scaling/{name} differs from "
             f"{first.path}: {found!r} vs {expected!r}; the sites declared different public "
-            "bounds, so their statistics are in different units"
+            "bounds for a region, so their responses are in different units"
         )
 
 
