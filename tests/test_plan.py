@@ -76,6 +76,21 @@ DESIGNS = {
             {"age": uniform_moments(25.0, 85.0)},
         ],
     ),
+    "three sites, own public age ranges": dict(
+        covariates=[AGE, SEX],
+        response=Response(
+            VOLUME, residual_sd=200.0, mean=9000.0, effects={"age": -20.0, "sex[M]": 200.0}
+        ),
+        n=[300, 400, 500],
+        regions=1,
+        assumed=[
+            {"age": uniform_moments(20.0, 45.0)},
+            {"age": uniform_moments(45.0, 80.0)},
+            {"age": uniform_moments(25.0, 85.0)},
+        ],
+        # each site releases age in its own recruitment range; the hub converts
+        bounds=[{"age": (20.0, 45.0)}, {"age": (45.0, 80.0)}, {"age": (25.0, 85.0)}],
+    ),
     "three sites, three terms": dict(
         covariates=[AGE, SEX, GROUP],
         response=Response(
@@ -91,6 +106,7 @@ DESIGNS = {
 EPSILONS = {
     "one site, age": (1.0, 8.0),
     "three sites, own age ranges": (2.0, 8.0),
+    "three sites, own public age ranges": (2.0,),
     "three sites, three terms": (1.0, 4.0),
 }
 CASES = [(design, eps) for design, pair in EPSILONS.items() for eps in pair]
@@ -131,20 +147,30 @@ def _replicates(scenario: Scenario, reps: int, seed: int) -> tuple[pd.DataFrame,
     rng = np.random.default_rng(seed)
     terms = scenario.terms
     regions = tuple(f"R{r:02d}" for r in range(scenario.regions))
-    scaling = Scaling.from_bounds(
-        numeric={c.name: c.bounds for c in scenario.covariates if c.name not in DUMMIES},
-        dummies=[c.name for c in scenario.covariates if c.name in DUMMIES],
-        regions=dict.fromkeys(regions, scenario.response.bounds),
-    )
+
+    def scaling_of(site) -> Scaling:  # the site's own public ranges where it has them
+        return Scaling.from_bounds(
+            numeric={
+                c.name: site.bounds.get(c.name, c.bounds)
+                for c in scenario.covariates
+                if c.name not in DUMMIES
+            },
+            dummies=[c.name for c in scenario.covariates if c.name in DUMMIES],
+            regions=dict.fromkeys(regions, scenario.response.bounds),
+        )
+
+    own = [scaling_of(site) for site in scenario.sites]
+    scaling = Scaling.envelope(own, terms)
+    units = [site.conversion_to(scaling, terms) for site in own]
     z_bounds, y_bounds = Scaling.design_bounds(terms), Scaling.response_bounds(regions)
     tables, projected = [], 0
     for rep in range(reps):
         released = []
-        for site in scenario.sites:
+        for site, site_scaling in zip(scenario.sites, own, strict=True):
             z, y = _site_rows(scenario, site, rng)
             prepared = prepare_sufficient_statistics(
-                scaling.scale_design(z, terms),
-                scaling.scale_response(y, regions),
+                site_scaling.scale_design(z, terms),
+                site_scaling.scale_response(y, regions),
                 z_bounds,
                 y_bounds,
                 site.epsilon,
@@ -154,7 +180,7 @@ def _replicates(scenario: Scenario, reps: int, seed: int) -> tuple[pd.DataFrame,
                 max_participants=10_000,
             )
             released.append(prepared._draw())  # OpenDP noise, no ledger (a test)
-        fit = pooled_regression(released)
+        fit = pooled_regression(released, units=units)
         fit = fit[fit["region"] == regions[0]]
         projected += bool(fit["psd_projected"].any())
         columns = ["region", "term", "estimate", "se", "ci_low", "ci_high"]

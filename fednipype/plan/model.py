@@ -1,23 +1,6 @@
-"""The privacy planner: standard errors of a pooled DP regression, predicted from public inputs.
+"""The planner's model: a scenario of public inputs and the predicted standard errors.
 
-From the model's terms (public bounds, an assumed distribution within them), the response's
-bounds and assumed residual sd, the number of released regions, ε and δ per site and the
-sites' sizes, :func:`predict` gives each coefficient's standard error in the pooled regression
-with site intercepts (:func:`fednipype.hub.regression.pooled_regression`), original units:
-sampling plus DP noise on ZᵀZ and ZᵀY. :func:`required_epsilon` and :func:`required_n` invert
-it. It is first order in the noise; where the noise on ZᵀZ is comparable to ZᵀZ's small
-eigenvalues (the hub's solve is then noise, its eigenvalue floor shrinks the estimates) the
-result says so (:attr:`Plan.first_order` false, with a reason). Public arithmetic only.
-
-Examples
---------
->>> scenario = Scenario.of(
-...     [Covariate.numeric("age", (18.0, 90.0)), Covariate.dummy("sex[M]", 0.5)],
-...     Response((0.0, 12000.0), residual_sd=150.0, mean=7000.0),
-...     n=[500] * 10, epsilon=1.0, delta=1e-5, regions=5,
-... )
->>> predict(scenario).first_order, round(predict(scenario).se("age"), 1)
-(True, 6.0)
+See :mod:`fednipype.plan`.
 """
 
 # Why hand-written: no library predicts the standard errors of a regression solved from
@@ -35,7 +18,6 @@ from types import MappingProxyType
 
 import numpy as np
 import pandas as pd
-from scipy.optimize import brentq
 
 from fednipype.contract.calibration import (
     analytic_gaussian_sigma,
@@ -51,14 +33,11 @@ __all__ = [
     "Covariate",
     "Plan",
     "PlanError",
-    "Requirement",
     "Response",
     "Scenario",
     "Site",
     "noise_sd",
     "predict",
-    "required_epsilon",
-    "required_n",
     "uniform_moments",
 ]
 
@@ -244,12 +223,15 @@ class Response:
 class Site:
     """One site: its size (may be fractional while searching), its release's ε (``inf``: no
     noise) and δ, and term → ``(mean, sd)`` where its covariates differ from the assumed ones
-    (a site recruiting ages 20–45: ``assumed={"age": uniform_moments(20, 45)}``)."""
+    (a site recruiting ages 20–45: ``assumed={"age": uniform_moments(20, 45)}``); ``bounds``:
+    term → the site's own public range where it releases in its own units (its recruitment
+    range, ``{"age": (20, 45)}``; the hub converts it to common units)."""
 
     n: float
     epsilon: float
     delta: float
     assumed: Mapping[str, tuple[float, float]] = field(default_factory=dict)
+    bounds: Mapping[str, Bounds] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "n", _positive(self.n, "site n"))
@@ -260,6 +242,8 @@ class Site:
             raise PlanError("site delta: must be > 0 (releases use the Gaussian mechanism)")
         object.__setattr__(self, "delta", delta)
         object.__setattr__(self, "assumed", MappingProxyType(dict(self.assumed)))
+        bounds = {name: _bounds(b, f"site bounds of {name}") for name, b in self.bounds.items()}
+        object.__setattr__(self, "bounds", MappingProxyType(bounds))
 
 
 @dataclass(frozen=True)
@@ -280,10 +264,13 @@ class Scenario:
         if len(set(names)) != len(names) or not sites:
             raise PlanError(f"covariates: need distinct terms ({names}) and a site")
         for k, site in enumerate(sites):
+            for name in site.bounds:
+                if name not in names or "[" in name:
+                    raise PlanError(f"site {k}: own bounds for {name!r}, not a numeric term")
             for name, (mean, sd) in site.assumed.items():
                 if name not in names:
                     raise PlanError(f"site {k}: assumed distribution for unknown term {name!r}")
-                bounds = covariates[names.index(name)].bounds
+                bounds = site.bounds.get(name, covariates[names.index(name)].bounds)
                 _check_moments(f"site {k}: {name}", bounds, mean, sd)
         unknown = sorted(set(self.response.effects) - set(names))
         if unknown:
@@ -312,18 +299,22 @@ class Scenario:
         delta: float | Sequence[float],
         regions: int,
         assumed: Sequence[Mapping[str, tuple[float, float]]] | None = None,
+        bounds: Sequence[Mapping[str, Bounds]] | None = None,
     ) -> Scenario:
         """A scenario from per-site lists or scalars (one value for every site): ``n`` (its
-        length is the number of sites), ``epsilon``, ``delta``, and ``assumed`` (one mapping
-        per site, see :class:`Site`)."""
+        length is the number of sites), ``epsilon``, ``delta``, and ``assumed`` and
+        ``bounds`` (one mapping per site, see :class:`Site`)."""
         sizes = _per_site(n, None, "n")
         k = len(sizes)
         eps = _per_site(epsilon, k, "epsilon")
         dlt = _per_site(delta, k, "delta")
         per_site = list(assumed) if assumed is not None else [{}] * k
-        if len(per_site) != k:
-            raise PlanError(f"assumed: {len(per_site)} entries for {k} site(s)")
-        sites = tuple(Site(sizes[i], eps[i], dlt[i], per_site[i] or {}) for i in range(k))
+        own = list(bounds) if bounds is not None else [{}] * k
+        if len(per_site) != k or len(own) != k:
+            raise PlanError(f"assumed, bounds: {len(per_site)}, {len(own)} entries, {k} site(s)")
+        sites = tuple(
+            Site(sizes[i], eps[i], dlt[i], per_site[i] or {}, own[i] or {}) for i in range(k)
+        )
         return cls(tuple(covariates), response, sites, regions)
 
     @property
@@ -333,9 +324,15 @@ class Scenario:
 
     @property
     def scaling(self) -> Scaling:
-        """The public maps onto [-1, 1] the releases use (the response is ``"response"``)."""
+        """The common maps onto [-1, 1] (the response is ``"response"``): the envelope of
+        the sites' maps, as the hub reports them (:meth:`Scaling.envelope`)."""
+        names = [c.name for c in self.covariates]
+        return Scaling.envelope([self.site_scaling(s) for s in self.sites], names)
+
+    def site_scaling(self, site: Site) -> Scaling:
+        """The maps ``site`` releases in: its own bounds where it has them."""
         return Scaling.from_bounds(
-            numeric={c.name: c.bounds for c in self.covariates},
+            numeric={c.name: site.bounds.get(c.name, c.bounds) for c in self.covariates},
             dummies=[],
             regions={"response": self.response.bounds},
         )
@@ -447,7 +444,8 @@ def predict(scenario: Scenario) -> Plan:
 
     The pooled model's unknowns θ = (α_1, …, α_K, β) solve A θ = b, A built from the sites'
     ZᵀZ (:func:`fednipype.hub.regression.pooled_regression`). A is taken at its expectation
-    under the assumed distributions (site k: ``n_k E[z zᵀ]``, released units), θ at the
+    under the assumed distributions (site k: ``n_k E[z zᵀ]``, its released units rescaled to
+    the common scale as the hub does, D_k ZₖᵀZₖ D_k, its noise variances with them), θ at the
     assumed mean and effects, σ² from the assumed residual sd, and V (on A) and f (on b) are
     the per-entry noise variances of the sites' releases. To first order in the noise
 
@@ -491,9 +489,15 @@ def predict(scenario: Scenario) -> Plan:
     center = np.array([scaling.center(x.name) for x in covariates])
     scale = np.array([scaling.scale(x.name) for x in covariates])
     beta = np.array([response.effects.get(x.name, 0.0) for x in covariates]) * scale / y_scale
+    shift = np.zeros((k, c))  # each site's centers in common units (e_k of the hub)
     for i, site in enumerate(sites):
+        own = scenario.site_scaling(site)
+        site_center = np.array([own.center(x.name) for x in covariates])
+        d = np.array([own.scale(x.name) for x in covariates]) / scale
+        shift[i] = (site_center - center) / scale
         moments = np.array([site.assumed.get(x.name, (x.mean, x.sd)) for x in covariates])
-        mean, variance = (moments[:, 0] - center) / scale, (moments[:, 1] / scale) ** 2
+        # the hub's columns d z_k: centered at the site's center, on the common scale
+        mean, variance = (moments[:, 0] - site_center) / scale, (moments[:, 1] / scale) ** 2
         sigma, sensitivity = noise_sd(
             c, scenario.regions, site.epsilon, site.delta, dummies=dummies
         )
@@ -504,9 +508,10 @@ def predict(scenario: Scenario) -> Plan:
         within += site.n * variance
         theta[i] = y_mean - float(beta @ mean)
         v = sigma**2
-        var_a[i, i] = var_a[i, slopes] = var_a[slopes, i] = f[i] = v
-        var_a[slopes, slopes] += v
-        f[slopes] += v
+        var_a[i, i] = f[i] = v
+        var_a[i, slopes] = var_a[slopes, i] = v * d**2
+        var_a[slopes, slopes] += v * np.outer(d, d) ** 2
+        f[slopes] += v * d**2
     theta[slopes] = beta
 
     evals = np.linalg.eigvalsh(a)
@@ -521,6 +526,7 @@ def predict(scenario: Scenario) -> Plan:
     n = np.array([s.n for s in sites])
     contrasts = np.zeros((c + 1, m))
     contrasts[0, :k] = n / n.sum()
+    contrasts[0, slopes] = -(n / n.sum()) @ shift  # the intercept at the common centers
     contrasts[1:, slopes] = np.eye(c)
     l_inv = contrasts @ inv
     var_sampling = sigma2 * np.einsum("pa,pa->p", l_inv, contrasts)
@@ -551,99 +557,3 @@ def predict(scenario: Scenario) -> Plan:
             "fewer regions, or pool more participants"
         )
     return Plan(scenario, table, tuple(sigmas), sensitivity, ratio, first_order, reason)
-
-
-# -- the inverse -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Requirement:
-    """What a target standard error of ``term`` needs: the smallest ``value`` of ``parameter``
-    (``"epsilon"`` per site, or ``"n"`` per site, a whole number), None when none reaches it;
-    ``plan`` at that value (its ``first_order`` says whether to trust it), and ``reason``: why
-    there is no value, or the plan's reason."""
-
-    parameter: str
-    term: str
-    target_se: float
-    value: float | None
-    plan: Plan | None
-    reason: str
-
-
-def _check_target(scenario: Scenario, term: str, target_se: float) -> float:
-    if term not in scenario.terms:
-        raise PlanError(f"term {term!r} not in the model ({', '.join(scenario.terms)})")
-    return _positive(target_se, f"target SE of {term}")
-
-
-def _bracket(excess, lo: float, hi: float, limit: float, term: str, target: float):
-    """Widen ``[lo, hi]`` (log scale) by decades until ``excess`` changes sign in it."""
-    while excess(lo) < 0:
-        lo -= math.log(10.0)
-    while excess(hi) > 0:
-        hi += math.log(10.0)
-        if hi > limit:
-            raise PlanError(f"{term}: no value up to {math.exp(limit):.0e} reaches SE {target:g}")
-    return lo, hi
-
-
-def required_epsilon(scenario: Scenario, term: str, target_se: float) -> Requirement:
-    """The smallest ε, the same at every site, giving ``term`` a SE of ``target_se``.
-
-    Root finding on :func:`predict`, whose SE falls with ε towards its noise-free limit; a
-    target below that limit cannot be reached with these sizes (``value`` None).
-
-    Parameters
-    ----------
-    scenario : Scenario
-        Everything but ε.
-    term : str
-        A term of the model (``intercept`` included).
-    target_se : float
-        Original units.
-
-    Returns
-    -------
-    Requirement
-    """
-    target = _check_target(scenario, term, target_se)
-    floor = predict(scenario.with_epsilon(math.inf)).se(term)
-    if floor >= target:
-        reason = f"even without DP noise the SE of {term} is {floor:.4g} with these sizes"
-        return Requirement("epsilon", term, target, None, None, reason + ": more participants")
-
-    def excess(log_eps: float) -> float:
-        return math.log(predict(scenario.with_epsilon(math.exp(log_eps))).se(term) / target)
-
-    lo, hi = _bracket(excess, math.log(1e-3), math.log(10.0), math.log(1e12), term, target)
-    value = math.exp(brentq(excess, lo, hi, xtol=1e-12, rtol=1e-10)) * (1.0 + 1e-9)
-    plan = predict(scenario.with_epsilon(value))
-    return Requirement("epsilon", term, target, value, plan, plan.reason)
-
-
-def required_n(scenario: Scenario, term: str, target_se: float) -> Requirement:
-    """The smallest n, the same at every site, giving ``term`` a SE of ``target_se``.
-
-    The number of sites and their ε, δ stay; the SE falls as n grows (a site's noise does not
-    grow with n). Parameters and result as :func:`required_epsilon`.
-    """
-    target = _check_target(scenario, term, target_se)
-    k, c = len(scenario.sites), len(scenario.covariates)
-    smallest = (k + c + 1) / k + 1e-9
-
-    def excess(log_n: float) -> float:
-        return math.log(predict(scenario.with_n(math.exp(log_n))).se(term) / target)
-
-    lo = math.log(smallest)
-    if excess(lo) <= 0:
-        value = math.ceil(smallest)
-    else:
-        _, hi = _bracket(
-            excess, lo, math.log(max(smallest * 2.0, 100.0)), math.log(1e15), term, target
-        )
-        value = math.ceil(math.exp(brentq(excess, lo, hi, xtol=1e-12, rtol=1e-10)) - 1e-6)
-        while predict(scenario.with_n(value)).se(term) > target:
-            value += 1
-    plan = predict(scenario.with_n(value))
-    return Requirement("n", term, target, float(value), plan, plan.reason)
