@@ -27,9 +27,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from fednipype.contract.scaling import Scaling
 from fednipype.exceptions import MetaAnalysisError
 from fednipype.hub.meta_analysis import RE_METHODS, TESTS, fixed_effect, random_effects
-from fednipype.contract.scaling import Scaling
 from fednipype.hub.regression import pooled_regression, site_estimates
 from fednipype.hub.releases import SiteRelease, load_releases, short_list
 
