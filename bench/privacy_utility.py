@@ -89,26 +89,36 @@ def federation(reps: int, out: Path) -> None:
     target = next(r for r in truth["regions"] if r["name"] == TARGET)
     planted = target["age_slope_mm3_per_year"]
     sites = _federation_sites(truth)
-    designs = {"all 100 regions": names, "5 pre-registered": list(PRE_REGISTERED)}
+    # (regions, whether each site declares its own public age range: its recruitment range)
+    designs = {
+        "all 100 regions": (names, False),
+        "5 pre-registered": (list(PRE_REGISTERED), False),
+        "5 + site ages": (list(PRE_REGISTERED), True),
+    }
     print(
         f"federation: {len(sites)} sites x {len(sites[0][0])} participants; pooled age slope "
         f"of {TARGET} (planted {planted:.1f} mm3/yr), {reps} replicate releases per cell"
     )
     print(f"{'design':>17} {'eps':>5} {'planned SE':>11} {'empirical SD':>13} {'CI covers':>10}")
     results: dict[str, list[tuple[float, float, float, float]]] = {}
-    for label, regions in designs.items():
-        scaling = Scaling.from_bounds(
-            numeric={"age": AGE_BOUNDS},
-            dummies=TERMS[2:],
-            regions=dict.fromkeys(regions, VOLUME_BOUNDS),
-        )
+    for label, (regions, own_ages) in designs.items():
+        own = [
+            Scaling.from_bounds(
+                numeric={"age": site[4] if own_ages else AGE_BOUNDS},
+                dummies=TERMS[2:],
+                regions=dict.fromkeys(regions, VOLUME_BOUNDS),
+            )
+            for site in sites
+        ]
+        scaling = Scaling.envelope(own, TERMS)  # the hub's common units
+        units = [site_scaling.conversion_to(scaling, TERMS) for site_scaling in own]
         columns = [names.index(r) for r in regions]
         scaled = [
             (
-                scaling.scale_design(np.column_stack([np.ones_like(a), a, m, p]), TERMS),
-                scaling.scale_response(y[:, columns], regions),
+                s.scale_design(np.column_stack([np.ones_like(a), a, m, p]), TERMS),
+                s.scale_response(y[:, columns], regions),
             )
-            for a, m, p, y, _ in sites
+            for (a, m, p, y, _), s in zip(sites, own, strict=True)
         ]
         for eps in FEDERATION_EPSILONS:
             scenario = Scenario.of(
@@ -122,6 +132,7 @@ def federation(reps: int, out: Path) -> None:
                 n=[len(a) for a, *_ in sites], epsilon=eps, delta=DELTA, regions=len(regions),
                 # each site's public recruitment range: its age mean and sd (uniform)
                 assumed=[{"age": uniform_moments(*site[4])} for site in sites],
+                bounds=[{"age": site[4]} if own_ages else {} for site in sites],
             )  # fmt: skip
             plan = predict(scenario)
             estimates, covered = [], 0
@@ -135,7 +146,8 @@ def federation(reps: int, out: Path) -> None:
                     for z, y in scaled
                 ]  # fmt: skip
                 released = [floor_n(s) for s in released]  # as the hub on reading a release
-                table = scaling.unscale(pooled_regression(released)).set_index(["region", "term"])
+                table = scaling.unscale(pooled_regression(released, units=units))
+                table = table.set_index(["region", "term"])
                 row = table.loc[(TARGET, "age")]
                 estimates.append(row["estimate"])
                 covered += bool(row["ci_low"] <= planted <= row["ci_high"])
@@ -146,11 +158,14 @@ def federation(reps: int, out: Path) -> None:
                 f"{label:>17} {eps:>5g} {plan.se('age'):>11.2f} {sd:>13.2f} "
                 f"{covered / reps:>10.3f}{flag}"
             )
-    print("SD ratio, all regions / 5 pre-registered:")
-    for (eps, _, sd_all, _), (_, _, sd_five, _) in zip(
-        results["all 100 regions"], results["5 pre-registered"], strict=True
+    print("SD ratio, all regions / 5 pre-registered / 5 + site ages:")
+    for (eps, _, sd_all, _), (_, _, sd_five, _), (_, _, sd_own, _) in zip(
+        results["all 100 regions"],
+        results["5 pre-registered"],
+        results["5 + site ages"],
+        strict=True,
     ):
-        print(f"  eps={eps:g}: {sd_all / sd_five:.2f}")
+        print(f"  eps={eps:g}: {sd_all / sd_five:.2f}, {sd_all / sd_own:.2f}")
     out.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, rows in results.items():
@@ -207,8 +222,107 @@ def main(argv: list[str] | None = None) -> int:
     if args.part in ("federation", "all"):
         federation(args.federation_reps, args.out)
     if args.part in ("bundled", "all"):
+        bundled_designs(args.federation_reps)
         bundled(args.reps, args.out)
     return 0
+
+
+def bundled_designs(reps: int) -> None:
+    """The bundled sites (24-45 participants): both designs through the real mechanism.
+
+    Per ε and design: the planner's SE of the pooled age slope of ``TARGET`` (or its warning),
+    the empirical SD over ``reps`` replicate releases of the three sites, and the share of
+    released regions whose pooled age slope has the planted sign.
+    """
+    from fednipype.contract.scaling import Scaling
+    from fednipype.features import extract_dataset_features
+    from fednipype.hub.regression import pooled_regression
+    from fednipype.hub.releases import floor_n
+    from fednipype.participants import read_participants
+    from fednipype.plan import Covariate, Response, Scenario, predict, uniform_moments
+    from fednipype.site.design import ModelSpec, build_design, load_feature_table
+    from fednipype.site.mechanisms import prepare_sufficient_statistics
+
+    truth = json.loads((REPO / "bids_examples" / "ground_truth.json").read_text())
+    names = [r["name"] for r in truth["regions"]]
+    planted = {r["name"]: r["age_slope_mm3_per_year"] for r in truth["regions"]}
+    target = next(r for r in truth["regions"] if r["name"] == TARGET)
+    ranges = [tuple(truth["sites"][site]["age_range"]) for site in SITES]
+    with tempfile.TemporaryDirectory() as tmp:
+        designs_rows = []
+        for site in SITES:
+            files = extract_dataset_features(REPO / "bids_examples" / site, Path(tmp) / site)
+            designs_rows.append(
+                build_design(
+                    load_feature_table(files),
+                    read_participants(REPO / "bids_examples" / site),
+                    ModelSpec(),
+                )
+            )
+    terms = designs_rows[0].terms
+    sizes = [d.n for d in designs_rows]
+    print(f"bundled sites {dict(zip(SITES, sizes, strict=True))}: pooled age slope of {TARGET}")
+    print(f"{'design':>17} {'eps':>6} {'planned SE':>34} {'empirical SD':>13} {'signs right':>12}")
+    for label, regions, own_ages in (
+        ("all 100 regions", names, False),
+        ("5 + site ages", list(PRE_REGISTERED), True),
+    ):
+        own = [
+            Scaling.from_bounds(
+                numeric={"age": rng_ if own_ages else AGE_BOUNDS},
+                dummies=terms[2:],
+                regions=dict.fromkeys(regions, VOLUME_BOUNDS),
+            )
+            for rng_ in ranges
+        ]
+        scaling = Scaling.envelope(own, terms)
+        units = [s.conversion_to(scaling, terms) for s in own]
+        columns = [list(designs_rows[0].regions).index(r) for r in regions]
+        scaled = [
+            (s.scale_design(d.z, terms), s.scale_response(d.y[:, columns], regions))
+            for d, s in zip(designs_rows, own, strict=True)
+        ]
+        signs = np.sign([planted[r] for r in regions])
+        for eps in (1.0, 10.0, 100.0, 1000.0):
+            plan = predict(
+                Scenario.of(
+                    [Covariate.numeric("age", AGE_BOUNDS, within=(20.0, 85.0)),
+                     Covariate.dummy("sex[M]", 0.5), Covariate.dummy("group[patient]", 0.5)],
+                    Response(VOLUME_BOUNDS,
+                             residual_sd=truth["sd_subject_fraction"]
+                             * target["baseline_volume_mm3"],
+                             mean=target["baseline_volume_mm3"],
+                             effects={"age": target["age_slope_mm3_per_year"]}),
+                    n=sizes, epsilon=eps, delta=DELTA, regions=len(regions),
+                    assumed=[{"age": uniform_moments(*r)} for r in ranges],
+                    bounds=[{"age": r} if own_ages else {} for r in ranges],
+                )
+            )  # fmt: skip
+            estimates, right = [], []
+            for _ in range(reps):
+                released = [
+                    floor_n(
+                        prepare_sufficient_statistics(
+                            z, y, scaling.design_bounds(terms), scaling.response_bounds(regions),
+                            eps, DELTA, terms=terms, regions=regions, max_participants=1000,
+                            n_terms=("intercept", *terms[2:]),
+                        )._draw()
+                    )
+                    for z, y in scaled
+                ]  # fmt: skip
+                table = scaling.unscale(pooled_regression(released, units=units))
+                age = table[table["term"] == "age"].set_index("region")["estimate"]
+                estimates.append(age[TARGET])
+                right.append(float(np.mean(np.sign(age[regions].to_numpy()) == signs)))
+            said = (
+                f"{plan.se('age'):.1f}"
+                if plan.first_order
+                else f"~{plan.se('age'):.0f} (first order fails)"
+            )
+            print(
+                f"{label:>17} {eps:>6g} {said:>34} {np.std(estimates, ddof=1):>13.1f} "
+                f"{np.mean(right):>12.2f}"
+            )
 
 
 def bundled(reps: int, out: Path) -> None:
