@@ -49,7 +49,7 @@ def _lint_imports(root: Path, config: Path) -> subprocess.CompletedProcess:
 def test_import_contracts_are_kept():
     result = _lint_imports(REPO, REPO / "pyproject.toml")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "3 kept, 0 broken" in result.stdout
+    assert "4 kept, 0 broken" in result.stdout
 
 
 def test_a_hub_module_importing_site_code_breaks_the_contracts(tmp_path):
@@ -71,6 +71,27 @@ def test_a_hub_module_importing_site_code_breaks_the_contracts(tmp_path):
     assert result.returncode == 1, result.stdout + result.stderr
     assert "The hub imports nothing of a site BROKEN" in result.stdout
     assert "fednipype.hub.pooling -> fednipype.site.ledger" in result.stdout
+
+
+def test_a_server_app_importing_site_code_breaks_the_contracts(tmp_path):
+    """The Flower server app runs at the coordinator: importing site code breaks a contract."""
+    shutil.copytree(REPO / "fednipype", tmp_path / "fednipype")
+    shutil.copy(REPO / "pyproject.toml", tmp_path / "pyproject.toml")
+    server = tmp_path / "fednipype" / "federated" / "app" / "server.py"
+    text = server.read_text(encoding="utf-8")
+    server.write_text(
+        text.replace(
+            "from fednipype.exceptions import",
+            "from fednipype.site.answer import answer_request  # noqa: F401\n"
+            "from fednipype.exceptions import",
+            1,
+        ),
+        encoding="utf-8",
+    )
+    result = _lint_imports(tmp_path, tmp_path / "pyproject.toml")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "The federation's server side imports nothing of a site BROKEN" in result.stdout
+    assert "fednipype.federated.app.server -> fednipype.site.answer" in result.stdout
 
 
 def test_the_hub_command_runs_without_the_site_stack(three_site_releases, tmp_path):
