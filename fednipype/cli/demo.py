@@ -14,6 +14,7 @@ import dataclasses
 import json
 import logging
 import statistics
+import sys
 import tomllib
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +25,7 @@ from nipype import logging as nipype_logging
 
 from fednipype.atlas import default_atlas
 from fednipype.bids import summarize
+from fednipype.cli import demo_federated
 from fednipype.cli import hub as meta
 from fednipype.cli.console import configure_nipype, setup_logging
 from fednipype.cli.errors import (
@@ -169,7 +171,13 @@ def _effects_table(meta_dir: Path, truth_file: Path, regions: list[str]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the demo over every BIDS dataset below ``sites_dir``; return the exit code."""
+    """Run the demo over every BIDS dataset below ``sites_dir``; return the exit code.
+
+    With ``--federated``, run the federated demo instead (:mod:`fednipype.cli.demo_federated`).
+    """
+    given = list(sys.argv[1:] if argv is None else argv)
+    if "--federated" in given:
+        return demo_federated.main([a for a in given if a != "--federated"])
     parser = ArgumentParser(
         prog=PROG,
         description=__doc__.splitlines()[0],
@@ -185,6 +193,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--enumerate-only", action="store_true", help="only print the sites' summary table"
+    )
+    parser.add_argument(
+        "--federated",
+        action="store_true",
+        help="run the federated demo instead: a local Flower consortium (see "
+        f"{PROG} --federated --help)",
     )
     parser.add_argument(
         "-v", "--verbose", action="count", default=0, help="more output (-vv: debugging)"
