@@ -23,6 +23,15 @@ the whole image) and provenance (atlas name and SHA-256, space, image kind, unit
 the JSON sidecar written next to the TSV by :func:`write_features`; :func:`read_features` and
 :func:`read_sidecar` read them back, validated.
 
+The sidecar also records each region's largest possible ``volume_mm3`` on the grid the features
+were computed on, ``Atlas.RegionMaxVolumeMm3``: the region's voxel count on that grid (the atlas
+as resampled to it) × the voxel volume.  A probability is at most 1, so no image on that grid
+can give a larger volume; the number depends on the atlas and the grid's geometry only, never
+on the image's values, so it is public and can bound a DP release
+(:func:`~fednipype.grids.atlas_max_volumes` computes it from an atlas and a grid alone,
+:func:`read_atlas_max_volumes` reads it back; ``[bounds.features] default = "atlas"`` in the
+site policy).
+
 Images are read and checked by :mod:`fednipype.images`; the atlas is put on the image's grid
 (resampled by nearest neighbour, cached per grid) by :mod:`fednipype.grids`, whose
 :func:`~fednipype.grids.warm_atlas_cache` is importable from here too; the per-region
@@ -46,6 +55,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +73,7 @@ from fednipype.grids import (
     atlas_label_values,
     mask_on_grid,
     read_label_table,
+    region_max_volumes,
     resolve_space,
     warm_atlas_cache,
 )
@@ -78,11 +89,13 @@ from fednipype.io import atomic_write_json, atomic_write_text
 from fednipype.reductions import gather_values, regional_statistics
 
 __all__ = [
+    "ATLAS_MAX_VOLUME",
     "FEATURE_COLUMNS",
     "IMAGE_KINDS",
     "FeatureResult",
     "extract_dataset_features",
     "extract_features",
+    "read_atlas_max_volumes",
     "read_features",
     "read_sidecar",
     "warm_atlas_cache",
@@ -105,6 +118,9 @@ FEATURE_COLUMNS: tuple[str, ...] = (
 IMAGE_KINDS: tuple[str, ...] = ("probseg", "intensity")
 
 _VALUE_UNITS = {"probseg": "probability", "intensity": "arbitrary"}
+#: Key of the sidecar's ``Atlas`` block: region name → largest possible ``volume_mm3`` on the
+#: features' grid (the region's voxels on that grid × the voxel volume).
+ATLAS_MAX_VOLUME = "RegionMaxVolumeMm3"
 
 
 @dataclass
@@ -272,6 +288,7 @@ def extract_features(
         zooms=np.linalg.norm(affine[:3, :3], axis=0),
         resampled=grid.resampled,
         totals=totals,
+        max_volumes=region_max_volumes(table, grid.counts, voxel_mm3),
     )
     return FeatureResult(table=out, sidecar=sidecar)
 
@@ -339,6 +356,7 @@ def _sidecar(
     zooms: np.ndarray,
     resampled: bool,
     totals: dict[str, Any],
+    max_volumes: dict[str, float],
 ) -> dict[str, Any]:
     value_units = _VALUE_UNITS[image_kind]
     name = atlas_name or bids_entities(atlas_file).get("atlas") or atlas_file.name.split(".")[0]
@@ -383,6 +401,7 @@ def _sidecar(
             "Space": space,
             "ResampledToImageGrid": resampled,
             "Interpolation": "nearest" if resampled else None,
+            ATLAS_MAX_VOLUME: max_volumes,
         },
         "Totals": totals,
         "GeneratedBy": [{"Name": "fednipype", "Version": __version__}],
@@ -498,6 +517,49 @@ def read_sidecar(tsv: str | os.PathLike[str]) -> dict[str, Any]:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise BIDSError(f"{path}: cannot read the features sidecar ({exc})") from exc
+
+
+def read_atlas_max_volumes(tsvs: Sequence[str | os.PathLike[str]]) -> dict[str, float]:
+    """The largest possible ``volume_mm3`` of each region over several features' sidecars.
+
+    When the files were computed on different grids their maxima differ; the largest per
+    region bounds every file (each maximum is public, so is the largest).
+
+    Parameters
+    ----------
+    tsvs : sequence of path-like
+        Features TSVs; their sidecars' ``Atlas.RegionMaxVolumeMm3`` is read.
+
+    Returns
+    -------
+    dict
+        Region name → largest maximum, for the regions every sidecar records; empty when a
+        sidecar lacks the field (features written before it was recorded): no atlas bound is
+        then known.
+
+    Raises
+    ------
+    BIDSError
+        If a sidecar cannot be read or its field is not a table of non-negative numbers.
+    """
+    largest: dict[str, float] | None = None
+    for tsv in tsvs:
+        recorded = (read_sidecar(tsv).get("Atlas") or {}).get(ATLAS_MAX_VOLUME)
+        if recorded is None:
+            return {}
+        if not isinstance(recorded, dict) or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v < np.inf
+            for v in recorded.values()
+        ):
+            raise BIDSError(
+                f"{tsv}: sidecar field Atlas.{ATLAS_MAX_VOLUME}: expected region name → "
+                "non-negative number (mm3)"
+            )
+        if largest is None:
+            largest = {str(k): float(v) for k, v in recorded.items()}
+        else:
+            largest = {k: max(v, float(recorded[k])) for k, v in largest.items() if k in recorded}
+    return largest or {}
 
 
 def extract_dataset_features(

@@ -25,6 +25,12 @@ affine and the labels present; per atlas file and image grid: the labelled voxel
 :class:`AtlasGrid`, ascending Fortran-order positions (int32 when the grid allows it) and their
 labels in the atlas's integer type, about 5 bytes per labelled voxel for a uint8 atlas; per
 label table file: the parsed table.
+
+A region's largest possible volume on a grid
+--------------------------------------------
+:func:`atlas_max_volumes`: the region's voxels on the grid (the atlas as put on that grid)
+× the voxel volume.  It bounds any volume summed from probabilities (≤ 1) over the region on
+that grid, and depends on the atlas and the grid's geometry only: a public bound.
 """
 
 from __future__ import annotations
@@ -411,6 +417,77 @@ def atlas_label_values(atlas_file: str | os.PathLike[str]) -> np.ndarray:
     path = Path(atlas_file)
     check_file(path, "atlas image")
     return _load_atlas_cached(*file_key(path)).present.copy()
+
+
+def region_max_volumes(
+    table: pd.DataFrame, counts: np.ndarray, voxel_mm3: float
+) -> dict[str, float]:
+    """Region name → its voxels on a grid × the voxel volume (0 for a region off the grid).
+
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        The label table (:func:`read_label_table`).
+    counts : numpy.ndarray
+        Voxels per label on the grid (:attr:`AtlasGrid.counts`): all the region's voxels,
+        before any mask or NaN, so the result depends on the atlas and the grid only.
+    voxel_mm3 : float
+        The grid's voxel volume.
+
+    Returns
+    -------
+    dict
+        Region name → largest possible volume (mm³), in the table's order.
+    """
+    index = table["index"].to_numpy()
+    padded = np.zeros(max(int(index.max()) + 1, counts.size), dtype=np.int64)
+    padded[: counts.size] = counts
+    return {
+        str(name): float(padded[i]) * voxel_mm3
+        for name, i in zip(table["name"], index, strict=True)
+    }
+
+
+def atlas_max_volumes(
+    atlas_file: str | os.PathLike[str],
+    atlas_labels: str | os.PathLike[str],
+    shape: tuple[int, ...] | None = None,
+    affine: np.ndarray | None = None,
+) -> dict[str, float]:
+    """Each region's largest possible ``volume_mm3`` on a grid, from the atlas alone.
+
+    Parameters
+    ----------
+    atlas_file, atlas_labels : path-like
+        The atlas image and its ``dseg.tsv``.
+    shape, affine : optional
+        The grid the features are computed on; by default the atlas's own grid.  The atlas
+        is put on it as :func:`~fednipype.features.extract_features` does (nearest
+        neighbour, cached).
+
+    Returns
+    -------
+    dict
+        Region name → the region's voxel count on the grid × the voxel volume (mm³), in the
+        label table's order; what :func:`~fednipype.features.extract_features` records as
+        ``Atlas.RegionMaxVolumeMm3``.
+
+    Examples
+    --------
+    >>> from fednipype.atlas import default_atlas
+    >>> atlas = default_atlas(2)  # on its own 2 mm grid
+    >>> volumes = atlas_max_volumes(atlas.image, atlas.labels)
+    >>> len(volumes), all(v > 0 for v in volumes.values())
+    (100, True)
+    """
+    atlas_file = Path(atlas_file)
+    if shape is None or affine is None:
+        check_file(atlas_file, "atlas image")
+        header = nb.load(atlas_file).header
+        shape, affine = header.get_data_shape()[:3], header.get_best_affine()
+    grid = atlas_grid(atlas_file, tuple(shape), np.asarray(affine), image_name=str(atlas_file))
+    voxel_mm3 = float(abs(np.linalg.det(np.asarray(affine)[:3, :3])))
+    return region_max_volumes(read_label_table(atlas_labels), grid.counts, voxel_mm3)
 
 
 # ---------------------------------------------------------------------------------------------

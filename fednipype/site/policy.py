@@ -1,8 +1,9 @@
 """The site policy: a data owner's privacy budget, disclosure limit, public bounds and ledger.
 
 A site policy is a TOML file written and owned by the data owner. Every privacy-relevant choice
-is declared in it explicitly; only ``min_cohort`` has a default (10). Nothing is ever read off
-the data: bounds are public numbers chosen before the data are looked at.
+is declared in it explicitly; only ``min_cohort`` has a default (10), and the regional
+features' bounds default to the atlas's (below). Nothing is ever read off the data: bounds are
+public numbers chosen before the data are looked at, or public facts of the atlas.
 
 Layout::
 
@@ -23,7 +24,7 @@ Layout::
     sex = [0, 1]
 
     [bounds.features]               # regional features
-    default = [0.0, 1.0]            # any region without its own entry
+    default = [0.0, 1.0]            # any region without its own entry ([lo, hi] or "atlas")
     "Left-Hippocampus" = [0.0, 0.8] # per-region overrides, by region name
 
     [federation]                    # optional: how the site answers federated requests
@@ -32,6 +33,14 @@ Layout::
 
 ``features`` is therefore a reserved name in ``[bounds]``, and ``default`` in
 ``[bounds.features]``. Unknown keys are refused, so a typo cannot silently drop a setting.
+
+``default = "atlas"``, which is also what an absent ``[bounds.features]`` table means, bounds
+each region's ``volume_mm3`` by [0, its largest possible volume]: the region's voxel count on
+the grid the features were computed on × the voxel volume, recorded in the features' sidecars
+(:data:`fednipype.features.ATLAS_MAX_VOLUME`; a public fact of the atlas and the grid, since a
+probability is at most 1). When the sidecars disagree (different grids), the largest per region
+is used. Per-region entries still override it. A response the atlas does not bound (a mean
+intensity) or sidecars that lack the maxima are refused, naming ``bounds.features.default``.
 
 Examples
 --------
@@ -91,6 +100,10 @@ _LEDGER_KEYS = {"path", "dataset", "id"}
 _LEDGER_ID = re.compile(r"[0-9a-f]{32}")
 
 Bounds = tuple[float, float]
+#: ``[bounds.features] default = "atlas"``: each region's bounds are [0, its atlas maximum].
+ATLAS_DEFAULT = "atlas"
+#: The regional feature the atlas bounds (a region's volume is at most its volume on the grid).
+ATLAS_RESPONSE = "volume_mm3"
 
 
 def _where(source: Path | None, key: str) -> str:
@@ -194,7 +207,8 @@ class SitePolicy:
     dataset_id : str
         Identity of the dataset; the ledger is keyed to it.
     feature_bounds_map : Mapping[str, tuple of float]
-        Public bounds of regional features by region name (``"default"`` for all others).
+        Public bounds of regional features by region name (``"default"`` for all others; it
+        may be :data:`ATLAS_DEFAULT`, ``"atlas"``).
     covariate_bounds_map : Mapping[str, tuple of float]
         Public bounds of covariates by name.
     min_cohort : int
@@ -219,7 +233,7 @@ class SitePolicy:
     delta: float
     ledger_path: Path
     dataset_id: str
-    feature_bounds_map: Mapping[str, Bounds] = field(hash=False)
+    feature_bounds_map: Mapping[str, Bounds | str] = field(hash=False)
     covariate_bounds_map: Mapping[str, Bounds] = field(hash=False)
     min_cohort: int = DEFAULT_MIN_COHORT
     source: Path | None = None
@@ -262,10 +276,15 @@ class SitePolicy:
                 f"dataset, got {self.dataset_id!r}"
             )
         object.__setattr__(self, "ledger_path", Path(self.ledger_path))
-        features = {
-            str(name): check_bounds(b, _where(src, f"bounds.features.{name}"))
-            for name, b in self.feature_bounds_map.items()
-        }
+        features: dict[str, Bounds | str] = {}
+        for name, value in self.feature_bounds_map.items():
+            where = _where(src, f"bounds.features.{name}")
+            if name == "default" and isinstance(value, str):
+                if value != ATLAS_DEFAULT:
+                    raise PolicyError(f'{where}: expected [lo, hi] or "atlas", got {value!r}')
+                features[name] = value
+            else:
+                features[str(name)] = check_bounds(value, where)
         covariates = {
             str(name): check_bounds(b, _where(src, f"bounds.{name}"))
             for name, b in self.covariate_bounds_map.items()
@@ -323,7 +342,7 @@ class SitePolicy:
         dataset = _required(ledger, "dataset", "ledger.dataset", source)
 
         bounds = _table(data, "bounds", source)
-        features: Mapping[str, Any] = {}
+        features: Mapping[str, Any] = {"default": ATLAS_DEFAULT}  # no table: the atlas's
         if "features" in bounds:
             features = bounds["features"]
             if not isinstance(features, Mapping):
@@ -369,33 +388,76 @@ class SitePolicy:
             return self.allow_exact_secure_sum
         return mode in self.federation_modes
 
-    def feature_bounds(self, region: str) -> Bounds:
+    @property
+    def atlas_default(self) -> bool:
+        """Whether regions without their own entry take the atlas's bounds (``"atlas"``)."""
+        return self.feature_bounds_map.get("default") == ATLAS_DEFAULT
+
+    def feature_bounds(
+        self, region: str, *, response: str = ATLAS_RESPONSE, atlas_max: float | None = None
+    ) -> Bounds:
         """Public bounds of a regional feature: its own entry, else ``default``.
 
         Parameters
         ----------
         region : str
             The region name (as in the atlas's label table).
+        response : str
+            The feature column released (``volume_mm3``, ``mean``, …); the atlas default
+            bounds ``volume_mm3`` only.
+        atlas_max : float, optional
+            The region's largest possible volume on the features' grid
+            (:func:`fednipype.features.read_atlas_max_volumes`); used when ``default`` is
+            ``"atlas"`` and the region has no entry of its own.
 
         Returns
         -------
         tuple of float
-            ``(lo, hi)``.
+            ``(lo, hi)``; ``(0, atlas_max)`` from the atlas default.
 
         Raises
         ------
         PolicyError
-            If neither the region nor a ``default`` is declared in ``[bounds.features]``.
+            If neither the region nor a ``default`` is declared in ``[bounds.features]``, or
+            the default is ``"atlas"`` and the response is not ``volume_mm3``, the region's
+            maximum is unknown, or it is 0 (the region has no voxel on the grid).
+
+        Examples
+        --------
+        >>> policy = SitePolicy(1.0, 1e-6, Path("l"), "d", {"default": "atlas"}, {})
+        >>> policy.feature_bounds("L_P01", atlas_max=13000.0)
+        (0.0, 13000.0)
         """
         if region in self.feature_bounds_map:
-            return self.feature_bounds_map[region]
-        if "default" in self.feature_bounds_map:
-            return self.feature_bounds_map["default"]
-        raise PolicyError(
-            f"{_where(self.source, f'bounds.features.{region}')}: no bounds declared for "
-            f"region '{region}' and no [bounds.features] default; bounds are never derived "
-            "from the data"
-        )
+            return self.feature_bounds_map[region]  # type: ignore[return-value]
+        default = self.feature_bounds_map.get("default")
+        if default is None:
+            raise PolicyError(
+                f"{_where(self.source, f'bounds.features.{region}')}: no bounds declared for "
+                f"region '{region}' and no [bounds.features] default; bounds are never derived "
+                "from the data"
+            )
+        if default != ATLAS_DEFAULT:
+            return default  # type: ignore[return-value]
+        where = _where(self.source, "bounds.features.default")
+        instead = f'declare default = [lo, hi] or "{region}" = [lo, hi]'
+        if response != ATLAS_RESPONSE:
+            raise PolicyError(
+                f'{where}: "atlas" bounds only the response {ATLAS_RESPONSE!r} (a region\'s '
+                f"largest possible volume); for the response {response!r} {instead}"
+            )
+        if atlas_max is None:
+            raise PolicyError(
+                f"{where}: \"atlas\" needs region '{region}'s largest possible volume from the "
+                "features' sidecars (Atlas.RegionMaxVolumeMm3), which they lack (written by an "
+                f"older fednipype?): recompute the features, or {instead}"
+            )
+        if not atlas_max > 0:
+            raise PolicyError(
+                f"{where}: \"atlas\" gives region '{region}' no bounds: it has no voxel on the "
+                f"features' grid (largest possible volume 0); leave it out, or {instead}"
+            )
+        return 0.0, float(atlas_max)
 
     def covariate_bounds(self, name: str) -> Bounds:
         """Public bounds of a covariate declared in ``[bounds]``.
@@ -422,20 +484,33 @@ class SitePolicy:
             f"'{name}'; bounds are never derived from the data"
         )
 
-    def feature_bounds_arrays(self, regions: Sequence[str]) -> tuple[list[float], list[float]]:
+    def feature_bounds_arrays(
+        self,
+        regions: Sequence[str],
+        *,
+        response: str = ATLAS_RESPONSE,
+        atlas_max: Mapping[str, float] | None = None,
+    ) -> tuple[list[float], list[float]]:
         """Lower and upper bounds for several regions, in order.
 
         Parameters
         ----------
         regions : sequence of str
             Region names.
+        response : str
+            The feature column released.
+        atlas_max : mapping, optional
+            Region name → largest possible volume, for the atlas default.
 
         Returns
         -------
         tuple of list of float
             ``(lows, highs)``, one entry per region.
         """
-        pairs = [self.feature_bounds(r) for r in regions]
+        atlas_max = atlas_max or {}
+        pairs = [
+            self.feature_bounds(r, response=response, atlas_max=atlas_max.get(r)) for r in regions
+        ]
         return [p[0] for p in pairs], [p[1] for p in pairs]
 
 

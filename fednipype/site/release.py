@@ -22,11 +22,11 @@ from fednipype.contract.document import new_release, validate
 from fednipype.contract.scaling import Scaling
 from fednipype.contract.statistics import SufficientStatistics
 from fednipype.exceptions import DisclosureError, PolicyError, ReleaseValidationError
-from fednipype.features import read_sidecar
+from fednipype.features import read_atlas_max_volumes, read_sidecar
 from fednipype.site.design import Design, ModelSpec, build_design, load_feature_table
 from fednipype.site.ledger import PrivacyLedger
 from fednipype.site.mechanisms import PreparedStatistic, prepare_sufficient_statistics
-from fednipype.site.policy import SitePolicy
+from fednipype.site.policy import Bounds, SitePolicy
 
 __all__ = ["SESSIONS", "STATISTIC", "make_release", "release_name"]
 
@@ -66,7 +66,11 @@ def make_release(
 
     Covariates and responses are mapped to [-1, 1] with their public bounds
     (:class:`~fednipype.contract.scaling.Scaling`) before the sufficient statistics are
-    computed, which keeps their sensitivity small; the release records the maps.
+    computed, which keeps their sensitivity small; the release records the maps. A region's
+    bounds are the policy's entry for it, else its ``[bounds.features] default``; with
+    ``default = "atlas"`` (or no ``[bounds.features]``) a ``volume_mm3`` response is bounded by
+    [0, the region's largest possible volume] recorded in the features' sidecars (the largest
+    over the files when their grids differ), a public fact of the atlas and the grids.
 
     Parameters
     ----------
@@ -121,14 +125,17 @@ def make_release(
     tsvs = [Path(f) for f in features]
     table = _select_regions(load_feature_table(tsvs, spec.response), regions)
     design = build_design(table, read_participants(participants), spec)
+    atlas = _atlas_provenance(tsvs, design.regions)
+    region_bounds = _region_bounds(policy, spec.response, tsvs, design.regions)
     context = _Context(
         dataset=dataset or site,
         site=site,
         spec=spec,
         design=design,
         policy=policy,
-        scaling=_scaling(policy, spec, design),
-        atlas=_atlas_provenance(tsvs, design.regions),
+        region_bounds=region_bounds,
+        scaling=_scaling(policy, spec, design, region_bounds),
+        atlas=atlas,
         epsilon=float(epsilon),
         delta=float(delta),
         budget=budget,
@@ -170,6 +177,7 @@ class _Context:
     spec: ModelSpec
     design: Design
     policy: SitePolicy
+    region_bounds: dict[str, Bounds]
     scaling: Scaling
     atlas: dict[str, Any]
     epsilon: float
@@ -213,12 +221,25 @@ def _select_regions(table: pd.DataFrame, regions: Sequence[str] | None) -> pd.Da
     return table[[c for c in table.columns if c in set(wanted)]]
 
 
-def _scaling(policy: SitePolicy, spec: ModelSpec, design: Design) -> Scaling:
+def _region_bounds(
+    policy: SitePolicy, response: str, tsvs: list[Path], regions: tuple[str, ...]
+) -> dict[str, Bounds]:
+    """Each region's public bounds: the policy's, or [0, atlas maximum] from the sidecars."""
+    atlas_max = read_atlas_max_volumes(tsvs) if policy.atlas_default else {}
+    return {
+        region: policy.feature_bounds(region, response=response, atlas_max=atlas_max.get(region))
+        for region in regions
+    }
+
+
+def _scaling(
+    policy: SitePolicy, spec: ModelSpec, design: Design, regions: dict[str, Bounds]
+) -> Scaling:
     """Public bounds → the maps onto [-1, 1] (dummies 0/1 → −1/+1)."""
     return Scaling.from_bounds(
         numeric={term: policy.covariate_bounds(term) for term in spec.numeric},
         dummies=design.terms[1 + len(spec.numeric) :],
-        regions={region: policy.feature_bounds(region) for region in design.regions},
+        regions={region: regions[region] for region in design.regions},
     )
 
 
@@ -330,7 +351,7 @@ def _document(
     }
     spec, policy, design = context.spec, context.policy, context.design
     bounds = {t: list(policy.covariate_bounds(t)) for t in spec.numeric}
-    bounds.update({r: list(policy.feature_bounds(r)) for r in design.regions})
+    bounds.update({r: list(context.region_bounds[r]) for r in design.regions})
     return new_release(
         dataset=context.dataset,
         site=context.site,
