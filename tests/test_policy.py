@@ -2,6 +2,7 @@
 
 import dataclasses
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -132,9 +133,62 @@ def test_missing_bounds_are_refused(tmp_path):
     text = VALID.split("[bounds]")[0]
     with pytest.raises(PolicyError, match="'bounds': missing table"):
         SitePolicy.from_toml(write(tmp_path, text))
-    empty = text + "[bounds]\n"
+    # An empty [bounds]: no [bounds.features] means the atlas default, so bounds exist.
+    empty = SitePolicy.from_toml(write(tmp_path, text + "[bounds]\n"))
+    assert empty.atlas_default and dict(empty.feature_bounds_map) == {"default": "atlas"}
     with pytest.raises(PolicyError, match="'bounds': no bounds declared"):
-        SitePolicy.from_toml(write(tmp_path, empty))
+        SitePolicy(1.0, 1e-6, Path("l"), "d", {}, {})
+
+
+def test_atlas_default_and_what_overrides_it(tmp_path):
+    text = replace_line(VALID, "default", 'default = "atlas"')
+    policy = SitePolicy.from_toml(write(tmp_path, text))
+    assert policy.atlas_default
+    assert policy.feature_bounds("L_P01", atlas_max=12345.0) == (0.0, 12345.0)
+    # a region's own entry wins, whatever the response and whether a maximum is known
+    assert policy.feature_bounds("Left-Hippocampus", atlas_max=9.0) == (0.1, 0.8)
+    assert policy.feature_bounds("Left-Hippocampus", response="mean") == (0.1, 0.8)
+    assert policy.feature_bounds_arrays(
+        ["Left-Hippocampus", "L_P01"], atlas_max={"L_P01": 50.0}
+    ) == ([0.1, 0.0], [0.8, 50.0])
+    numeric = SitePolicy.from_toml(write(tmp_path, VALID))
+    assert not numeric.atlas_default
+    assert numeric.feature_bounds("L_P01", atlas_max=12345.0) == (0.0, 1.0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        (
+            {"response": "mean", "atlas_max": 100.0},
+            r"bounds only the response 'volume_mm3'.*'mean'",
+        ),
+        ({}, r"RegionMaxVolumeMm3.*recompute the features"),
+        ({"atlas_max": 0.0}, r"no voxel on the features' grid"),
+    ],
+)
+def test_atlas_default_refusals_name_the_field(tmp_path, kwargs, expected):
+    text = replace_line(VALID, "default", 'default = "atlas"')
+    policy = SitePolicy.from_toml(write(tmp_path, text))
+    with pytest.raises(PolicyError, match=r"policy.toml: 'bounds.features.default': ") as info:
+        policy.feature_bounds("R_P07", **kwargs)
+    message = str(info.value)
+    assert re.search(expected, message) and "R_P07" in message and "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("line", "key"),
+    [
+        ('default = "atlass"', "bounds.features.default"),
+        ('default = "ATLAS"', "bounds.features.default"),
+        ('"Left-Hippocampus" = "atlas"', "bounds.features.Left-Hippocampus"),
+    ],
+)
+def test_atlas_is_a_default_only(tmp_path, line, key):
+    startswith = line.split(" =")[0]
+    text = replace_line(VALID, startswith, line)
+    with pytest.raises(PolicyError, match=rf"policy.toml: '{key}'"):
+        SitePolicy.from_toml(write(tmp_path, text))
 
 
 @pytest.mark.parametrize(
