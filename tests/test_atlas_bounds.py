@@ -19,6 +19,8 @@ from nibabel.processing import resample_from_to
 from support import BUNDLED, SITES
 
 from fednipype.atlas import default_atlas
+from fednipype.cli import plan as plan_cli
+from fednipype.cli.errors import EXIT_USAGE
 from fednipype.contract.document import read_release
 from fednipype.exceptions import PolicyError
 from fednipype.features import (
@@ -245,3 +247,38 @@ def test_old_sidecars_without_the_maximum(bundled_features, tmp_path, site_polic
     numeric = _policy(tmp_path / "numeric", site_policy, NUMERIC_DEFAULT)
     path = _release(tsvs, numeric, tmp_path / "n_release.json", regions=TWO)
     assert read_release(path)["privacy"]["bounds"]["L_P01"] == [0.0, 12000.0]
+
+
+def _own_grid_max(resolution: int) -> dict[str, float]:
+    """The default atlas's regions on its own grid: a numpy bincount × the voxel volume."""
+    atlas = default_atlas(resolution)
+    img = nb.load(atlas.image)
+    counts = np.bincount(np.asarray(img.dataobj).astype(np.int64).ravel(), minlength=101)
+    table = pd.read_csv(atlas.labels, sep="\t")
+    voxel = abs(np.linalg.det(img.affine[:3, :3]))
+    return {n: counts[i] * voxel for i, n in zip(table["index"], table["name"], strict=True)}
+
+
+@pytest.mark.timeout(120)
+def test_plan_cli_takes_the_default_atlas_bounds(tmp_path, capsys, site_policy):
+    policy = _policy(tmp_path / "policy", site_policy, 'default = "atlas"\n"L_P02" = [0.0, 9.0]')
+    argv = ["--n", "24", "30", "--epsilon", "1", "--policy", str(policy), "--residual-sd", "150"]
+    for resolution in (1, 2):
+        expected = _own_grid_max(resolution)
+        regions = ["--regions", "L_P01", "L_P02", "R_P12"]
+        assert plan_cli.main([*argv, *regions, "--atlas-resolution", str(resolution)]) == 0
+        out = capsys.readouterr().out
+        assert f"response: L_P01 (bounds 0 to {expected['L_P01']:g})" in out
+        assert f"response: R_P12 (bounds 0 to {expected['R_P12']:g})" in out
+        assert "response: L_P02 (bounds 0 to 9)" in out
+        assert (
+            plan_cli.main([*argv, "--regions", "100", "--atlas-resolution", str(resolution)]) == 0
+        )
+        out = capsys.readouterr().out
+        assert f"(bounds 0 to {max(expected.values()):g})" in out
+    # the policy's own entries need no atlas; the atlas default needs its resolution
+    assert plan_cli.main([*argv, "--regions", "L_P02"]) == 0
+    capsys.readouterr()
+    assert plan_cli.main([*argv, "--regions", "L_P01"]) == EXIT_USAGE
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--atlas-resolution" in err[0] and 'default = "atlas"' in err[0]

@@ -10,7 +10,10 @@ the covariates and an assumed residual sd of the response, the sites' sizes, ε 
 site, the number of released regions) it prints, for the release's model (age, sex, group)
 pooled with site intercepts, each term's predicted standard error in original units and the
 part of it the DP noise adds; where the first-order prediction does not hold it prints only
-an order of magnitude and says why. ``--target-se TERM SE`` adds the ε per site and the n per
+an order of magnitude and says why. A policy whose ``[bounds.features] default`` is ``"atlas"``
+needs ``--atlas-resolution 1|2``: the plan then bounds each region by the default atlas's region
+on its own grid (features computed on another grid have other maxima; give
+``--response-bounds`` for those). ``--target-se TERM SE`` adds the ε per site and the n per
 site that would reach that standard error; ``--plot`` draws the standard errors against ε.
 Nothing is read from any dataset and nothing is spent.
 """
@@ -101,6 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bounds = parser.add_argument_group("public bounds (flags override the policy)")
     bounds.add_argument("--policy", type=Path, help="a site policy (TOML) to take bounds from")
+    bounds.add_argument(
+        "--atlas-resolution",
+        type=int,
+        choices=(1, 2),
+        help='with a policy whose [bounds.features] default is "atlas": the features are '
+        "computed on fednipype's default atlas's own grid at this resolution (mm); each region "
+        "is bounded by its voxels on that grid x the voxel volume",
+    )
     bounds.add_argument(
         "--age-bounds", nargs=2, type=_finite, metavar=("LO", "HI"), help="public age bounds"
     )
@@ -195,6 +206,22 @@ def _response(args: argparse.Namespace, bounds: tuple[float, float]) -> Response
     return Response.from_r2(bounds, sd=args.response_sd, r2=args.r2, mean=args.response_mean)
 
 
+def _atlas_maxima(policy: SitePolicy, resolution: int | None) -> dict[str, float]:
+    """The default atlas's regions' largest possible volumes on its own grid (mm3)."""
+    if resolution is None:
+        raise UsageError(
+            f"--atlas-resolution: {policy.source} bounds the regions by the atlas ([bounds."
+            'features] default = "atlas"); give the resolution (1 or 2 mm) of the default '
+            "atlas grid the features are computed on, or --response-bounds LO HI"
+        )
+    # Imported here: the atlas and its grid need nibabel, which the plan otherwise never loads.
+    from fednipype.atlas import default_atlas
+    from fednipype.grids import atlas_max_volumes
+
+    atlas = default_atlas(resolution)
+    return atlas_max_volumes(atlas.image, atlas.labels)
+
+
 def scenarios(args: argparse.Namespace) -> list[tuple[str, Scenario]]:
     """One scenario per distinct response bounds among the regions, labelled by its regions."""
     policy = SitePolicy.from_toml(args.policy) if args.policy is not None else None
@@ -224,10 +251,27 @@ def scenarios(args: argparse.Namespace) -> list[tuple[str, Scenario]]:
     elif policy is None:
         raise UsageError("--response-bounds or --policy: the plan needs public response bounds")
     elif names is None:
-        groups[policy.feature_bounds("default")] = [f"each of {count} region(s)"]
+        if policy.atlas_default:
+            largest = max(_atlas_maxima(policy, args.atlas_resolution).values())
+            groups[(0.0, largest)] = [
+                f"each of {count} region(s), bounded by the default atlas's largest region at "
+                f"{args.atlas_resolution} mm"
+            ]
+        else:
+            groups[policy.feature_bounds("default")] = [f"each of {count} region(s)"]
     else:
+        maxima: dict[str, float] = {}
+        if policy.atlas_default and set(names) - set(policy.feature_bounds_map):
+            maxima = _atlas_maxima(policy, args.atlas_resolution)
+            unknown = [n for n in names if n not in maxima and n not in policy.feature_bounds_map]
+            if unknown:
+                raise UsageError(
+                    f"--regions: {', '.join(unknown)}: not region(s) of the default atlas "
+                    f"({next(iter(maxima))} … {next(reversed(maxima))})"
+                )
         for name in names:
-            groups.setdefault(policy.feature_bounds(name), []).append(name)
+            bounds = policy.feature_bounds(name, atlas_max=maxima.get(name))
+            groups.setdefault(bounds, []).append(name)
     out = []
     for bounds, labels in groups.items():
         scenario = Scenario.of(
