@@ -8,6 +8,7 @@ the ledger is charged, and the noise is drawn only against that charge.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from fednipype.site.ledger import PrivacyLedger
 from fednipype.site.mechanisms import PreparedStatistic, prepare_sufficient_statistics
 from fednipype.site.policy import Bounds, SitePolicy
 
-__all__ = ["SESSIONS", "STATISTIC", "make_release", "release_name"]
+__all__ = ["SESSIONS", "STATISTIC", "TOTAL", "make_release", "release_name"]
 
 #: The statistic a release holds: the linear model's sufficient statistics.
 STATISTIC = "sufficient_statistics"
@@ -36,6 +37,9 @@ STATISTIC = "sufficient_statistics"
 COHORT_MARGIN_SD = 5.3
 #: How several sessions of a participant enter a release (``model/sessions``).
 SESSIONS = "first session of each participant"
+#: The summary feature a release may ask for next to regions: the sum over all the atlas's
+#: regions (total grey-matter volume for ``volume_mm3``).
+TOTAL = "total"
 
 
 def make_release(
@@ -98,7 +102,9 @@ def make_release(
         The atlas regions to release, pre-registered (default: all). The sensitivity, hence
         the noise, grows with the number of released entries: a few regions cost far less
         noise per region than all of them. Names are public (the atlas's); an unknown name is
-        refused before any charge.
+        refused before any charge. ``"total"`` (:data:`TOTAL`) adds the summary feature, the
+        sum over all the atlas's regions (total grey-matter volume), bounded by the policy's
+        ``total`` entry or the sum of the regions' bounds.
 
     Returns
     -------
@@ -123,10 +129,11 @@ def make_release(
     budget = _check_request(policy, epsilon, delta)
     ledger = PrivacyLedger.from_policy(policy)  # refuses an unbound, missing or other ledger
     tsvs = [Path(f) for f in features]
-    table = _select_regions(load_feature_table(tsvs, spec.response), regions)
+    full = load_feature_table(tsvs, spec.response)
+    table = _select_regions(full, regions, spec.response)
     design = build_design(table, read_participants(participants), spec)
     atlas = _atlas_provenance(tsvs, design.regions)
-    region_bounds = _region_bounds(policy, spec.response, tsvs, design.regions)
+    region_bounds = _region_bounds(policy, spec.response, tsvs, design.regions, tuple(full))
     context = _Context(
         dataset=dataset or site,
         site=site,
@@ -207,11 +214,25 @@ def _check_request(
 # -- 2. the design and its public scaling -----------------------------------------------------
 
 
-def _select_regions(table: pd.DataFrame, regions: Sequence[str] | None) -> pd.DataFrame:
-    """The feature table restricted to the pre-registered regions, in atlas order."""
+def _select_regions(
+    table: pd.DataFrame, regions: Sequence[str] | None, response: str = "volume_mm3"
+) -> pd.DataFrame:
+    """The feature table restricted to the pre-registered regions, in atlas order.
+
+    The summary feature ``total`` (:data:`TOTAL`: the sum of the response over all the
+    atlas's regions, e.g. total grey-matter volume) may be asked for next to them; it comes
+    last. It is defined for ``volume_mm3`` only (a sum of volumes is a volume).
+    """
     if regions is None:
         return table
     wanted = [str(r) for r in regions]
+    if TOTAL in wanted:
+        if TOTAL in table.columns or response != "volume_mm3":
+            raise ReleaseValidationError(
+                f"release regions: the summary {TOTAL!r} needs the volume_mm3 response and an "
+                f"atlas without a region of that name (response {response!r})"
+            )
+        table = table.assign(**{TOTAL: table.sum(axis=1, skipna=False)})
     unknown = [r for r in wanted if r not in table.columns]
     if unknown or not wanted or len(set(wanted)) != len(wanted):
         raise ReleaseValidationError(
@@ -222,14 +243,31 @@ def _select_regions(table: pd.DataFrame, regions: Sequence[str] | None) -> pd.Da
 
 
 def _region_bounds(
-    policy: SitePolicy, response: str, tsvs: list[Path], regions: tuple[str, ...]
+    policy: SitePolicy,
+    response: str,
+    tsvs: list[Path],
+    regions: tuple[str, ...],
+    atlas_regions: tuple[str, ...] = (),
 ) -> dict[str, Bounds]:
-    """Each region's public bounds: the policy's, or [0, atlas maximum] from the sidecars."""
+    """Each region's public bounds: the policy's, or [0, atlas maximum] from the sidecars.
+
+    The summary ``total`` takes the policy's own ``total`` entry if it has one, else the sum
+    of every atlas region's bounds (public: a sum of values within bounds is within the sum
+    of the bounds).
+    """
     atlas_max = read_atlas_max_volumes(tsvs) if policy.atlas_default else {}
-    return {
-        region: policy.feature_bounds(region, response=response, atlas_max=atlas_max.get(region))
-        for region in regions
-    }
+
+    def bounds(region: str) -> Bounds:
+        return policy.feature_bounds(region, response=response, atlas_max=atlas_max.get(region))
+
+    out = {}
+    for region in regions:
+        if region == TOTAL and TOTAL not in policy.feature_bounds_map:
+            parts = [bounds(r) for r in atlas_regions]
+            out[region] = (math.fsum(lo for lo, _ in parts), math.fsum(hi for _, hi in parts))
+        else:
+            out[region] = bounds(region)
+    return out
 
 
 def _scaling(
