@@ -427,6 +427,16 @@ def prepare_sufficient_statistics(
     -------
     PreparedStatistic
         Its release is a :class:`~fednipype.contract.statistics.SufficientStatistics`.
+
+    Notes
+    -----
+    Block weights: one σ on every released entry (all blocks weighted 1). Weighting the ZᵀZ
+    block by w inside the Gaussian vector (Δ² = 1 + w²·|ZᵀZ| + |ZᵀY| + |yᵀy|, noise sd σ/w
+    on ZᵀZ) was evaluated with the planner's first-order SE of the pooled age slope over
+    w in [0.2, 5]: the best weight (w ≈ 0.8) gains 1.1 % in SD on 10 sites × 500 participants
+    with 5 regions at ε = 1 and 4, and 1.0 % on the bundled sites at ε = 100 — not worth a
+    second noise level per release. The per-block noise variances are recorded
+    (``noise_variances``: n, ztz, zty, yty) and the hub uses them block by block.
     """
     statistic = "sufficient_statistics"
     epsilon, delta = _budget(epsilon, delta, statistic)
