@@ -39,6 +39,7 @@ from types import FrameType
 from typing import TextIO
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
 from fednipype.exceptions import BIDSError, FederationError, FednipypeError
@@ -194,7 +195,7 @@ def _check_key(path: Path) -> None:
         )
     try:
         serialization.load_ssh_private_key(data, password=None)
-    except (ValueError, TypeError, serialization.UnsupportedAlgorithm) as err:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as err:
         raise FederationError(
             f"--auth-key {path}: expected an OpenSSH private key without passphrase "
             '(ssh-keygen -t ecdsa -b 384 -N "")'
