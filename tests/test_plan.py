@@ -178,6 +178,8 @@ def _replicates(scenario: Scenario, reps: int, seed: int) -> tuple[pd.DataFrame,
                 terms=terms,
                 regions=regions,
                 max_participants=10_000,
+                # n released once, as make_release does (the planner's σ follows it)
+                n_terms=(terms[0], *(t for t in terms if t in DUMMIES)),
             )
             released.append(prepared._draw())  # OpenDP noise, no ledger (a test)
         fit = pooled_regression(released, units=units)
