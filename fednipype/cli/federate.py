@@ -37,6 +37,7 @@ from pathlib import Path
 from fednipype import __version__
 from fednipype.cli.console import setup_logging
 from fednipype.cli.errors import ArgumentParser, HelpFormatter, UsageError, exit_epilog, guarded
+from fednipype.contract.request import AnalysisRequest
 from fednipype.exceptions import FederationError
 
 PROG = "fednipype-federate"
@@ -133,8 +134,15 @@ def _run(args: argparse.Namespace) -> int:
     _check_arguments(args)
     # Imported here: the Nipype interface module (and the federation's process tools) are
     # needed only once the arguments are known to be usable.
-    from fednipype.interfaces.federated import run_federated_analysis
+    from fednipype.interfaces.federated import check_shares, parse_address, run_federated_analysis
 
+    request = AnalysisRequest.from_file(args.request)
+    try:
+        check_shares(args.num_shares, args.reconstruction_threshold, request.k)
+        if args.superlink is not None:
+            parse_address(args.superlink)
+    except FederationError as err:
+        raise UsageError(str(err)) from None
     run = run_federated_analysis(
         args.request,
         args.output_dir,

@@ -1,0 +1,410 @@
+"""``fednipype-federate`` and the ``FederatedAnalysis`` node through a real deployment.
+
+One consortium for the module: a flower-superlink with TLS and SuperNode authentication and one
+flower-supernode per bundled site (siteA, siteB, siteC), each with its participant-level
+features, its policy (``[federation] modes = ["dp"]``, ``allow_exact_secure_sum = true``), its
+ledger and its owner's approvals. The references are computed here, independently: statsmodels
+OLS with one intercept per site on the pooled raw rows (the sites' feature tables joined with
+their ``participants.tsv``), numpy sums of each site's vector, dp-accounting's Gaussian
+calibration, and the sites' SQLite ledgers read with ``sqlite3``. Left-over processes are
+looked up in ``/proc``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import sqlite3
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import statsmodels.api as sm
+from dp_accounting import gaussian_mechanism
+from support import BUNDLED, SITES
+
+from fednipype.cli import federate
+from fednipype.contract.request import AnalysisRequest
+from fednipype.contract.secure_sum import Grid, SumLayout
+from fednipype.contract.statistics import SufficientStatistics
+from fednipype.federated.deploy import LocalConsortium, processes_matching
+from fednipype.federated.pki import make_local_pki
+from fednipype.hub.pooling import RESULT_COLUMNS
+from fednipype.interfaces.federated import FederatedAnalysis
+from fednipype.site import approvals
+from fednipype.site.ledger import PrivacyLedger
+from fednipype.site.lifecycle import init_ledger
+from fednipype.site.policy import SitePolicy, example_policy
+
+pytestmark = pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="process checks read /proc (Linux)"
+)
+
+REGIONS = ["L_P01", "L_P12", "L_P27", "R_P12", "R_P33"]
+SLOPES = ["age", "group[patient]", "sex[M]"]
+AGE, VOLUME = (18.0, 90.0), (0.0, 12000.0)  # the example policy's public bounds
+FEDERATION = '\n[federation]\nmodes = ["dp"]\nallow_exact_secure_sum = true\n'
+PLANTED = {"age": "age_slope_mm3_per_year", "group[patient]": "patient_mm3", "sex[M]": "male_mm3"}
+EPSILON, DELTA = 1.0, 1e-5
+
+
+def request_doc(request_id: str, mode: str, **changes) -> dict:
+    doc = {
+        "schema": "fednipype-request/1.0",
+        "request_id": request_id,
+        "sites": list(SITES),
+        "model": {
+            "response": "volume_mm3",
+            "numeric": ["age"],
+            "categorical": {"sex": ["F", "M"], "group": ["control", "patient"]},
+        },
+        "regions": REGIONS,
+        "bounds": {"covariates": {"age": list(AGE)}, "regions": {"default": list(VOLUME)}},
+        "mode": mode,
+        "epsilon": EPSILON if mode == "dp" else None,
+        "delta": DELTA if mode == "dp" else None,
+        "max_dropouts": 0,
+        "min_sites": 3 if mode == "exact" else 2,
+        "max_participants": 1000,
+    }
+    return {**doc, **changes}
+
+
+# -- the raw rows and the references -----------------------------------------------------------
+
+
+def site_rows(site: str, features: list[Path]) -> pd.DataFrame:
+    """A site's rows as the model sees them: first session of each participant with a
+    complete participants.tsv row; covariates in original units, 0/1 dummies, volumes."""
+    rows = []
+    for path in features:
+        parts = dict(p.split("-", 1) for p in path.name.split("_") if "-" in p)
+        table = pd.read_csv(path, sep="\t").set_index("name")["volume_mm3"]
+        rows.append({"participant_id": f"sub-{parts['sub']}", "ses": parts.get("ses", ""),
+                     **table[REGIONS].to_dict()})  # fmt: skip
+    frame = pd.DataFrame(rows).sort_values(["participant_id", "ses"])
+    frame = frame.groupby("participant_id", sort=True).head(1)
+    people = pd.read_csv(BUNDLED / site / "participants.tsv", sep="\t", na_values=["n/a"])
+    frame = frame.merge(people, on="participant_id", how="inner").dropna(
+        subset=["age", "sex", "group"]
+    )
+    return pd.DataFrame(
+        {
+            "site": site,
+            "age": frame["age"].astype(float),
+            "group[patient]": (frame["group"] == "patient").astype(float),
+            "sex[M]": (frame["sex"] == "M").astype(float),
+            **{r: frame[r].astype(float) for r in REGIONS},
+        }
+    ).reset_index(drop=True)
+
+
+def reference_fit(rows: pd.DataFrame, region: str):
+    """statsmodels OLS of the region on site intercepts and the covariates (original units)."""
+    x = pd.concat([pd.get_dummies(rows["site"], dtype=float)[list(SITES)], rows[SLOPES]], axis=1)
+    return sm.OLS(rows[region], x).fit()
+
+
+def intercept_contrasts(rows: pd.DataFrame) -> dict[str, np.ndarray]:
+    """Contrasts of the fednipype intercepts: each site's intercept at the covariate centers
+    (age at the middle of its public bounds, dummies at 1/2) and their n-weighted mean."""
+    centers = np.array([(AGE[0] + AGE[1]) / 2, 0.5, 0.5])
+    out = {}
+    counts = rows["site"].value_counts()
+    for k, site in enumerate(SITES):
+        c = np.zeros(len(SITES) + 3)
+        c[k], c[len(SITES) :] = 1.0, centers
+        out[site] = c
+    weights = np.array([counts[s] for s in SITES], dtype=float)
+    out["pooled"] = np.concatenate([weights / weights.sum(), centers])
+    return out
+
+
+def scaled_site_vector(request: AnalysisRequest, rows: pd.DataFrame) -> np.ndarray:
+    """One site's exact float vector (scaled units), with numpy."""
+    columns = {
+        "intercept": np.ones(len(rows)),
+        "age": (rows["age"].to_numpy() - 54.0) / 36.0,
+        "group[patient]": 2.0 * rows["group[patient]"].to_numpy() - 1.0,
+        "sex[M]": 2.0 * rows["sex[M]"].to_numpy() - 1.0,
+    }
+    z = np.column_stack([columns[t] for t in request.terms])
+    y = (rows[REGIONS].to_numpy() - 6000.0) / 6000.0
+    stats = SufficientStatistics(
+        terms=request.terms, regions=tuple(REGIONS), ztz=z.T @ z, zty=z.T @ y,
+        yty=(y**2).sum(axis=0), n=float(len(rows)), n_terms=request.n_terms,
+    )  # fmt: skip
+    site = rows["site"].iloc[0]
+    return SumLayout.from_request(request).site_vector(stats, request.slot(site))
+
+
+def relative(a, b) -> float:
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    return float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-12)))
+
+
+# -- the consortium -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, bundled_derivatives, bundled_features):
+    """Policies, ledgers, approvals and the running consortium; every process stopped after."""
+    root = tmp_path_factory.mktemp("federate") / "hub dir"
+    requests = {}
+    for name, doc in {
+        "exact": request_doc("e2e-exact", "exact"),
+        "dp": request_doc("e2e-dp", "dp"),
+        "partial": request_doc("e2e-partial", "exact"),  # siteC's owner never approves it
+    }.items():
+        path = root / "requests" / f"{name}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(doc), encoding="utf-8")
+        requests[name] = (path, AnalysisRequest.from_file(path))
+    nodes, policies = {}, {}
+    for site in SITES:
+        folder = root / "sites" / site
+        folder.mkdir(parents=True)
+        policy = folder / "policy.toml"
+        text = example_policy(dataset=site, total_epsilon=10.0) + FEDERATION
+        policy.write_text(text, encoding="utf-8")
+        init_ledger(policy)
+        ledger = PrivacyLedger.from_policy(SitePolicy.from_toml(policy))
+        for name, (_, request) in requests.items():
+            if name != "partial" or site != "siteC":
+                approvals.approve(ledger, request, note="test")
+        policies[site] = policy
+        nodes[site] = {"site": site, "policy": str(policy), "bids-dir": str(BUNDLED / site),
+                       "derivatives": str(bundled_derivatives[site])}  # fmt: skip
+    rows = pd.concat([site_rows(s, bundled_features[s]) for s in SITES], ignore_index=True)
+    begin = time.monotonic()
+    with LocalConsortium(root / "consortium", nodes, stop_grace=5.0) as consortium:
+        print(f"\nconsortium online in {time.monotonic() - begin:.1f} s")
+        yield {"root": root, "consortium": consortium, "requests": requests, "rows": rows,
+               "policies": policies}  # fmt: skip
+        pattern = consortium.process_pattern()
+    deadline = time.monotonic() + 10.0
+    while (left := processes_matching(pattern, flower_only=False)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert left == {}, left
+
+
+def federate_args(world, name: str, out: Path, *extra: str) -> list[str]:
+    c = world["consortium"]
+    return [str(world["requests"][name][0]), "--superlink", c.superlink_address,
+            "--root-certificates", str(c.ca), "-o", str(out), *extra]  # fmt: skip
+
+
+# -- runs -------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(480)
+def test_exact_secure_sum_equals_statsmodels_and_recovers_planted_effects(world, capsys):
+    rows = world["rows"]
+    assert rows["age"].between(*AGE).all() and rows[REGIONS].stack().between(*VOLUME).all()
+    out = world["root"] / "exact out"
+    tic = time.monotonic()
+    code = federate.main(federate_args(world, "exact", out))
+    wall = time.monotonic() - tic
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    pooled = pd.read_csv(out / "pooled_results.tsv", sep="\t")
+    assert list(pooled.columns) == list(RESULT_COLUMNS)
+    assert set(pooled["method"]) == {"pooled_regression"}
+    per_site = pd.read_csv(out / "site_estimates.tsv", sep="\t")
+
+    worst = 0.0
+    truth = {
+        r["name"]: r for r in json.loads((BUNDLED / "ground_truth.json").read_text())["regions"]
+    }
+    inside = []
+    for region in REGIONS:
+        fit = reference_fit(rows, region)
+        got = pooled[pooled["region"] == region].set_index("term")
+        for term in SLOPES:
+            for ours, ref in (
+                (got.loc[term, "estimate"], fit.params[term]),
+                (got.loc[term, "se"], fit.bse[term]),
+                (got.loc[term, "ci_low"], fit.conf_int().loc[term, 0]),
+                (got.loc[term, "ci_high"], fit.conf_int().loc[term, 1]),
+            ):
+                worst = max(worst, relative(ours, ref))
+            assert got.loc[term, "df"] == pytest.approx(fit.df_resid)
+            planted = truth[region][PLANTED[term]]
+            inside.append(got.loc[term, "ci_low"] <= planted <= got.loc[term, "ci_high"])
+        contrasts = intercept_contrasts(rows)
+        pooled_ref = fit.t_test(contrasts["pooled"])
+        worst = max(worst, relative(got.loc["intercept", "estimate"], pooled_ref.effect[0]))
+        worst = max(worst, relative(got.loc["intercept", "se"], pooled_ref.sd[0, 0]))
+        mine = per_site[per_site["region"] == region].set_index("site")
+        for site in SITES:
+            ref = fit.t_test(contrasts[site])
+            worst = max(worst, relative(mine.loc[site, "estimate"], ref.effect[0]))
+            worst = max(worst, relative(mine.loc[site, "se"], ref.sd[0, 0]))
+            assert mine.loc[site, "n"] == (rows["site"] == site).sum()
+    print(
+        f"\nexact vs statsmodels: max relative difference {worst:.2e}; "
+        f"{sum(inside)}/{len(inside)} planted effects in the 95% CIs; run {wall:.1f} s"
+    )
+    assert worst <= 1e-6
+    # every planted age, patient and male effect of the 5 regions lies inside its 95% CI
+    assert all(inside), inside
+
+    # the hub held one aggregate, never a site's vector; the sum is the sites' exact sum
+    secure = json.loads((out / "secure_sum.json").read_text())
+    assert secure["status"] == "completed"
+    assert secure["aggregate_fit"] == {"results": 3, "distinct_parameters": 1, "failures": []}
+    request = world["requests"]["exact"][1]
+    grid = Grid.for_request(request)
+    vectors = [scaled_site_vector(request, rows[rows["site"] == s]) for s in SITES]
+    expected = np.sum([np.rint(v / grid.step) for v in vectors], axis=0)
+    assert np.max(np.abs(np.asarray(secure["sum"], dtype=float) - expected)) <= len(SITES)
+    record = json.loads((out / "federation.json").read_text())
+    assert record["contributors"] == list(SITES) and record["not_contributing"] == []
+    assert record["request_hash"] == request.content_hash and record["mode"] == "exact"
+    assert record["timings_s"]["flwr_run"] > 0 and record["run_id"] is not None
+    html = (out / "index.html").read_text()
+    assert all(f"forest_{r}_intercept.png" in html for r in REGIONS)
+    assert all((out / f"forest_{r}_intercept.png").is_file() for r in REGIONS)
+    assert "exact secure sum of 3 of 3 sites" in captured.out
+
+
+@pytest.mark.timeout(300)
+def test_dp_through_the_node_charges_each_ledger_and_has_noise_aware_errors(
+    world, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    path, request = world["requests"]["dp"]
+    c = world["consortium"]
+    node = FederatedAnalysis(
+        request=str(path),
+        superlink=c.superlink_address,
+        root_certificates=str(c.ca),
+        out_dir=str(tmp_path / "dp"),
+        timeout=240.0,
+    )
+    tic = time.monotonic()
+    outputs = node.run().outputs
+    print(f"\ndp run through FederatedAnalysis: {time.monotonic() - tic:.1f} s")
+    pooled = pd.read_csv(outputs.pooled_results, sep="\t")
+    record = json.loads(Path(outputs.federation_json).read_text())
+    assert Path(outputs.report).name == "index.html" and len(outputs.plots) == len(REGIONS)
+    assert record["mode"] == "dp" and record["contributors"] == list(SITES)
+
+    # each site's ledger: one charge of the request's (epsilon, delta), audited with the
+    # request's hash, the answer's hash recorded (charged before it left)
+    for site, policy in world["policies"].items():
+        with contextlib.closing(sqlite3.connect(policy.parent / "ledger.sqlite")) as conn:
+            charges = conn.execute(
+                "SELECT c.epsilon, c.delta, a.purpose, a.parameters, a.content_sha256 "
+                "FROM charge c JOIN audit a ON a.charge_id = c.id"
+            ).fetchall()
+        ours = [ch for ch in charges if json.loads(ch[3])["request_hash"] == request.content_hash]
+        assert len(ours) == 1, (site, charges)
+        eps, delta, purpose, _, answer_hash = ours[0]
+        assert (eps, delta, purpose) == (EPSILON, DELTA, "federated answer")
+        assert answer_hash is not None and len(answer_hash) == 64
+
+    # the noise the SEs account for is the analytic Gaussian's (dp-accounting) on the
+    # layout's sensitivity, and every interval is wider than the noise-free OLS one
+    layout = SumLayout.from_request(request)
+    sigma = gaussian_mechanism.get_sigma_gaussian(EPSILON, DELTA) * layout.sensitivity
+    assert record["noise_sd_scaled"] == pytest.approx(sigma, rel=1e-3)
+    assert pooled["note"].str.contains("secure sum of 3 sites (dp)").all()
+    rows = world["rows"]
+    for region in REGIONS:
+        fit = reference_fit(rows, region)
+        got = pooled[pooled["region"] == region].set_index("term")
+        for term in SLOPES:  # DP noise on ~100 participants at epsilon 1: far wider than OLS
+            assert got.loc[term, "se"] > fit.bse[term]
+
+
+@pytest.mark.timeout(240)
+def test_too_few_sites_is_one_line_and_writes_nothing(world, capsys):
+    out = world["root"] / "partial out"
+    tic = time.monotonic()
+    code = federate.main(federate_args(world, "partial", out, "--round-timeout", "60"))
+    wall = time.monotonic() - tic
+    err = capsys.readouterr().err.strip()
+    print(f"\ntoo few sites: refused in {wall:.1f} s")
+    assert code == 3
+    assert len(err.splitlines()) == 1 and err.startswith("fednipype-federate: error: ")
+    assert "2 of 3 sites accepted" in err and "siteC refused" in err and "not approved" in err
+    assert not out.exists()
+    assert not any(p.name.startswith(".partial out.tmp") for p in out.parent.iterdir())
+    # siteC recorded the request as pending for its owner, and nothing was charged anywhere
+    ledger = PrivacyLedger.from_policy(SitePolicy.from_toml(world["policies"]["siteC"]))
+    request = world["requests"]["partial"][1]
+    assert approvals.request_status(ledger, request.content_hash) == "pending"
+
+
+@pytest.mark.timeout(120)
+def test_a_wrong_ca_is_refused_before_anything_runs(world, tmp_path, capsys):
+    other = make_local_pki(tmp_path / "other", [])
+    args = federate_args(world, "exact", tmp_path / "out")
+    args[args.index("--root-certificates") + 1] = str(other.ca.cert)
+    tic = time.monotonic()
+    assert federate.main(args) == 3
+    assert time.monotonic() - tic < 30
+    err = capsys.readouterr().err
+    assert "TLS handshake failed" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+# -- no consortium needed ------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(90)
+def test_an_unreachable_superlink_is_a_clear_error_in_bounded_time(tmp_path, capsys):
+    pki = make_local_pki(tmp_path / "pki", [])
+    request = tmp_path / "request.json"
+    request.write_text(json.dumps(request_doc("unreachable", "exact")))
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    tic = time.monotonic()
+    argv = [str(request), "--superlink", f"127.0.0.1:{port}"]
+    argv += ["--root-certificates", str(pki.ca.cert), "-o", str(tmp_path / "o")]
+    code = federate.main(argv)
+    wall = time.monotonic() - tic
+    err = capsys.readouterr().err.strip()
+    print(f"\nunreachable SuperLink: error after {wall:.1f} s")
+    assert code == 3 and wall < 40
+    assert len(err.splitlines()) == 1 and f"127.0.0.1:{port}: not reachable" in err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("change", "code", "text"),
+    [
+        (["--num-shares", "4"], 2, "--num-shares"),
+        (["--reconstruction-threshold", "3"], 2, "--reconstruction-threshold"),
+        (["--superlink", "nohostport"], 2, "--superlink: expected HOST:PORT"),
+        (["--root-certificates", None], 2, "--root-certificates are required"),
+        (["--timeout", "0"], 2, "--timeout"),
+        (["request", "malformed"], 3, "request.json"),
+    ],
+)
+def test_bad_arguments_are_refused_before_anything_starts(tmp_path, capsys, change, code, text):
+    pki = make_local_pki(tmp_path / "pki", [])
+    request = tmp_path / "request.json"
+    doc = request_doc("bad", "exact")
+    if change[0] == "request":
+        doc["min_sites"] = 2  # exact needs min_sites >= 3
+    request.write_text(json.dumps(doc))
+    args = {"--superlink": "127.0.0.1:1", "--root-certificates": str(pki.ca.cert)}
+    if change[0].startswith("--"):
+        args[change[0]] = change[1]
+    argv = [str(request), "-o", str(tmp_path / "o")]
+    for key, value in args.items():
+        argv += [] if value is None else [key, value]
+    tic = time.monotonic()
+    assert federate.main(argv) == code
+    assert time.monotonic() - tic < 10  # refused before any connection attempt
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and text in err, err
+    assert not (tmp_path / "o").exists()
