@@ -313,7 +313,7 @@ def test_dp_through_the_node_charges_each_ledger_and_has_noise_aware_errors(
     layout = SumLayout.from_request(request)
     sigma = gaussian_mechanism.get_sigma_gaussian(EPSILON, DELTA) * layout.sensitivity
     assert record["noise_sd_scaled"] == pytest.approx(sigma, rel=1e-3)
-    assert pooled["note"].str.contains("secure sum of 3 sites (dp)").all()
+    assert pooled["note"].str.contains("secure sum of 3 sites (dp)", regex=False).all()
     rows = world["rows"]
     for region in REGIONS:
         fit = reference_fit(rows, region)
