@@ -32,6 +32,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +60,8 @@ CONNECTED = re.compile(r"SuperNode ID: (\d+)")
 #: Seconds a SuperNode may take to shut down after giving up on an unreachable SuperLink
 #: (measured: about 10 s after Flower's own ``--max-wait-time``).
 SHUTDOWN_MARGIN = 30.0
+#: Lines of the SuperNode's output kept to explain how it ended.
+LOG_LINES = 200
 #: Flower's default port of a SuperNode's local runtime API.
 DEFAULT_RUNTIME_PORT = 9094
 
@@ -319,6 +322,8 @@ class ServeOutcome:
         signal.
     seconds : float
         Wall time.
+    log : deque of str
+        The SuperNode's last lines (a service runs for months: the log is not kept whole).
     """
 
     returncode: int
@@ -326,7 +331,7 @@ class ServeOutcome:
     stopped_by: int | None = None
     reason: str | None = None
     seconds: float = 0.0
-    log: list[str] = field(default_factory=list, repr=False)
+    log: deque[str] = field(default_factory=lambda: deque(maxlen=LOG_LINES), repr=False)
 
 
 def _die_with_parent() -> None:
@@ -369,8 +374,8 @@ def _forwarding(handler: Callable[[int], None]) -> Iterator[None]:
             signal.signal(sig, old)
 
 
-def _reason(lines: list[str], node: SiteNode) -> str | None:
-    text = "\n".join(lines[-200:])
+def _reason(lines: deque[str], node: SiteNode) -> str | None:
+    text = "\n".join(lines)
     for pattern, sentence in _REASONS:
         if pattern.search(text):
             return sentence.format(
