@@ -326,7 +326,10 @@ def test_dp_through_the_node_charges_each_ledger_and_has_noise_aware_errors(
 def test_too_few_sites_is_one_line_and_writes_nothing(world, capsys):
     out = world["root"] / "partial out"
     tic = time.monotonic()
-    code = federate.main(federate_args(world, "partial", out, "--round-timeout", "60"))
+    c = world["consortium"]  # through an existing Flower config this time
+    argv = [str(world["requests"]["partial"][0]), "--connection", c.connection]
+    argv += ["--flwr-home", str(c.flwr_home), "-o", str(out), "--round-timeout", "60"]
+    code = federate.main(argv)
     wall = time.monotonic() - tic
     err = capsys.readouterr().err.strip()
     print(f"\ntoo few sites: refused in {wall:.1f} s")
