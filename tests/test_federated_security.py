@@ -297,7 +297,7 @@ def test_mismatched_regions_refused_by_that_site_others_unaffected(federation, c
     result, seconds = run(fed, path, "regions")
     assert result["status"] == "completed", result["error"]
     assert result["contributors"] == ["siteA", "siteB"]
-    assert rows(result)["siteC"]["status"] == "dropped"
+    assert rows(result)["siteC"]["status"] == "refused"  # in the data-free check round
     reason = f"regions not in the site's atlas: {MISSING_AT_C}"
     assert any(reason in text for text in hub_texts(result)), hub_texts(result)
     assert ledger_rows(fed, "siteC")["charges"] == before["siteC"]
@@ -328,7 +328,7 @@ def test_site_without_features_refuses_others_unaffected(federation, capsys):
             subject.rename(features / subject.name)
     assert result["status"] == "completed", result["error"]
     assert result["contributors"] == ["siteA", "siteC"]
-    assert rows(result)["siteB"]["status"] == "dropped"
+    assert rows(result)["siteB"]["status"] == "refused"  # in the data-free check round
     reason = "the site has no usable regional features for it"
     assert any(reason in text for text in hub_texts(result)), hub_texts(result)
     assert ledger_rows(fed, "siteB")["charges"] == before["siteB"]

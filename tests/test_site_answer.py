@@ -30,8 +30,9 @@ from fednipype.exceptions import (
 )
 from fednipype.features import FEATURE_COLUMNS
 from fednipype.site import approvals
-from fednipype.site.answer import answer_node_request, answer_request, check_request
+from fednipype.site.answer import answer_request
 from fednipype.site.ledger import PrivacyLedger
+from fednipype.site.node import answer_node_request, check_request
 from fednipype.site.policy import SitePolicy
 
 REGIONS = ("L_P01", "R_P01", "L_P12")

@@ -54,14 +54,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
 import numpy as np
 
-from fednipype.bids import find_feature_files, read_participants
+from fednipype.bids import read_participants
 from fednipype.contract.calibration import analytic_gaussian_sigma
 from fednipype.contract.distributed_dp import DistributedNoise, request_noise
 from fednipype.contract.document import content_hash
@@ -77,16 +77,14 @@ from fednipype.exceptions import (
     RequestError,
 )
 from fednipype.site import approvals
-from fednipype.site.accountant import Charge, composed_epsilon
 from fednipype.site.design import ModelSpec, build_design, load_feature_table
 from fednipype.site.distributed_dp import draw_discrete_gaussian
-from fednipype.site.ledger import RELATIVE_TOLERANCE, PrivacyLedger, Spend
-from fednipype.site.ledger_store import connect
+from fednipype.site.ledger import PrivacyLedger, Spend
 from fednipype.site.mechanisms import Mechanism, PreparedStatistic
 from fednipype.site.policy import SitePolicy
 from fednipype.site.release import COHORT_MARGIN_SD
 
-__all__ = ["SiteAnswer", "answer_node_request", "answer_request", "check_request"]
+__all__ = ["SiteAnswer", "answer_request"]
 
 LOGGER = logging.getLogger(__name__)
 
@@ -199,84 +197,6 @@ def answer_request(
     if request.mode == "dp":
         return _answer_dp(context, exact, parameters)
     return _answer_distributed(context, exact, parameters)
-
-
-def check_request(request: AnalysisRequest, node_config: Mapping[str, Any]) -> None:
-    """The data-free check of a request at a SuperNode: nothing is computed or charged.
-
-    Runs every refusal of :func:`answer_request` that needs no data (site, ledger, approval
-    — an unapproved request is recorded as pending —, policy, grid) and previews the charge
-    against the ledger's budget (the charge itself, at answer time, is what counts).
-
-    Parameters
-    ----------
-    request : AnalysisRequest
-        The hub's request.
-    node_config : Mapping
-        The SuperNode's node config: ``site``, ``policy`` (and ``bids-dir``,
-        ``derivatives``, not read here).
-
-    Raises
-    ------
-    RequestError, PolicyError, PrivacyBudgetExceeded
-        With a text of public facts only.
-    """
-    site, policy = _node_value(node_config, "site"), _node_value(node_config, "policy")
-    context = _checked(request, policy, site, DEFAULT_CAPACITY)
-    if request.mode == "exact":
-        return
-    ledger = context.ledger
-    with connect(ledger.path) as conn:
-        charges = PrivacyLedger._charges(conn)  # the ledger's own reading of its charges
-    planned = Charge(request.epsilon, request.delta, _planned_multiplier(context))
-    if composed_epsilon([*charges, planned], ledger.total.delta) > ledger.total.epsilon * (
-        1.0 + RELATIVE_TOLERANCE
-    ):
-        _refuse(
-            PrivacyBudgetExceeded,
-            context.where,
-            f"the site's privacy budget does not cover epsilon={request.epsilon:g}, "
-            f"delta={request.delta:g}",
-        )
-
-
-def answer_node_request(request: AnalysisRequest, node_config: Mapping[str, Any]) -> SiteAnswer:
-    """:func:`answer_request` with the files a SuperNode's node config names.
-
-    Parameters
-    ----------
-    request : AnalysisRequest
-        The hub's request.
-    node_config : Mapping
-        ``site`` (the public label), ``policy`` (the site policy), ``bids-dir`` (the dataset
-        with ``participants.tsv``) and ``derivatives`` (the participant level's output, with
-        the ``*_desc-regional_features.tsv`` tables).
-
-    Returns
-    -------
-    SiteAnswer
-    """
-    site = _node_value(node_config, "site")
-    where = f"site {site}: request {request.request_id} ({request.content_hash[:12]})"
-    try:
-        features = find_feature_files(_node_value(node_config, "derivatives"))
-    except (FednipypeError, OSError) as err:
-        LOGGER.error("%s: %s", where, err)
-        _refuse(DataError, where, "the site has no usable regional features for it")
-    return answer_request(
-        request,
-        _node_value(node_config, "policy"),
-        features=features,
-        participants=_node_value(node_config, "bids-dir"),
-        site=site,
-    )
-
-
-def _node_value(node_config: Mapping[str, Any], key: str) -> str:
-    value = node_config.get(key)
-    if not isinstance(value, str) or not value:
-        raise PolicyError(f"node config: key {key!r} is missing (the SuperNode's --node-config)")
-    return value
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ refusal (or the exception's ``public_reason`` attribute when the site sets one),
 text of an unexpected error, which stays in the site's log.
 
 The site's computation is reached through one seam, :func:`site_check` and
-:func:`site_vector`, which import :mod:`fednipype.site.answer` when called (the server side
+:func:`site_vector`, which import :mod:`fednipype.site.node` when called (the server side
 of the federation must not import the site, and the app's modules stay importable on a
 hub that has no site data). :func:`make_client_app` builds the same app around other
 functions (e.g. a test app that sends known vectors).
@@ -121,19 +121,19 @@ def site_check(request_text: str, node_config: NodeConfig) -> None:
     recorded as pending in the site's ledger.
     """
     # Imported here: the site package is needed only where a site's SuperNode runs.
-    from fednipype.site import answer
+    from fednipype.site import node
 
     request = AnalysisRequest.from_json(request_text, source="the hub's request")
-    answer.check_request(request, node_config)
+    node.check_request(request, node_config)
 
 
 def site_vector(request_text: str, node_config: NodeConfig) -> np.ndarray:
     """The site's integer vector for the request (checked, charged, computed, encoded)."""
     # Imported here: the site package is needed only where a site's SuperNode runs.
-    from fednipype.site import answer
+    from fednipype.site import node
 
     request = AnalysisRequest.from_json(request_text, source="the hub's request")
-    return np.asarray(answer.answer_node_request(request, node_config).vector)
+    return np.asarray(node.answer_node_request(request, node_config).vector)
 
 
 # -- the client ---------------------------------------------------------------------------
