@@ -648,16 +648,18 @@ def utility(reps: int, epsilon: float, n: int, seed: int = 5) -> list[dict[str, 
 
 def print_utility(rows: list[dict[str, Any]], reps: int) -> list[str]:
     lines = [
-        "| K | mode | t | sd of one site's noise | sd per shared entry | sd per slot entry | "
+        "| K | mode | t | sd of one site's noise | central sd | sd per shared entry | "
+        "sd per slot entry | "
         f"age slope: SD over {reps} noisy sums | mean reported SE | floored fits | "
         "dp / this: shared-entry sd | dp / this: slope SD | √(K − t) |",
-        "|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for row in rows:
         dp = next(r for r in rows if r["K"] == row["K"] and r["mode"] == "dp")
         expected = f"{math.sqrt(row['K'] - row['t']):.2f}" if row["mode"] != "dp" else "-"
         lines.append(
             f"| {row['K']} | {row['mode']} | {row['t']} | {row['site_sd']:.3f} | "
+            f"{row['central_sd']:.3f} | "
             f"{row['entry_sd']:.3f} | {row['slot_sd']:.3f} | {row['slope_sd']:.3f} | "
             f"{row['slope_se']:.3f} | {row['floored']:.0%} | "
             f"{dp['entry_sd'] / row['entry_sd']:.2f} | {dp['slope_sd'] / row['slope_sd']:.2f} | "
