@@ -24,6 +24,7 @@ import argparse
 import json
 import logging
 import math
+import shutil
 import time
 import tomllib
 from collections.abc import Sequence
@@ -231,6 +232,8 @@ def _main(args: argparse.Namespace) -> int:
 
     print("\n[consortium] SuperLink (TLS, SuperNode authentication) and 3 SuperNodes on 127.0.0.1")
     timings: dict[str, float] = {}
+    # the consortium's keys, SuperLink state and logs are the demo's own: fresh on every run
+    shutil.rmtree(out / "consortium", ignore_errors=True)
     with LocalConsortium(out / "consortium", nodes, stop_grace=5.0) as consortium:
         timings["startup"] = consortium.timings["startup_s"]
         print(f"  online at {consortium.superlink_address} in {timings['startup']:.1f} s")
