@@ -320,6 +320,7 @@ def test_with_min_sites_3_a_killed_site_stops_the_run_with_a_clear_error(consort
     assert "halted at the collect-masked-vectors stage" in out["error"]
     assert "min-sites = 3" in out["error"] and "no sum was unmasked" in out["error"]
     assert "sum" not in out and "contributors" not in out
+    assert "no sum was unmasked" in out["_stdout"]  # the coordinator's `flwr run` shows it
     assert _status(out) == {"siteA": "accepted", "siteB": "dropped", "siteC": "accepted"}
     # Bounded: the collect stage waits at most TIMEOUT_S for the dead site, then the run ends.
     assert times["after_kill_s"] < TIMEOUT_S + STOP_SLACK_S, times
