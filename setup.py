@@ -74,6 +74,7 @@ setup(
             "fednipype-budget=fednipype.cli.budget:main",
             "fednipype-plan=fednipype.cli.plan:main",
             "fednipype-site=fednipype.cli.site:main",
+            "fednipype-federate=fednipype.cli.federate:main",
         ]
     },
     classifiers=[

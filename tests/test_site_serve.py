@@ -354,7 +354,7 @@ def test_unregistered_key_or_foreign_ca_is_a_clear_bounded_error(files, consorti
     code, seconds, line = refused(
         files, "rogue", auth_key=rogue.private, root_certificates=c.ca, **link
     )
-    assert code == 3, line
+    assert code == 6, line  # the SuperLink refused this node
     assert line == (
         f"fednipype-site: error: site {SERVED}: SuperNode stopped: the SuperLink at "
         f"{c.superlink_address} refused this site's key {rogue.private} (not registered: the "
@@ -364,7 +364,7 @@ def test_unregistered_key_or_foreign_ca_is_a_clear_bounded_error(files, consorti
 
     # the registered key, but a CA that did not sign the SuperLink's certificate
     code, seconds, line = refused(files, "foreign-ca", root_certificates=files["ca"], **link)
-    assert code == 3, line
+    assert code == 6, line  # the SuperLink refused this node
     assert line == (
         f"fednipype-site: error: site {SERVED}: SuperNode stopped: TLS: the certificate of the "
         f"SuperLink at {c.superlink_address} is not signed by {files['ca']}"
@@ -386,7 +386,7 @@ def test_unreachable_superlink_is_a_clear_error_within_the_bound(files, tmp_path
         stop_group(serve)
     seconds = time.monotonic() - begin
     line = last_line(tmp_path / "logs" / "err")
-    assert code == 3
+    assert code == 6
     assert line == (
         f"fednipype-site: error: site {SERVED}: SuperNode stopped: the SuperLink at {address} "
         f"is not reachable (gave up after {wait:g} s)"

@@ -44,8 +44,8 @@ from fednipype.cli.errors import (
 from fednipype.cli.participant import run_participant_wf
 from fednipype.contract.request import AnalysisRequest
 from fednipype.exceptions import BIDSError, FednipypeError
+from fednipype.federated.analysis import run_federated_analysis
 from fednipype.federated.deploy import LocalConsortium
-from fednipype.interfaces.federated import run_federated_analysis
 from fednipype.io import atomic_write_text
 from fednipype.site import approvals
 from fednipype.site.ledger import PrivacyLedger

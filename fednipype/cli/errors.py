@@ -16,6 +16,7 @@ from typing import NoReturn, TextIO
 
 from fednipype.exceptions import (
     DisclosureError,
+    FederationError,
     FednipypeError,
     PolicyError,
     PrivacyBudgetExceeded,
@@ -32,6 +33,9 @@ EXIT_INVALID_INPUT = 3
 EXIT_PRIVACY = 4
 #: Some subjects failed and the others' outputs were written (participant level).
 EXIT_PARTIAL = 5
+#: A federated run could not start or complete: the SuperLink unreachable or refusing this
+#: node (key, CA), or too few sites accepted or stayed (nothing written at the hub).
+EXIT_FEDERATION = 6
 #: Interrupted (Ctrl-C).
 EXIT_INTERRUPTED = 130
 
@@ -43,6 +47,8 @@ EXIT_CODES: dict[int, str] = {
     EXIT_PRIVACY: "privacy refusal (policy, ledger, epsilon/delta, budget, cohort); "
     "nothing was spent",
     EXIT_PARTIAL: "partial failure: some subjects failed, the others' outputs are written",
+    EXIT_FEDERATION: "federated run not completed (SuperLink unreachable or refusing, too few "
+    "sites)",
     EXIT_INTERRUPTED: "interrupted",
 }
 
@@ -97,6 +103,8 @@ def exit_code_for(error: BaseException) -> int:
         return EXIT_PARTIAL
     if isinstance(error, PolicyError | PrivacyBudgetExceeded | DisclosureError):
         return EXIT_PRIVACY
+    if isinstance(error, FederationError):
+        return EXIT_FEDERATION
     if isinstance(error, FednipypeError | OSError):
         return EXIT_INVALID_INPUT
     if isinstance(error, KeyboardInterrupt):

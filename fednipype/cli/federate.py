@@ -132,9 +132,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     _check_arguments(args)
-    # Imported here: the Nipype interface module (and the federation's process tools) are
+    # Imported here: the federation's process tools and the hub's report (matplotlib) are
     # needed only once the arguments are known to be usable.
-    from fednipype.interfaces.federated import check_shares, parse_address, run_federated_analysis
+    from fednipype.federated.analysis import check_shares, parse_address, run_federated_analysis
 
     request = AnalysisRequest.from_file(args.request)
     try:
