@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import socket
 import sqlite3
 import sys
@@ -28,6 +29,7 @@ from dp_accounting import gaussian_mechanism
 from support import BUNDLED, SITES
 
 from fednipype.cli import federate
+from fednipype.contract.distributed_dp import request_noise
 from fednipype.contract.request import AnalysisRequest
 from fednipype.contract.secure_sum import Grid, SumLayout
 from fednipype.contract.statistics import SufficientStatistics
@@ -47,7 +49,7 @@ pytestmark = pytest.mark.skipif(
 REGIONS = ["L_P01", "L_P12", "L_P27", "R_P12", "R_P33"]
 SLOPES = ["age", "group[patient]", "sex[M]"]
 AGE, VOLUME = (18.0, 90.0), (0.0, 12000.0)  # the example policy's public bounds
-FEDERATION = '\n[federation]\nmodes = ["dp"]\nallow_exact_secure_sum = true\n'
+FEDERATION = '\n[federation]\nmodes = ["dp", "distributed-dp"]\nallow_exact_secure_sum = true\n'
 PLANTED = {"age": "age_slope_mm3_per_year", "group[patient]": "patient_mm3", "sex[M]": "male_mm3"}
 EPSILON, DELTA = 1.0, 1e-5
 
@@ -65,8 +67,8 @@ def request_doc(request_id: str, mode: str, **changes) -> dict:
         "regions": REGIONS,
         "bounds": {"covariates": {"age": list(AGE)}, "regions": {"default": list(VOLUME)}},
         "mode": mode,
-        "epsilon": EPSILON if mode == "dp" else None,
-        "delta": DELTA if mode == "dp" else None,
+        "epsilon": None if mode == "exact" else EPSILON,
+        "delta": None if mode == "exact" else DELTA,
         "max_dropouts": 0,
         "min_sites": 3 if mode == "exact" else 2,
         "max_participants": 1000,
@@ -158,6 +160,8 @@ def world(tmp_path_factory, bundled_derivatives, bundled_features):
     for name, doc in {
         "exact": request_doc("e2e-exact", "exact"),
         "dp": request_doc("e2e-dp", "dp"),
+        # at most one of the three sites may drop out or collude: the other two carry the noise
+        "distributed": request_doc("e2e-distributed", "distributed-dp", max_dropouts=1),
         "partial": request_doc("e2e-partial", "exact"),  # siteC's owner never approves it
     }.items():
         path = root / "requests" / f"{name}.json"
@@ -319,6 +323,45 @@ def test_dp_through_the_node_charges_each_ledger_and_has_noise_aware_errors(
         fit = reference_fit(rows, region)
         got = pooled[pooled["region"] == region].set_index("term")
         for term in SLOPES:  # DP noise on ~100 participants at epsilon 1: far wider than OLS
+            assert got.loc[term, "se"] > fit.bse[term]
+
+
+@pytest.mark.timeout(360)
+def test_distributed_dp_through_the_consortium(world, tmp_path, capsys):
+    """distributed-dp end to end: every site adds its discrete-Gaussian share, the hub pools the
+    sum with the central noise the request implies, each ledger is charged the request's
+    (epsilon, delta) by basic composition (a Rényi bound, not a Gaussian mechanism)."""
+    path, request = world["requests"]["distributed"]
+    out = tmp_path / "distributed"
+    tic = time.monotonic()
+    assert federate.main(federate_args(world, "distributed", out)) == 0
+    with capsys.disabled():
+        print(f"\ndistributed-dp run: {time.monotonic() - tic:.1f} s")
+    record = json.loads((out / "federation.json").read_text())
+    assert record["mode"] == "distributed-dp" and record["contributors"] == list(SITES)
+    noise, grid = request_noise(request)  # recomputed from the request alone
+    # one site's share in scaled units; the three shares sum to at least the central noise,
+    # and any two of them (t = 1 may drop or collude) carry it exactly
+    assert record["noise_sd_scaled"] == pytest.approx(noise.sigma_site * grid.step, rel=1e-9)
+    assert noise.sigma_site * math.sqrt(len(SITES) - 1) == pytest.approx(
+        noise.sigma_central, rel=1e-9
+    )
+    for site, policy in world["policies"].items():
+        with contextlib.closing(sqlite3.connect(policy.parent / "ledger.sqlite")) as conn:
+            charges = conn.execute(
+                "SELECT c.epsilon, c.delta, c.noise_multiplier, a.parameters "
+                "FROM charge c JOIN audit a ON a.charge_id = c.id"
+            ).fetchall()
+        ours = [ch for ch in charges if json.loads(ch[3])["request_hash"] == request.content_hash]
+        assert len(ours) == 1, (site, charges)
+        assert ours[0][:3] == (EPSILON, DELTA, None)
+    pooled = pd.read_csv(out / "pooled_results.tsv", sep="\t")
+    rows = world["rows"]
+    for region in REGIONS:
+        fit = reference_fit(rows, region)
+        got = pooled[pooled["region"] == region].set_index("term")
+        for term in SLOPES:  # noise on ~100 participants at epsilon 1: wider than OLS
+            assert np.isfinite(got.loc[term, "estimate"])
             assert got.loc[term, "se"] > fit.bse[term]
 
 
