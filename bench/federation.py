@@ -1,44 +1,29 @@
 """Federated statistics: wall time and bytes of one pooled-regression run; distributed-dp utility.
 
-Run from the repository root::
+Run from the repository root (what is measured and how: ``bench/federation.md``)::
 
     python bench/federation.py [--reps 1] [--part transport|utility|all] [--keep DIR]
 
-``transport``: one pooled-regression run of the three bundled sites (their extracted regional
-features, a real policy and SQLite ledger each, each request approved by each site's owner,
-``dp`` mode) through fednipype's Flower app
+``transport``: one pooled-regression run of the three bundled sites (extracted features, a
+real policy and SQLite ledger each, each ``dp`` request approved by each site's owner)
+through fednipype's Flower app, in **simulation** (a ``flower-superlink --simulation``
+started here) and in **deployment** (:class:`fednipype.federated.deploy.LocalConsortium`:
+TLS, SuperNode authentication, three SuperNodes), with SecAgg+ (the real app) and the plain
+baseline (real sites refuse plain runs: the test app ``tests/data/secagg_echo_app`` with the
+real request's vector length and grid bound, in both variants). Bytes are *measured*: an
+outer Flower mod written into each app records the serialised size (Flower's deflated
+message objects) of every message a site receives and sends.
 
-- in **simulation**: a ``flower-superlink --simulation`` started here (own ports, own process
-  group) and ``flwr run APP CONNECTION --federation-config num-supernodes=3``;
-- in **deployment**: :class:`fednipype.federated.deploy.LocalConsortium` (TLS SuperLink with
-  SuperNode authentication, three ``flower-supernode`` processes on loopback);
-
-each with SecAgg+ (the real app) and, for the ratio, the same exchange without it. Real sites
-refuse a plain run (their client app always runs behind ``secaggplus_mod``), so the plain
-baseline and its SecAgg+ twin use the test app ``tests/data/secagg_echo_app`` (fednipype's
-server app and ``SiteClient``, known integer vectors) with the real request's vector length
-and grid bound: the same payload. Runs of the compared variants are interleaved.
-
-Bytes: every client app runs behind an outer Flower mod added here that serialises each
-message the site receives and each reply it sends the way Flower ships it (the deflated
-objects of the message tree, :func:`flwr.supercore.inflatable.inflatable_object
-.get_all_nested_objects`) and records the sizes: *measured* payload per site, per stage; HTTP,
-TLS and polling traffic are not counted. The vector's own size (``length x limbs x 8`` bytes)
-is printed beside it as the count from the layout.
-
-``utility``: no Flower. For K = 3 and a simulated K = 20 sites of 500 participants (planted
-age slope), the noise sd per summed entry of the request in ``dp`` and ``distributed-dp``
-(t = 1 and t = K // 3), from the contract's calibration
-(:func:`fednipype.contract.secure_sum.dp_sigma`, :func:`fednipype.contract.distributed_dp
-.request_noise`), and the SD of the pooled age slope over simulated noisy sums
-(:func:`fednipype.hub.federated.pooled_from_sum` on the sites' exact vectors plus each mode's
-noise, data fixed: the noise's share of the slope's error), with the ratio dp /
-distributed-dp against the ≈ √(K − t) expectation.
+``utility``: no Flower. K = 3 and a simulated K = 20: noise sd per summed entry in ``dp`` and
+``distributed-dp`` (t = 1, t = K // 3) from the contract's calibration, and the SD of the
+pooled age slope over noisy sums (:func:`fednipype.hub.federated.pooled_from_sum`), with the
+ratio dp / distributed-dp against the ≈ √(K − t) expectation.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -60,7 +45,6 @@ from typing import Any
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))  # the echo app's known vectors
 
 SITES = ("siteA", "siteB", "siteC")
 REGIONS = ("L_P01", "R_P01", "L_P12")
@@ -253,36 +237,12 @@ class Sites:
 
 def echo_request(root: Path, name: str) -> Path:
     """The echo sites' request (labels site-0..2; the vector is the echo app's)."""
-    doc = {
-        "schema": "fednipype-request/1.0",
-        "request_id": f"echo-{name}",
-        "sites": ["site-0", "site-1", "site-2"],
-        "model": {"response": "volume_mm3", "numeric": ["age"], "categorical": {}},
-        "regions": ["L_P01"],
-        "bounds": {"covariates": {"age": [18, 90]}, "regions": {"default": [0, 12000]}},
-        "mode": "dp",
-        "epsilon": 1.0,
-        "delta": 1e-5,
-        "max_dropouts": 0,
-        "min_sites": 2,
-        "max_participants": 1000,
-    }
+    sites = ["site-0", "site-1", "site-2"]
+    doc = request_doc(f"echo-{name}", sites=sites, regions=["L_P01"])
     path = root / "requests" / f"echo-{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc), encoding="utf-8")
     return path
-
-
-def real_payload() -> tuple[int, int]:
-    """(vector length, grid bound) of the benchmark's real request."""
-    from fednipype.contract.request import AnalysisRequest
-    from fednipype.contract.secure_sum import Grid, SumLayout
-    from fednipype.federated.transport import MAX_SUM_BOUND
-
-    probe = request_doc("probe")
-    request = AnalysisRequest.from_document(probe, source="probe")
-    grid = Grid.for_request(request, capacity=MAX_SUM_BOUND)
-    return SumLayout.from_request(request).size, grid.bound
 
 
 # -- the engines -------------------------------------------------------------------------------
@@ -364,22 +324,21 @@ class Simulation:
         self.log.close()
         needle = f"FEDNIPYPE_BENCH_RUN={self.env['FEDNIPYPE_BENCH_RUN']}".encode()
         deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            left = []
-            for entry in Path("/proc").iterdir():
-                try:
-                    if entry.name.isdigit() and needle in (entry / "environ").read_bytes():
-                        left.append(int(entry.name))
-                except OSError:
-                    continue
-            if not left:
-                return
+        while (left := _marked(needle)) and time.monotonic() < deadline:
             time.sleep(0.5)
-        for pid in left:  # only processes this benchmark started carry the marker
-            try:
+        for pid in left:  # only processes this benchmark started carry the marker (Ray's too)
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+
+
+def _marked(needle: bytes) -> list[int]:
+    """Live processes whose environment holds ``needle``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if entry.name.isdigit() and needle in (entry / "environ").read_bytes().split(b"\0"):
+                found.append(int(entry.name))
+    return found
 
 
 # -- one measured run --------------------------------------------------------------------------
@@ -436,11 +395,13 @@ def _per_site(runs: list[dict[str, Any]]) -> dict[str, float]:
 
 def transport(reps: int, root: Path) -> dict[str, Any]:
     """Wall times and bytes of the real app (SecAgg+) and the echo app (SecAgg+, plain)."""
+    from fednipype.contract.request import AnalysisRequest
+    from fednipype.contract.secure_sum import Grid, SumLayout
     from fednipype.federated.deploy import LocalConsortium
 
-    apps = make_apps(root / "apps")
-    sites = Sites(root)
-    size, bound = real_payload()
+    apps, sites = make_apps(root / "apps"), Sites(root)
+    probe = AnalysisRequest.from_document(request_doc("probe"), source="probe")
+    size, bound = SumLayout.from_request(probe).size, Grid.for_request(probe).bound
     echo = {"echo-size": size, "echo-seed": 11, "site-bound": bound}
     variants = {
         "real app, SecAgg+": ("real", {}),
@@ -453,10 +414,8 @@ def transport(reps: int, root: Path) -> dict[str, Any]:
     def run_all(engine_name: str, engine: Any, extra: dict[str, Any]) -> None:
         for rep in range(reps):
             for label, (app, config) in variants.items():
-                if app == "real":
-                    request = sites.request()
-                else:
-                    request = echo_request(root, f"{engine_name}-{rep}-{len(results)}")
+                name = f"{engine_name}-{rep}"
+                request = sites.request() if app == "real" else echo_request(root, name)
                 out = root / "out" / engine_name / f"{app}-{len(config)}-{rep}-{time.time_ns()}"
                 config = {**config, **extra, "request": str(request)}
                 run = measured_run(engine, apps[app], config, out)
@@ -483,58 +442,46 @@ def transport(reps: int, root: Path) -> dict[str, Any]:
     return {"results": results, "timings": timings, "size": size, "bound": bound}
 
 
-def print_transport(report: dict[str, Any]) -> list[str]:
-    """The tables (also returned as Markdown lines)."""
+def _med(runs: list[dict[str, Any]], key: str) -> float:
+    """Median over runs of the wall time (``wall``) or of one of the server's timings."""
+    return _median([r["wall_s"] if key == "wall" else r["timings_s"][key] for r in runs])
+
+
+def print_transport(report: dict[str, Any]) -> None:
+    """Print the three tables (Markdown)."""
     results, size = report["results"], report["size"]
     lines = [
         "| engine | variant | flwr run (s) | check (s) | aggregation round (s) | "
         "server total (s) | bytes sent / site | bytes received / site |",
         "|---|---|--:|--:|--:|--:|--:|--:|",
     ]
+    stages = ["", f"| bytes one site sends, by message (mean) | {' | '.join(STAGES)} |"]
+    stages.append("|---|" + "--:|" * len(STAGES))
     for engine, variants in results.items():
         for label, runs in variants.items():
-            per_site = _per_site(runs)
+            site = _per_site(runs)
+            times = " | ".join(f"{_med(runs, k):.1f}" for k in ("wall", "check", "aggregation"))
             lines.append(
-                f"| {engine} | {label} | {_median([r['wall_s'] for r in runs]):.1f} | "
-                f"{_median([r['timings_s'].get('check', math.nan) for r in runs]):.1f} | "
-                f"{_median([r['timings_s'].get('aggregation', math.nan) for r in runs]):.1f} | "
-                f"{_median([r['timings_s'].get('total', math.nan) for r in runs]):.1f} | "
-                f"{per_site['total']:,.0f} | {per_site['received']:,.0f} |"
+                f"| {engine} | {label} | {times} | {_med(runs, 'total'):.1f} | "
+                f"{site['total']:,.0f} | {site['received']:,.0f} |"
             )
-    lines += [
-        "",
-        "| engine | SecAgg+ / plain: flwr run | aggregation round | bytes sent / site |",
-        "|---|--:|--:|--:|",
-    ]
+            cells = [f"{site[s]:,.0f}" if s in site else "-" for s in STAGES]
+            stages.append(f"| {engine}, {label} | " + " | ".join(cells) + " |")
+    lines += ["", "| engine | SecAgg+ / plain: flwr run | aggregation round | bytes sent / site |"]
+    lines.append("|---|--:|--:|--:|")
     for engine, variants in results.items():
         secure, plain = variants["echo app, SecAgg+"], variants["echo app, plain"]
-
-        def ratio(key: str, s: list[dict], p: list[dict]) -> float:
-            return _median([r["timings_s"][key] for r in s]) / _median(
-                [r["timings_s"][key] for r in p]
-            )
-
-        wall = _median([r["wall_s"] for r in secure]) / _median([r["wall_s"] for r in plain])
+        wall, agg = (_med(secure, k) / _med(plain, k) for k in ("wall", "aggregation"))
         sent = _per_site(secure)["total"] / _per_site(plain)["total"]
-        lines.append(
-            f"| {engine} | {wall:.2f} | {ratio('aggregation', secure, plain):.2f} | {sent:.2f} |"
-        )
+        lines.append(f"| {engine} | {wall:.2f} | {agg:.2f} | {sent:.2f} |")
     limbs = results["deployment"]["real app, SecAgg+"][0]["limbs"]
-    stage_rows = ["", "| bytes one site sends, by message (mean) | " + " | ".join(STAGES) + " |"]
-    stage_rows.append("|---|" + "--:|" * len(STAGES))
-    for engine, variants in results.items():
-        for label, runs in variants.items():
-            per_site = _per_site(runs)
-            cells = [f"{per_site[s]:,.0f}" if s in per_site else "-" for s in STAGES]
-            stage_rows.append(f"| {engine}, {label} | " + " | ".join(cells) + " |")
-    lines += stage_rows
+    lines += stages
     lines += [
         "",
         f"Vector: {size} integers x {limbs} limb(s) = {size * limbs} coordinates; as int64 "
         f"{size * limbs * 8:,} bytes (the count from the layout).",
     ]
     print("\n".join(lines))
-    return lines
 
 
 # -- distributed-dp utility --------------------------------------------------------------------
@@ -543,24 +490,16 @@ def print_transport(report: dict[str, Any]) -> list[str]:
 def _utility_request(k: int, mode: str, t: int, epsilon: float) -> Any:
     from fednipype.contract.request import AnalysisRequest
 
-    doc = {
-        "schema": "fednipype-request/1.0",
-        "request_id": f"utility-{k}-{mode}-{t}",
-        "sites": [f"site-{i:02d}" for i in range(k)],
-        "model": {
-            "response": "volume_mm3",
-            "numeric": ["age"],
-            "categorical": {"sex": ["F", "M"], "group": ["control", "patient"]},
-        },
-        "regions": ["L_P12", "R_P12"],
-        "bounds": {"covariates": {"age": [18, 90]}, "regions": {"default": [2000, 12000]}},
-        "mode": mode,
-        "epsilon": epsilon,
-        "delta": 1e-5,
-        "max_dropouts": t,
-        "min_sites": 2 if mode == "dp" else k - t,
-        "max_participants": 1000,
-    }
+    doc = request_doc(
+        f"utility-{k}-{mode}-{t}",
+        sites=[f"site-{i:02d}" for i in range(k)],
+        regions=["L_P12", "R_P12"],
+        bounds={"covariates": {"age": [18, 90]}, "regions": {"default": [2000, 12000]}},
+        mode=mode,
+        epsilon=epsilon,
+        max_dropouts=t,
+        min_sites=2 if mode == "dp" else k - t,
+    )
     return AnalysisRequest.from_document(doc, source=doc["request_id"])
 
 
@@ -646,11 +585,11 @@ def utility(reps: int, epsilon: float, n: int, seed: int = 5) -> list[dict[str, 
     return rows
 
 
-def print_utility(rows: list[dict[str, Any]], reps: int) -> list[str]:
+def print_utility(rows: list[dict[str, Any]], reps: int) -> None:
+    """Print the utility table (Markdown)."""
     lines = [
-        "| K | mode | t | sd of one site's noise | central sd | sd per shared entry | "
-        "sd per slot entry | "
-        f"age slope: SD over {reps} noisy sums | mean reported SE | floored fits | "
+        "| K | mode | t | sd of one site's noise | central sd | sd per shared entry | sd per "
+        f"slot entry | age slope: SD over {reps} noisy sums | mean reported SE | floored fits | "
         "dp / this: shared-entry sd | dp / this: slope SD | √(K − t) |",
         "|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
@@ -659,14 +598,13 @@ def print_utility(rows: list[dict[str, Any]], reps: int) -> list[str]:
         expected = f"{math.sqrt(row['K'] - row['t']):.2f}" if row["mode"] != "dp" else "-"
         lines.append(
             f"| {row['K']} | {row['mode']} | {row['t']} | {row['site_sd']:.3f} | "
-            f"{row['central_sd']:.3f} | "
-            f"{row['entry_sd']:.3f} | {row['slot_sd']:.3f} | {row['slope_sd']:.3f} | "
+            f"{row['central_sd']:.3f} | {row['entry_sd']:.3f} | {row['slot_sd']:.3f} | "
+            f"{row['slope_sd']:.3f} | "
             f"{row['slope_se']:.3f} | {row['floored']:.0%} | "
             f"{dp['entry_sd'] / row['entry_sd']:.2f} | {dp['slope_sd'] / row['slope_sd']:.2f} | "
             f"{expected} |"
         )
     print("\n".join(lines))
-    return lines
 
 
 # -- main ------------------------------------------------------------------------------------
@@ -702,8 +640,7 @@ def main(argv: list[str] | None = None) -> int:
             f"\ndistributed-dp vs dp, epsilon = {args.epsilon:g} per site, delta = 1e-5, "
             f"{args.per_site} participants per site, noise sd in scaled units, slope in mm3/year:"
         )
-        rows = utility(args.utility_reps, args.epsilon, args.per_site)
-        print_utility(rows, args.utility_reps)
+        print_utility(utility(args.utility_reps, args.epsilon, args.per_site), args.utility_reps)
     print(f"\nbench/federation.py: {time.monotonic() - begin:.0f} s")
     return 0
 
