@@ -43,7 +43,7 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
-from fednipype.exceptions import BIDSError, FederationError, FednipypeError
+from fednipype.exceptions import BIDSError, DataError, FederationError, FednipypeError
 from fednipype.federated.deploy import ConfigValue, FlowerProcess, config_arg, stop_processes
 
 __all__ = [
@@ -170,11 +170,11 @@ class SiteNode:
 
 def _readable_file(path: Path, what: str) -> bytes:
     if not path.is_file():
-        raise FederationError(f"{what} {path}: not a file (missing or a folder)")
+        raise DataError(f"{what} {path}: not a file (missing or a folder)")
     try:
         return path.read_bytes()
     except OSError as err:
-        raise FederationError(f"{what} {path}: cannot be read ({err.strerror})") from err
+        raise DataError(f"{what} {path}: cannot be read ({err.strerror})") from err
 
 
 def _check_ca(path: Path) -> None:
@@ -183,7 +183,7 @@ def _check_ca(path: Path) -> None:
     except ValueError:
         certificates = []
     if not certificates:
-        raise FederationError(
+        raise DataError(
             f"--root-certificates {path}: expected the consortium CA's certificate (PEM)"
         )
 
@@ -192,14 +192,14 @@ def _check_key(path: Path) -> None:
     data = _readable_file(path, "--auth-key")
     mode = stat.S_IMODE(path.stat().st_mode)
     if mode & 0o077:  # OpenSSH's own rule for a private key file
-        raise FederationError(
+        raise DataError(
             f"--auth-key {path}: permissions {mode:04o} let others read the site's private "
             f"key; expected 0600 (chmod 600 {path})"
         )
     try:
         serialization.load_ssh_private_key(data, password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm) as err:
-        raise FederationError(
+        raise DataError(
             f"--auth-key {path}: expected an OpenSSH private key without passphrase "
             '(ssh-keygen -t ecdsa -b 384 -N "")'
         ) from err
@@ -270,20 +270,21 @@ def check_site_node(
 
     Raises
     ------
-    FederationError, BIDSError, PolicyError
-        One line naming the argument, the file and what was expected.
+    DataError, BIDSError, PolicyError
+        One line naming the argument, the file and what was expected (invalid input: the
+        federation itself has not been tried yet).
     """
     # Imported here: the policy and ledger belong to the site, not to the federation's hub.
     from fednipype.site.ledger import PrivacyLedger
     from fednipype.site.policy import SitePolicy
 
     if not _LABEL.fullmatch(site):
-        raise FederationError(f"--site {site!r}: expected a public label [A-Za-z0-9._-]{{1,64}}")
+        raise DataError(f"--site {site!r}: expected a public label [A-Za-z0-9._-]{{1,64}}")
     parse_superlink(superlink)
     if not max_wait_time > 0:
-        raise FederationError(f"--max-wait-time {max_wait_time!r}: expected seconds > 0")
+        raise DataError(f"--max-wait-time {max_wait_time!r}: expected seconds > 0")
     if not 1 <= runtime_port <= 65535:
-        raise FederationError(f"--runtime-port {runtime_port}: expected a port from 1 to 65535")
+        raise DataError(f"--runtime-port {runtime_port}: expected a port from 1 to 65535")
     policy, bids_dir, derivatives = (Path(p).resolve() for p in (policy, bids_dir, derivatives))
     PrivacyLedger.from_policy(SitePolicy.from_toml(policy))  # bound, present, the same ledger
     if not bids_dir.is_dir():
