@@ -33,6 +33,8 @@ INSTALL_REQUIRES = [
 TEST_REQUIRE = [
     "pytest>=7.4",
     "pytest-timeout>=2.2",
+    # the suite runs its files on 3 workers: the federation's tests mostly wait on Flower
+    "pytest-xdist>=3.5",
     "import-linter>=2.1",
     # the site report's tests: an HTML5 parser, a DevTools client for headless chromium
     "html5lib>=1.1",

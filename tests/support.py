@@ -10,6 +10,8 @@ import copy
 import hashlib
 import math
 import os
+import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -244,3 +246,35 @@ def request_document(**changes) -> dict:
 
 def make_request(**changes) -> AnalysisRequest:
     return AnalysisRequest.from_document(request_document(**changes), source="request.json")
+
+
+# -- processes, looked up in /proc by the tests themselves (not through the module under test) --
+
+
+def live_processes(ports: list[int], workdir: Path | None = None) -> dict[int, str]:
+    """Live processes whose command line names 127.0.0.1:<one of ports> or ``workdir``."""
+    alternatives = "|".join(map(str, ports))
+    port_re = re.compile(rf"127\.0\.0\.1:({alternatives})(?!\d)")
+    found = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            state = Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            cmdline = Path(f"/proc/{name}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, IndexError):
+            continue
+        named = workdir is not None and str(workdir) in cmdline
+        if state != "Z" and (named or port_re.search(cmdline)):
+            found[int(name)] = cmdline
+    return found
+
+
+def wait_none_left(
+    ports: list[int], workdir: Path | None = None, seconds: float = 10.0
+) -> dict[int, str]:
+    """:func:`live_processes` once none is left, or after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while (left := live_processes(ports, workdir)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left

@@ -13,8 +13,6 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import json
-import os
-import re
 import shutil
 import socket
 import ssl
@@ -28,6 +26,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
+from support import live_processes, wait_none_left
 
 from fednipype.exceptions import FederationError
 from fednipype.federated.deploy import LocalConsortium, config_arg
@@ -42,34 +41,6 @@ SITES = {
     f"site-{c}": {"site": f"site-{c}", "policy": f"/srv/my data/{c}/policy.toml", "rank": i}
     for i, c in enumerate("abc")
 }
-
-
-def flower_processes(ports: list[int], workdir: Path | None = None) -> dict[int, str]:
-    """Live processes whose command line names 127.0.0.1:<one of ports> or ``workdir``."""
-    alternatives = "|".join(map(str, ports))
-    port_re = re.compile(rf"127\.0\.0\.1:({alternatives})(?!\d)")
-    found = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) == os.getpid():
-            continue
-        try:
-            state = Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()[0]
-            cmdline = Path(f"/proc/{name}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except (OSError, IndexError):
-            continue
-        named = workdir is not None and str(workdir) in cmdline
-        if state != "Z" and (named or port_re.search(cmdline)):
-            found[int(name)] = cmdline
-    return found
-
-
-def wait_no_processes(
-    ports: list[int], workdir: Path | None = None, seconds: float = 10.0
-) -> dict[int, str]:
-    deadline = time.monotonic() + seconds
-    while (left := flower_processes(ports, workdir)) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return left
 
 
 def runtime_port(proc) -> int:
@@ -87,7 +58,7 @@ def consortium(tmp_path_factory):
         c.timings["measured_startup_s"] = time.monotonic() - begin
         yield c
     print(f"\nconsortium timings: {json.dumps(c.timings, indent=None)}")
-    assert wait_no_processes(c.ports, c.workdir) == {}
+    assert wait_none_left(c.ports, c.workdir) == {}
 
 
 @pytest.mark.timeout(30)
@@ -210,7 +181,7 @@ def assert_refused(c: LocalConsortium, key: str, reason: str, begin: float) -> f
     first = str(raised.value).splitlines()[0]
     assert first.startswith(f"SuperNode '{key}' exited with code") and reason in first
     assert str(proc.log) in first
-    assert wait_no_processes([runtime_port(proc)]) == {}  # nothing of it is left
+    assert wait_none_left([runtime_port(proc)]) == {}  # nothing of it is left
     status = c.node_status()
     assert sorted(status.values()).count("online") == len(SITES)
     return seconds
@@ -239,13 +210,13 @@ def test_everything_stops_when_the_body_raises(tmp_path):
     sites = {"site-a": {"site": "site-a"}, "site-b": {"site": "site-b"}}
     with pytest.raises(RuntimeError, match="body failed"):
         with LocalConsortium(workdir, sites, stop_grace=5.0) as c:
-            assert flower_processes(c.ports, c.workdir)  # the check sees live processes
+            assert live_processes(c.ports, c.workdir)  # the check sees live processes
             assert "SuperNode ID" in c.wait_log("site-b", r"SuperNode ID: \d+", timeout=30)
             c.kill_node("site-b")
-            assert wait_no_processes([runtime_port(c.processes["site-b"])]) == {}
+            assert wait_none_left([runtime_port(c.processes["site-b"])]) == {}
             assert c.processes["site-a"].running() and c.processes["superlink"].running()
             raise RuntimeError("body failed")
-    assert wait_no_processes(c.ports, c.workdir) == {}
+    assert wait_none_left(c.ports, c.workdir) == {}
     assert not any(proc.running() for proc in c.processes.values())
     begin = time.monotonic()
     with pytest.raises(FederationError, match="supernode list.*failed"):
@@ -264,4 +235,4 @@ def test_superlink_that_cannot_start_is_named(tmp_path):
                 pass
     first = str(raised.value).splitlines()[0]
     assert first.startswith("SuperLink ") and "superlink.log" in first
-    assert wait_no_processes(consortium.ports, consortium.workdir) == {}
+    assert wait_none_left(consortium.ports, consortium.workdir) == {}

@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import re
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -40,7 +38,15 @@ import pandas as pd
 import pytest
 import statsmodels.api as sm
 from dp_accounting import gaussian_mechanism
-from support import BUNDLED, REPO, REQUEST_REGIONS, REQUEST_SITES, request_document
+from support import (
+    BUNDLED,
+    REPO,
+    REQUEST_REGIONS,
+    REQUEST_SITES,
+    live_processes,
+    request_document,
+    wait_none_left,
+)
 
 from fednipype.contract.request import AnalysisRequest
 from fednipype.contract.secure_sum import Grid, SumLayout
@@ -134,34 +140,6 @@ def ols_age_slope(rows: dict[str, pd.DataFrame], region: str) -> float:
     return float(sm.OLS(both[region].to_numpy(), x).fit().params[len(frames)])
 
 
-# -- processes, looked up in /proc here ------------------------------------------------------
-
-
-def live_processes(workdir: Path | None, ports: list[int]) -> dict[int, str]:
-    """Live processes whose command line names ``workdir`` or 127.0.0.1:<one of ports>."""
-    port_re = re.compile(rf"127\.0\.0\.1:({'|'.join(map(str, ports))})(?!\d)")
-    found = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) == os.getpid():
-            continue
-        try:
-            state = Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()[0]
-            cmdline = Path(f"/proc/{name}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except (OSError, IndexError):
-            continue
-        named = workdir is not None and str(workdir) in cmdline
-        if state != "Z" and (named or port_re.search(cmdline)):
-            found[int(name)] = cmdline
-    return found
-
-
-def wait_none_left(workdir: Path | None, ports: list[int], seconds: float = 15.0) -> dict:
-    deadline = time.monotonic() + seconds
-    while (left := live_processes(workdir, ports)) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return left
-
-
 def supernode_port(c: LocalConsortium, site: str) -> int:
     argv = c.processes[site].argv
     return int(argv[argv.index("--port") + 1])
@@ -208,7 +186,9 @@ class Consortium:
             finally:
                 done = future.result(timeout=6 * TIMEOUT_S + 180)
             end = time.monotonic()
-        assert wait_none_left(None, [supernode_port(self.c, victim)]) == {}  # nothing of it
+        assert (
+            wait_none_left([supernode_port(self.c, victim)], seconds=15.0) == {}
+        )  # nothing of it
         outcome = out / "secure_sum.json"
         assert outcome.is_file(), done.stdout[-3000:] + done.stderr[-2000:]
         doc_out = json.loads(outcome.read_text(encoding="utf-8"))
@@ -245,7 +225,7 @@ def consortium(tmp_path_factory, bundled_derivatives):
             state.times["startup_s"] = time.monotonic() - begin
             yield state
     print(f"\ndropout tests, times (s): {json.dumps(state.times)}")
-    assert wait_none_left(c.workdir, c.ports) == {}
+    assert wait_none_left(c.ports, c.workdir, seconds=15.0) == {}
 
 
 def _status(doc: dict) -> dict[str, str]:
@@ -335,7 +315,9 @@ def test_with_min_sites_3_a_killed_site_stops_the_run_with_a_clear_error(consort
 def test_no_process_of_the_consortium_is_left(consortium):
     c = consortium.c
     ports = list(c.ports)
-    assert live_processes(c.workdir, ports)  # the check sees the running deployment ...
+    assert live_processes(ports, c.workdir)  # the check sees the running deployment ...
     c.stop()
-    assert wait_none_left(c.workdir, ports) == {}  # ... and nothing of it after the stop
+    assert (
+        wait_none_left(ports, c.workdir, seconds=15.0) == {}
+    )  # ... and nothing of it after the stop
     assert not any(proc.running() for proc in c.processes.values())

@@ -223,7 +223,7 @@ def test_predicted_se_matches_the_sd_of_released_estimates(
     for term in scenario.terms:
         ratio = empirical[term] / plan.se(term)
         lo, hi = _acceptance_band(REPLICATES, float(stats.kurtosis(estimates[term])))
-        record_property(f"{term}: empirical SD / predicted SE", round(ratio, 4))
+        record_property(f"{term}: empirical SD / predicted SE", round(float(ratio), 4))
         assert lo <= ratio <= hi, (
             f"{design}, epsilon={epsilon}, {term}: empirical SD {empirical[term]:.4g} over "
             f"{REPLICATES} releases, predicted {plan.se(term):.4g} (ratio {ratio:.3f}, "
