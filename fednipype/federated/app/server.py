@@ -1,6 +1,6 @@
 """The hub's side of a federated run: a data-free check round, one SecAgg+ round, the sum on disk.
 
-The run has two exchanges, each bounded by the run config's ``timeout``:
+The run has two exchanges, bounded by the run config's ``check-timeout`` and ``timeout``:
 
 1. **Check** (plain ``get_properties`` messages, no data): every connected SuperNode gets the
    request's text and answers ``accepted`` or ``refused`` with a public reason, and the
@@ -100,7 +100,11 @@ class RunSettings:
         ``num-shares``, ``reconstruction-threshold``: SecAgg+'s, as ``SecAggPlusWorkflow``
         takes them (an int > 2 and an int below it, or fractions).
     timeout : float
-        ``timeout``: seconds each exchange (check, each SecAgg+ stage) waits for replies.
+        ``timeout``: seconds each SecAgg+ stage waits for replies (how long a site that died
+        mid-round can hold the run up).
+    check_timeout : float
+        ``check-timeout``: seconds the data-free check round waits for replies (a SuperNode
+        installs the app on its first message, which may take longer; default 120).
     connect_timeout : float
         ``connect-timeout``: seconds to wait for the request's sites to connect.
     site_bound : int
@@ -122,6 +126,7 @@ class RunSettings:
     connect_timeout: float
     site_bound: int
     secure_aggregation: bool = True
+    check_timeout: float = 120.0
 
     @classmethod
     def from_run_config(cls, config: Mapping[str, Any]) -> RunSettings:
@@ -145,6 +150,9 @@ class RunSettings:
             connect_timeout=float(_value(config, "connect-timeout", number, "seconds >= 0")),
             site_bound=_value(config, "site-bound", (int,), "0 or an integer >= 1"),
             secure_aggregation=bool(config.get("secure-aggregation", True)),
+            check_timeout=float(_value(config, "check-timeout", number, "seconds > 0"))
+            if "check-timeout" in config
+            else 120.0,
         )
         if not str(settings.request) or not str(settings.out_dir) or str(settings.out_dir) == ".":
             raise FederationError("run config: keys 'request' and 'out-dir' must name paths")
@@ -152,9 +160,13 @@ class RunSettings:
             raise FederationError(
                 f"run config: key 'min-sites': expected an integer >= 2, got {settings.min_sites}"
             )
-        if not settings.timeout > 0 or settings.connect_timeout < 0:
+        if (
+            not (settings.timeout > 0 and settings.check_timeout > 0)
+            or settings.connect_timeout < 0
+        ):
             raise FederationError(
-                "run config: keys 'timeout' and 'connect-timeout': expected seconds > 0 and >= 0"
+                "run config: keys 'timeout', 'check-timeout' and 'connect-timeout': expected "
+                "seconds > 0, > 0 and >= 0"
             )
         if settings.site_bound < 0 or settings.site_bound > MAX_SUM_BOUND:
             raise FederationError(
@@ -365,6 +377,7 @@ def _run(grid: Grid, context: Context, settings: RunSettings, record: _Record) -
             "num_shares": settings.num_shares,
             "reconstruction_threshold": settings.reconstruction_threshold,
             "timeout_s": settings.timeout,
+            "check_timeout_s": settings.check_timeout,
         },
     )
     timings = record.doc.setdefault("timings_s", {})
@@ -374,7 +387,7 @@ def _run(grid: Grid, context: Context, settings: RunSettings, record: _Record) -
     timings["wait"] = round(time.monotonic() - tic, 3)
     tic = time.monotonic()
     replies = _screen(
-        check_round(grid, node_ids, request.dumps(), settings.timeout), request.sites
+        check_round(grid, node_ids, request.dumps(), settings.check_timeout), request.sites
     )
     timings["check"] = round(time.monotonic() - tic, 3)
     accepted = {r.node_id: r.site for r in replies if r.status == "accepted"}
