@@ -28,8 +28,13 @@ Layout::
     "Left-Hippocampus" = [0.0, 0.8] # per-region overrides, by region name
 
     [federation]                    # optional: how the site answers federated requests
-    modes = ["dp", "distributed-dp"]  # DP modes it answers in (default ["dp"])
+    modes = ["dp", "distributed-dp", "training-dp"]  # DP modes it answers in (default ["dp"])
     allow_exact_secure_sum = false  # answer noise-free sums through SecAgg+ (default false)
+    allow_non_dp_training = false   # train models without DP (mode "none"; default false)
+
+``training-dp`` in ``modes`` lets the site take part in federated training with DP-SGD
+(:mod:`fednipype.site.training`); training without noise needs its own switch,
+``allow_non_dp_training = true``.
 
 ``features`` is therefore a reserved name in ``[bounds]``, and ``default`` in
 ``[bounds.features]``. Unknown keys are refused, so a typo cannot silently drop a setting.
@@ -90,9 +95,13 @@ LOGGER = logging.getLogger(__name__)
 DEFAULT_MIN_COHORT = 10
 
 _TOP_KEYS = {"min_cohort", "budget", "ledger", "bounds", "federation"}
-_FEDERATION_KEYS = {"modes", "allow_exact_secure_sum"}
+_FEDERATION_KEYS = {"modes", "allow_exact_secure_sum", "allow_non_dp_training"}
 #: The DP modes of a federated answer a policy may list in ``[federation] modes``.
 FEDERATION_DP_MODES = ("dp", "distributed-dp")
+#: Federated training with DP-SGD (a training request's mode ``dp``).
+TRAINING_DP_MODE = "training-dp"
+#: Everything ``[federation] modes`` may list.
+FEDERATION_MODES = (*FEDERATION_DP_MODES, TRAINING_DP_MODE)
 #: The mode without noise; allowed only by ``[federation] allow_exact_secure_sum = true``.
 EXACT_MODE = "exact"
 _BUDGET_KEYS = {"epsilon", "delta", "max_participants"}
@@ -122,9 +131,9 @@ def _check_modes(modes: Any, source: Path | None) -> tuple[str, ...]:
                 f"{where}: 'exact' is not a DP mode; a site answers noise-free sums only with "
                 "[federation] allow_exact_secure_sum = true"
             )
-        if mode not in FEDERATION_DP_MODES:
+        if mode not in FEDERATION_MODES:
             raise PolicyError(
-                f"{where}: unknown mode {mode!r}; expected some of {list(FEDERATION_DP_MODES)}"
+                f"{where}: unknown mode {mode!r}; expected some of {list(FEDERATION_MODES)}"
             )
     if len(set(modes)) != len(modes):
         raise PolicyError(f"{where}: lists a mode twice: {list(modes)}")
@@ -227,6 +236,10 @@ class SitePolicy:
     allow_exact_secure_sum : bool
         ``[federation] allow_exact_secure_sum``: whether the site answers ``exact`` requests
         (noise-free sums through secure aggregation, a non-DP disclosure; default False).
+    allow_non_dp_training : bool
+        ``[federation] allow_non_dp_training``: whether the site takes part in training
+        requests of mode ``none`` (no noise: its updates and metrics are non-DP disclosures;
+        default False).
     """
 
     epsilon: float
@@ -241,15 +254,17 @@ class SitePolicy:
     max_participants: int | None = None
     federation_modes: tuple[str, ...] = ("dp",)
     allow_exact_secure_sum: bool = False
+    allow_non_dp_training: bool = False
 
     def __post_init__(self) -> None:
         src = self.source
         object.__setattr__(self, "federation_modes", _check_modes(self.federation_modes, src))
-        if not isinstance(self.allow_exact_secure_sum, bool):
-            raise PolicyError(
-                f"{_where(src, 'federation.allow_exact_secure_sum')}: must be true or false, "
-                f"got {self.allow_exact_secure_sum!r}"
-            )
+        for switch in ("allow_exact_secure_sum", "allow_non_dp_training"):
+            if not isinstance(getattr(self, switch), bool):
+                raise PolicyError(
+                    f"{_where(src, f'federation.{switch}')}: must be true or false, "
+                    f"got {getattr(self, switch)!r}"
+                )
         if self.ledger_id is not None and not (
             isinstance(self.ledger_id, str) and _LEDGER_ID.fullmatch(self.ledger_id)
         ):
@@ -373,6 +388,7 @@ class SitePolicy:
             max_participants=budget.get("max_participants"),
             federation_modes=federation.get("modes", ("dp",)),
             allow_exact_secure_sum=federation.get("allow_exact_secure_sum", False),
+            allow_non_dp_training=federation.get("allow_non_dp_training", False),
         )
 
     def allows_mode(self, mode: str) -> bool:
@@ -386,7 +402,21 @@ class SitePolicy:
         """
         if mode == EXACT_MODE:
             return self.allow_exact_secure_sum
-        return mode in self.federation_modes
+        return mode in FEDERATION_DP_MODES and mode in self.federation_modes
+
+    def allows_training(self, mode: str) -> bool:
+        """Whether the site takes part in federated training requests of ``mode``.
+
+        ``dp`` when ``"training-dp"`` is listed in ``[federation] modes``; ``none`` only with
+        ``[federation] allow_non_dp_training = true``.
+
+        >>> policy = SitePolicy(1.0, 1e-6, Path("l"), "d", {"default": (0, 1)}, {})
+        >>> policy.allows_training("dp"), policy.allows_training("none")
+        (False, False)
+        """
+        if mode == "none":
+            return self.allow_non_dp_training
+        return mode == "dp" and TRAINING_DP_MODE in self.federation_modes
 
     @property
     def atlas_default(self) -> bool:
