@@ -20,8 +20,8 @@ Examples
 >>> s = FeatureScaling(np.array([0.0, 0.0]), np.array([10.0, 20.0]), label=(20.0, 80.0))
 >>> s.transform([[5.0, 30.0]]).tolist()           # the second value is clamped to 20
 [[0.5, 1.0]]
->>> float(s.label_inverse(s.label_transform(50.0)))
-50.0
+>>> s.label_inverse(s.label_transform([50.0])).tolist()
+[50.0]
 """
 
 from __future__ import annotations
