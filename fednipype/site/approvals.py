@@ -1,7 +1,8 @@
-"""The data owner's decisions on federated analysis requests, kept in the dataset's ledger.
+"""The data owner's decisions on federated requests, kept in the dataset's ledger.
 
-A hub's :class:`~fednipype.contract.request.AnalysisRequest` is answered only after the data
-owner has approved exactly that request: approvals, refusals, arrivals of requests nobody has
+A hub's :class:`~fednipype.contract.request.AnalysisRequest` or
+:class:`~fednipype.contract.training.TrainingRequest` is answered only after the data owner has
+approved exactly that request: approvals, refusals, arrivals of requests nobody has
 decided on yet (*pending*) and answers are events of the ledger's audit trail (its append-only
 ``event`` table, :mod:`fednipype.site.ledger_store`), keyed by the request's content hash. An
 altered request has another hash, so it is not approved; it is recorded as pending, with its
@@ -20,6 +21,9 @@ A request's status is read from its events, latest decision first:
 ``answered``
     an answer was made under the latest approval. An approval pays for **one** answer: a
     replayed request does not spend the budget again unless the owner approves it again.
+    For a training request the answer is the whole run: the approval is claimed at its
+    first round, which charges the run's (ε, δ); its later rounds, at most ``rounds`` of
+    them ever, are counted by :mod:`fednipype.site.training`.
 
 Claiming the approval for an answer (:func:`claim_answer`) checks the status and records the
 ``answered`` event in one write transaction holding the ledger's lock, so two processes can
@@ -27,7 +31,8 @@ never both answer under one approval. The claim is made just before the ledger i
 an answer that fails afterwards keeps its claim (fail-closed, like a charge).
 
 Event details are JSON holding only public facts of the request (its hash, id, mode, ε, δ,
-sites, and for arrivals and approvals the request document itself) and the owner's note.
+sites — for a training request also ``kind: "training"``, its task and rounds —, and for
+arrivals and approvals the request document itself) and the owner's note.
 """
 
 from __future__ import annotations
@@ -43,8 +48,11 @@ from fednipype._version import __version__
 from fednipype.exceptions import RequestError
 from fednipype.site.ledger_store import LedgerRecords, connect, now, write_transaction
 
-if TYPE_CHECKING:  # the request type only; nothing here needs its module at run time
+if TYPE_CHECKING:  # the request types only; nothing here needs their modules at run time
     from fednipype.contract.request import AnalysisRequest
+    from fednipype.contract.training import TrainingRequest
+
+    Request = AnalysisRequest | TrainingRequest
 
 LOGGER = logging.getLogger(__name__)
 
@@ -80,6 +88,8 @@ _HASH = re.compile(r"[0-9a-f]{64}")
 _PREFIX = re.compile(r"[0-9a-f]{8,64}")
 #: Longest owner's note kept.
 MAX_NOTE = 2000
+#: ``RequestRecord.kind`` of the two kinds of request.
+ANALYSIS, TRAINING = "analysis", "training"
 
 
 @dataclass(frozen=True)
@@ -93,9 +103,9 @@ class RequestRecord:
     request_id : str
         The request's label.
     mode : str
-        ``dp``, ``distributed-dp`` or ``exact``.
+        ``dp``, ``distributed-dp`` or ``exact`` (analysis); ``dp`` or ``none`` (training).
     epsilon, delta : float or None
-        What one answer costs (None in ``exact`` mode).
+        What one answer (a training request: its whole run) costs (None without noise).
     sites : tuple of str
         The request's sites.
     status : str
@@ -108,6 +118,12 @@ class RequestRecord:
         The owner's note of the latest decision ("" if none).
     document : dict or None
         The request document, when one was recorded (arrivals and approvals).
+    kind : str
+        ``analysis`` or ``training``.
+    task : str or None
+        A training request's task (``brain-age``, ``diagnosis``).
+    rounds : int or None
+        A training request's number of rounds.
     """
 
     request_hash: str
@@ -121,10 +137,13 @@ class RequestRecord:
     first_seen: str
     note: str
     document: dict[str, Any] | None
+    kind: str = ANALYSIS
+    task: str | None = None
+    rounds: int | None = None
 
 
-def _summary(request: AnalysisRequest) -> dict[str, Any]:
-    return {
+def _summary(request: Request) -> dict[str, Any]:
+    summary = {
         "request_hash": request.content_hash,
         "request_id": request.request_id,
         "mode": request.mode,
@@ -132,6 +151,23 @@ def _summary(request: AnalysisRequest) -> dict[str, Any]:
         "delta": request.delta,
         "sites": list(request.sites),
     }
+    if hasattr(request, "rounds"):  # a training request: its task and rounds are public too
+        summary.update(kind=TRAINING, task=request.task, rounds=request.rounds)
+    return summary
+
+
+def _record_summary(record: RequestRecord) -> dict[str, Any]:
+    summary = {
+        "request_hash": record.request_hash,
+        "request_id": record.request_id,
+        "mode": record.mode,
+        "epsilon": record.epsilon,
+        "delta": record.delta,
+        "sites": list(record.sites),
+    }
+    if record.kind == TRAINING:
+        summary.update(kind=TRAINING, task=record.task, rounds=record.rounds)
+    return summary
 
 
 def _detail(fields: Mapping[str, Any]) -> str:
@@ -175,6 +211,9 @@ def _records(rows: list[tuple[str, str, str]]) -> dict[str, RequestRecord]:
             first_seen=old.first_seen if old else time,
             note=str(detail.get("note", "") if status != ANSWERED else (old.note if old else "")),
             document=document,
+            kind=str(detail.get("kind", ANALYSIS)),
+            task=detail.get("task"),
+            rounds=detail.get("rounds"),
         )
     return out
 
@@ -229,18 +268,11 @@ def find_request(ledger: LedgerRecords, prefix: str) -> RequestRecord:
 def _decide(
     ledger: LedgerRecords,
     status: str,
-    request: AnalysisRequest | RequestRecord,
+    request: Request | RequestRecord,
     note: str | None,
 ) -> RequestRecord:
     if isinstance(request, RequestRecord):
-        summary = {
-            "request_hash": request.request_hash,
-            "request_id": request.request_id,
-            "mode": request.mode,
-            "epsilon": request.epsilon,
-            "delta": request.delta,
-            "sites": list(request.sites),
-        }
+        summary = _record_summary(request)
         document = request.document
     else:
         summary, document = _summary(request), request.to_document()
@@ -265,7 +297,7 @@ def _decide(
 
 def approve(
     ledger: LedgerRecords,
-    request: AnalysisRequest | RequestRecord,
+    request: Request | RequestRecord,
     note: str | None = None,
 ) -> RequestRecord:
     """Record the owner's approval of ``request`` (one answer; see the module docstring).
@@ -274,7 +306,7 @@ def approve(
     ----------
     ledger : PrivacyLedger
         The dataset's ledger.
-    request : AnalysisRequest or RequestRecord
+    request : AnalysisRequest, TrainingRequest or RequestRecord
         The request file's content, or a recorded (pending) request found by hash.
     note : str, optional
         The owner's reason or reference (kept in the ledger).
@@ -289,7 +321,7 @@ def approve(
 
 def refuse(
     ledger: LedgerRecords,
-    request: AnalysisRequest | RequestRecord,
+    request: Request | RequestRecord,
     note: str | None = None,
 ) -> RequestRecord:
     """Record the owner's refusal of ``request`` (revoking an approval not yet used).
@@ -299,7 +331,7 @@ def refuse(
     return _decide(ledger, REFUSED, request, note)
 
 
-def record_pending(ledger: LedgerRecords, request: AnalysisRequest) -> bool:
+def record_pending(ledger: LedgerRecords, request: Request) -> bool:
     """Record the arrival of a request the owner has not approved, with its document.
 
     A request already pending or refused is not recorded again; one answered under its last
@@ -329,7 +361,7 @@ def record_pending(ledger: LedgerRecords, request: AnalysisRequest) -> bool:
     return True
 
 
-def claim_answer(ledger: LedgerRecords, request: AnalysisRequest, site: str) -> str | None:
+def claim_answer(ledger: LedgerRecords, request: Request, site: str) -> str | None:
     """Use the approval of ``request`` for one answer, atomically.
 
     Returns None when the request was approved (the ``answered`` event is then recorded in the
@@ -340,8 +372,8 @@ def claim_answer(ledger: LedgerRecords, request: AnalysisRequest, site: str) -> 
     ----------
     ledger : PrivacyLedger
         The dataset's ledger.
-    request : AnalysisRequest
-        The request being answered.
+    request : AnalysisRequest or TrainingRequest
+        The request being answered (a training request: its run, at its first round).
     site : str
         The answering site's label (recorded).
 
@@ -364,25 +396,27 @@ def claim_answer(ledger: LedgerRecords, request: AnalysisRequest, site: str) -> 
 
 
 def record_disclosure(
-    ledger: LedgerRecords, request: AnalysisRequest, site: str, parameters: Mapping[str, Any]
+    ledger: LedgerRecords, request: Request, site: str, parameters: Mapping[str, Any]
 ) -> None:
-    """Record an ``exact`` answer: a non-DP disclosure (no ε), with the request and its sites.
+    """Record a non-DP disclosure (no ε): an ``exact`` answer, or a training run of mode
+    ``none``, with the request and its sites.
 
     Parameters
     ----------
     ledger : PrivacyLedger
         The dataset's ledger.
-    request : AnalysisRequest
-        The exact-mode request answered.
+    request : AnalysisRequest or TrainingRequest
+        The exact-mode request answered, or the non-DP training request whose run starts.
     site : str
         The answering site.
     parameters : Mapping
-        Public facts of the answer (layout size, grid, min cohort checked).
+        Public facts of the answer (layout size, grid, min cohort checked; a run's rounds).
     """
-    detail = {
-        **_summary(request),
-        "site": site,
-        "privacy": "none: noise-free sum through secure aggregation (not differentially private)",
-        **dict(parameters),
-    }
+    training = hasattr(request, "rounds")
+    privacy = (
+        "none: model updates and metrics without noise (not differentially private)"
+        if training
+        else "none: noise-free sum through secure aggregation (not differentially private)"
+    )
+    detail = {**_summary(request), "site": site, "privacy": privacy, **dict(parameters)}
     ledger.record_event(DISCLOSURE_KIND, _detail(detail))
