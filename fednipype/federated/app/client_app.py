@@ -13,6 +13,11 @@ The client app runs inside a site's SuperNode, whose node config names the site'
   before it leaves; a fit message that is not part of a SecAgg+ round is rejected by the mod,
   so this app never sends a vector in the clear.
 
+A run whose run config says ``task = "training"`` (federated training) is answered by
+:class:`~fednipype.federated.app.training_client.TrainingClient` instead (check, FedAvg rounds
+through the same SecAgg+ transport, held-out metrics in mode ``none`` only); every other run
+is a statistics run, as above.
+
 Only public facts leave the site: a refusal's reason is a fixed sentence per kind of
 refusal (or the exception's ``public_reason`` attribute when the site sets one), never the
 text of an unexpected error, which stays in the site's log.
@@ -26,6 +31,7 @@ functions (e.g. a test app that sends known vectors).
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -44,6 +50,8 @@ from fednipype.exceptions import (
     PrivacyBudgetExceeded,
     RequestError,
 )
+from fednipype.federated.app.training_client import TASK as TRAINING_TASK
+from fednipype.federated.app.training_client import TrainingClient, TrainingSite
 from fednipype.federated.transport import FIT_NUM_EXAMPLES, SecAggEncoding
 
 __all__ = [
@@ -54,6 +62,7 @@ __all__ = [
     "site_check",
     "site_label",
     "site_vector",
+    "simulated_node_config",
 ]
 
 LOGGER = logging.getLogger(__name__)
@@ -136,6 +145,28 @@ def site_vector(request_text: str, node_config: NodeConfig) -> np.ndarray:
     return np.asarray(node.answer_node_request(request, node_config).vector)
 
 
+def simulated_node_config(node_config: NodeConfig, run_config: NodeConfig) -> dict[str, Any]:
+    """A simulated node's site configuration, from the run config's ``simulation-sites``.
+
+    Flower's simulation engine gives its nodes only ``partition-id`` and
+    ``num-partitions``; a simulation run names a JSON file (a list of node configs, one per
+    partition) in ``simulation-sites``. A SuperNode of a deployment has its own ``site`` in
+    its node config and is never redirected: the file is read only for a node config with a
+    ``partition-id`` and without ``site``.
+    """
+    config = dict(node_config)
+    path = run_config.get("simulation-sites", "")
+    if "site" in config or "partition-id" not in config or not path:
+        return config
+    try:
+        with open(str(path), encoding="utf-8") as handle:
+            sites = json.load(handle)
+        config.update(sites[int(config["partition-id"])])
+    except (OSError, ValueError, IndexError, KeyError, TypeError) as err:
+        raise FederationError(f"{path}: simulation-sites: no node config here ({err})") from None
+    return config
+
+
 # -- the client ---------------------------------------------------------------------------
 
 
@@ -196,7 +227,11 @@ class SiteClient(NumPyClient):
 
 
 def make_client_app(
-    *, label: LabelFn = site_label, check: CheckFn = site_check, vector: VectorFn = site_vector
+    *,
+    label: LabelFn = site_label,
+    check: CheckFn = site_check,
+    vector: VectorFn = site_vector,
+    training: TrainingSite | None = None,
 ) -> ClientApp:
     """A ``ClientApp`` whose fit replies go through ``secaggplus_mod``.
 
@@ -204,10 +239,19 @@ def make_client_app(
     ----------
     label, check, vector : callables
         The site's functions; the defaults are the site's real ones.
+    training : TrainingSite, optional
+        The site's training functions (default: the site's real ones), used when the run
+        config's ``task`` is ``"training"``.
     """
+    site_training = training if training is not None else TrainingSite()
 
     def client_fn(context: Context) -> Client:
-        return SiteClient(context.node_config, label=label, check=check, vector=vector).to_client()
+        node_config = simulated_node_config(context.node_config, context.run_config)
+        if context.run_config.get("task", "statistics") == TRAINING_TASK:
+            return TrainingClient(
+                node_config, label=label, site=site_training, public_reason=public_reason
+            ).to_client()
+        return SiteClient(node_config, label=label, check=check, vector=vector).to_client()
 
     return ClientApp(client_fn=client_fn, mods=[secaggplus_mod])
 
