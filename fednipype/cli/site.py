@@ -1,4 +1,4 @@
-"""``fednipype-site``: the data owner reviews, approves and refuses federated analysis requests.
+"""``fednipype-site``: the data owner reviews, approves and refuses federated requests.
 
 ::
 
@@ -8,12 +8,15 @@
     fednipype-site serve --policy policy.toml --bids-dir BIDS --derivatives DERIV --site LABEL \\
         --superlink HOST:PORT --root-certificates ca.crt --auth-key site.key [--max-wait-time S]
 
-``REQUEST`` is a request file (``fednipype-request/1.0`` JSON) or the content hash (at least
-its first 8 hex digits) of a request the ledger has recorded: requests that arrived unapproved
-are recorded as pending, with their document, and ``requests`` lists them with the approved,
-refused and answered ones. Decisions go into the audit trail of the dataset's privacy ledger
-(the one the policy is bound to), keyed by the request's content hash; an altered request has
-another hash and needs its own approval. An approval pays for one answer.
+``REQUEST`` is a request file (an analysis request, ``fednipype-request/1.0``, or a training
+request, ``fednipype-training-request/1.0``, JSON) or the content hash (at least its first 8 hex
+digits) of a request the ledger has recorded: requests that arrived unapproved are recorded as
+pending, with their document, and ``requests`` lists them with the approved, refused and
+answered ones (training requests in a table of their own, with their task and rounds).
+Decisions go into the audit trail of the dataset's privacy ledger (the one the policy is bound
+to), keyed by the request's content hash; an altered request has another hash and needs its
+own approval. An approval pays for one answer; for a training request, one run of its rounds,
+whose (epsilon, delta) is the whole run's.
 
 ``serve`` checks every argument and path first (the policy bound to its ledger, the dataset's
 ``participants.tsv``, regional features of its participants, the CA certificate, the private
@@ -49,6 +52,7 @@ from fednipype.cli.errors import (
     guarded,
 )
 from fednipype.contract.request import AnalysisRequest
+from fednipype.contract.training import TRAINING_SCHEMA, TrainingRequest
 from fednipype.exceptions import FederationError
 from fednipype.federated.supernode import (
     DEFAULT_RUNTIME_PORT,
@@ -57,6 +61,7 @@ from fednipype.federated.supernode import (
     run_supernode,
 )
 from fednipype.site.approvals import (
+    TRAINING,
     RequestRecord,
     approve,
     find_request,
@@ -200,33 +205,61 @@ def _open(policy_path: Path) -> tuple[SitePolicy, PrivacyLedger]:
     return policy, PrivacyLedger.from_policy(policy)
 
 
+def _request_file(path: Path) -> AnalysisRequest | TrainingRequest:
+    """The request in ``path``: a training request when its schema says so, else an analysis
+    request (whose reader reports what is wrong with the file)."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        doc = None
+    if isinstance(doc, dict) and doc.get("schema") == TRAINING_SCHEMA:
+        return TrainingRequest.from_file(path)
+    return AnalysisRequest.from_file(path)
+
+
+def _cost(record: RequestRecord) -> str:
+    if record.epsilon is None:
+        return "no noise (a non-DP disclosure)"
+    per = "for the whole run" if record.kind == TRAINING else "per answer"
+    return f"epsilon={record.epsilon:g}, delta={record.delta:g} {per}"
+
+
 def _decide(command: str, args: argparse.Namespace) -> int:
     policy, ledger = _open(args.policy)  # refusals first: nothing is recorded before them
-    target: AnalysisRequest | RequestRecord
+    target: AnalysisRequest | TrainingRequest | RequestRecord
     if Path(args.request).is_file():
-        target = AnalysisRequest.from_file(args.request)
+        target = _request_file(Path(args.request))
         mode, digest, request_id = target.mode, target.content_hash, target.request_id
     else:
         target = find_request(ledger, args.request)
         mode, digest, request_id = target.mode, target.request_hash, target.request_id
     decide = approve if command == "approve" else refuse
     record = decide(ledger, target, args.note)
-    cost = (
-        "no noise (a non-DP disclosure)"
-        if record.epsilon is None
-        else f"epsilon={record.epsilon:g}, delta={record.delta:g} per answer"
-    )
-    verb = "approved (for one answer)" if command == "approve" else "refused"
+    training = record.kind == TRAINING
+    if command == "refuse":
+        verb = "refused"
+    elif training:
+        verb = f"approved (for one run of {record.rounds} rounds)"
+    else:
+        verb = "approved (for one answer)"
+    what = f"task {record.task}, {record.rounds} rounds, " if training else ""
     print(
-        f"{verb}: request {request_id} (hash {digest[:16]}), mode {mode}, {cost}, sites "
-        f"{', '.join(record.sites)}; recorded in privacy ledger {ledger.path}"
+        f"{verb}: {'training ' if training else ''}request {request_id} (hash {digest[:16]}), "
+        f"{what}mode {mode}, {_cost(record)}, sites {', '.join(record.sites)}; recorded in "
+        f"privacy ledger {ledger.path}"
     )
-    if command == "approve" and not policy.allows_mode(mode):
-        switch = (
-            "[federation] allow_exact_secure_sum = true"
-            if mode == "exact"
-            else f"'{mode}' in [federation] modes"
-        )
+    allowed = policy.allows_training(mode) if training else policy.allows_mode(mode)
+    if command == "approve" and not allowed:
+        if training:
+            switch = (
+                "[federation] allow_non_dp_training = true"
+                if mode == "none"
+                else "'training-dp' in [federation] modes"
+            )
+        elif mode == "exact":
+            switch = "[federation] allow_exact_secure_sum = true"
+        else:
+            switch = f"'{mode}' in [federation] modes"
         LOGGER.warning(
             "%s does not allow mode %s: the request is refused at answer time until the policy "
             "sets %s",
@@ -235,6 +268,18 @@ def _decide(command: str, args: argparse.Namespace) -> int:
             switch,
         )
     return 0
+
+
+def _print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
+    for row in (header, *rows):
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:g}"
 
 
 def _requests(command: str, args: argparse.Namespace) -> int:
@@ -247,23 +292,44 @@ def _requests(command: str, args: argparse.Namespace) -> int:
     if not records:
         print(f"no federated requests recorded in privacy ledger {ledger.path}")
         return 0
-    header = ("status", "hash", "request", "mode", "epsilon", "delta", "when")
-    rows = [
-        (
-            r.status,
-            r.request_hash[:12],
-            r.request_id,
-            r.mode,
-            "-" if r.epsilon is None else f"{r.epsilon:g}",
-            "-" if r.delta is None else f"{r.delta:g}",
-            r.time,
+    analyses = [r for r in records if r.kind != TRAINING]
+    trainings = [r for r in records if r.kind == TRAINING]
+    if analyses:
+        _print_table(
+            ("status", "hash", "request", "mode", "epsilon", "delta", "when"),
+            [
+                (
+                    r.status,
+                    r.request_hash[:12],
+                    r.request_id,
+                    r.mode,
+                    _number(r.epsilon),
+                    _number(r.delta),
+                    r.time,
+                )
+                for r in analyses
+            ],
         )
-        for r in records
-    ]
-    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
-    for row in (header, *rows):
-        print(
-            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+    if trainings:
+        if analyses:
+            print()
+        print("training requests (epsilon, delta: the whole run's):")
+        _print_table(
+            ("status", "hash", "request", "task", "mode", "epsilon", "delta", "rounds", "when"),
+            [
+                (
+                    r.status,
+                    r.request_hash[:12],
+                    r.request_id,
+                    str(r.task),
+                    r.mode,
+                    _number(r.epsilon),
+                    _number(r.delta),
+                    str(r.rounds),
+                    r.time,
+                )
+                for r in trainings
+            ],
         )
     return 0
 
