@@ -47,6 +47,7 @@ from flwr.serverapp.grid import Grid
 from fednipype.contract import secure_sum
 from fednipype.contract.request import AnalysisRequest
 from fednipype.exceptions import FederationError, FednipypeError
+from fednipype.federated.app.polling import PollingGrid
 from fednipype.federated.app.strategy import (
     QuorumSecAggPlusWorkflow,
     SecureSumStrategy,
@@ -348,6 +349,7 @@ def run_secure_sum(grid: Grid, context: Context) -> Path:
         or an unreadable request (``RequestError``).
     """
     settings = RunSettings.from_run_config(context.run_config)
+    grid = PollingGrid(grid)  # replies pulled every 0.25 s rather than Flower's 3 s
     record = _Record(settings)
     try:
         return _run(grid, context, settings, record)
