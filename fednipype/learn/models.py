@@ -1,11 +1,16 @@
 """The two models trained across sites: ridge brain-age regression and logistic diagnosis.
 
 Both are linear in the regional features after a **public** scaling: every feature is clamped
-to its public bounds ``[lo, hi]`` and mapped to ``x_s = (x − lo) / (hi − lo)`` (so onto
-[0, 1]); the brain-age label is mapped the same way with its own public bounds. No mean or
-standard deviation of the data is ever used, so the scaling discloses nothing and is the same
-at every site. The parameter vector ``w`` (length d + 1) is ``[intercept, coef_1..coef_d]`` in
-scaled units.
+to its public bounds ``[lo, hi]`` and mapped onto [-1, 1], ``x_s = (x − c) / s`` with
+``c = (lo + hi) / 2`` and ``s = (hi − lo) / 2`` (the map of the release contract,
+:mod:`fednipype.contract.scaling`); the brain-age label is mapped the same way with its own
+public bounds. No mean or standard deviation of the data is ever used, so the scaling discloses
+nothing and is the same at every site. Centring on the bounds' midpoint matters for training:
+regional volumes share a large common level, and on [0, 1] that level makes the intercept and
+the coefficients' sum a direction ~2000 times stiffer than the age signal, which plain
+gradient descent then needs thousands of steps to resolve; on [-1, 1] (bounds around the
+typical volume) the two are of the same order. The parameter vector ``w`` (length d + 1) is
+``[intercept, coef_1..coef_d]`` in scaled units.
 
 - ``"brain-age"``: loss = mean over rows of (x_s·w − y_s)² / 2 + l2/2 ‖coef‖².
 - ``"diagnosis"``: loss = mean log-loss of patient (1) vs control (0) + l2/2 ‖coef‖².
@@ -19,7 +24,7 @@ Examples
 >>> import numpy as np
 >>> s = FeatureScaling(np.array([0.0, 0.0]), np.array([10.0, 20.0]), label=(20.0, 80.0))
 >>> s.transform([[5.0, 30.0]]).tolist()           # the second value is clamped to 20
-[[0.5, 1.0]]
+[[0.0, 1.0]]
 >>> s.label_inverse(s.label_transform([50.0])).tolist()
 [50.0]
 """
@@ -44,6 +49,7 @@ __all__ = [
     "FeatureScaling",
     "check_task",
     "gradient",
+    "gradient_steps",
     "initial_parameters",
     "loss",
     "metrics",
@@ -63,6 +69,9 @@ def check_task(task: str) -> str:
     return task
 
 
+_HINT = "; leave such participants out before training"
+
+
 def _finite_matrix(values: Any, field: str, columns: int | None = None) -> np.ndarray:
     """``values`` as a finite 2-D float array (``columns`` wide if given), or DataError."""
     try:
@@ -78,7 +87,7 @@ def _finite_matrix(values: Any, field: str, columns: int | None = None) -> np.nd
         row, col = np.argwhere(bad)[0]
         raise DataError(
             f"{field}: {int(bad.sum())} missing or non-finite values (first at row {row}, "
-            f"column {col}); leave such participants out before training"
+            f"column {col})" + (_HINT if field == "features" else "")
         )
     return array
 
@@ -95,7 +104,7 @@ def _finite_vector(values: Any, field: str, rows: int | None = None) -> np.ndarr
     if bad.any():
         raise DataError(
             f"{field}: {int(bad.sum())} missing or non-finite values (first at row "
-            f"{int(np.argmax(bad))}); leave such participants out before training"
+            f"{int(np.argmax(bad))})" + (_HINT if field in ("features", "labels") else "")
         )
     return array
 
@@ -137,14 +146,24 @@ class FeatureScaling:
             object.__setattr__(self, "label", (label_lo, label_hi))
 
     @property
+    def center(self) -> np.ndarray:
+        """Midpoints ``(lo + hi) / 2`` of the feature bounds."""
+        return (self.lo + self.hi) / 2
+
+    @property
+    def half_width(self) -> np.ndarray:
+        """Half-widths ``(hi − lo) / 2`` of the feature bounds."""
+        return (self.hi - self.lo) / 2
+
+    @property
     def n_features(self) -> int:
         """Number of features d."""
         return int(self.lo.size)
 
     def transform(self, X: Any) -> np.ndarray:
-        """Clamp ``X`` (rows × d) to the bounds and map it onto [0, 1]."""
+        """Clamp ``X`` (rows × d) to the bounds and map it onto [-1, 1]."""
         X = _finite_matrix(X, "features", self.n_features)
-        return (np.clip(X, self.lo, self.hi) - self.lo) / (self.hi - self.lo)
+        return (np.clip(X, self.lo, self.hi) - self.center) / self.half_width
 
     def _label(self) -> tuple[float, float]:
         if self.label is None:
@@ -152,15 +171,15 @@ class FeatureScaling:
         return self.label
 
     def label_transform(self, y: Any) -> np.ndarray:
-        """Clamp ages to the label bounds and map them onto [0, 1]."""
+        """Clamp ages to the label bounds and map them onto [-1, 1]."""
         lo, hi = self._label()
         y = _finite_vector(y, "labels")
-        return (np.clip(y, lo, hi) - lo) / (hi - lo)
+        return (np.clip(y, lo, hi) - (lo + hi) / 2) / ((hi - lo) / 2)
 
     def label_inverse(self, y_s: Any) -> np.ndarray:
         """Map scaled labels back to years (no clamping)."""
         lo, hi = self._label()
-        return lo + (hi - lo) * np.asarray(y_s, dtype=float)
+        return (lo + hi) / 2 + (hi - lo) / 2 * np.asarray(y_s, dtype=float)
 
 
 def initial_parameters(n_features: int) -> np.ndarray:
@@ -247,17 +266,62 @@ def gradient(task: str, w: Any, Xs: Any, y: Any, l2: float) -> np.ndarray:
     return per_row.mean(axis=0) + _penalty_gradient(np.asarray(w, dtype=float), l2)
 
 
+def gradient_steps(
+    task: str,
+    w: Any,
+    Xs: Any,
+    y: Any,
+    *,
+    learning_rate: float,
+    steps: int,
+    l2: float,
+    batch_size: int | None = None,
+) -> np.ndarray:
+    """``steps`` plain gradient-descent steps on :func:`loss` from ``w`` (inputs checked once).
+
+    Full batch when ``batch_size`` is None; otherwise consecutive mini-batches of
+    ``batch_size`` rows in the given order, wrapping around (deterministic, no randomness).
+    """
+    check_task(task)
+    w, design = _design(w, Xs)
+    y = _labels(task, y, design.shape[0])
+    n = design.shape[0]
+    if n == 0:
+        raise DataError("features: expected at least one row to compute a gradient")
+    if batch_size is not None and int(batch_size) < 1:
+        raise DataError(f"batch_size: expected a whole number >= 1, got {batch_size!r}")
+    w = w.copy()
+    start = 0
+    for _ in range(int(steps)):
+        if batch_size is None or batch_size >= n:
+            rows_d, rows_y = design, y
+        else:
+            rows = np.arange(start, start + int(batch_size)) % n
+            start = (start + int(batch_size)) % n
+            rows_d, rows_y = design[rows], y[rows]
+        z = rows_d @ w
+        residual = (z if task == "brain-age" else special.expit(z)) - rows_y
+        grad = rows_d.T @ residual / rows_d.shape[0] + _penalty_gradient(w, l2)
+        w -= float(learning_rate) * grad
+    if not np.all(np.isfinite(w)):
+        raise DataError(
+            f"learning_rate: gradient descent diverged at learning rate {learning_rate!r}; "
+            "expected a smaller step"
+        )
+    return w
+
+
 def to_sklearn(
     task: str, w: Any, scaling: FeatureScaling, feature_names: Sequence[str]
 ) -> Ridge | LogisticRegression:
     """An ordinary scikit-learn estimator with the scaling folded into its coefficients.
 
-    ``w0 + Σ c_j (x_j − lo_j) / r_j`` (``r_j = hi_j − lo_j``) equals
-    ``(w0 − Σ c_j lo_j / r_j) + Σ (c_j / r_j) x_j``; for brain-age the label map
-    ``age = lo_y + r_y · y_s`` is folded in as well, so ``predict`` returns years. Clamping to
-    the bounds is part of training, not of the folded predictor: a value outside its bounds
-    is extrapolated linearly. The estimator's hyperparameters are scikit-learn's defaults
-    (it was not fitted by scikit-learn; refitting it would not reproduce ``w``).
+    ``w0 + Σ b_j (x_j − c_j) / s_j`` equals ``(w0 − Σ b_j c_j / s_j) + Σ (b_j / s_j) x_j``;
+    for brain-age the label map ``age = c_y + s_y · y_s`` is folded in as well, so
+    ``predict`` returns years. Clamping to the bounds is part of training, not of the folded
+    predictor: a value outside its bounds is extrapolated linearly. The estimator's
+    hyperparameters are scikit-learn's defaults (it was not fitted by scikit-learn; refitting
+    it would not reproduce ``w``).
 
     Parameters
     ----------
@@ -282,15 +346,15 @@ def to_sklearn(
         raise DataError(
             f"feature_names: expected {scaling.n_features} distinct names, got {len(names)}"
         )
-    span = scaling.hi - scaling.lo
-    coef = w[1:] / span
-    intercept = w[0] - float(np.sum(w[1:] * scaling.lo / span))
+    coef = w[1:] / scaling.half_width
+    intercept = w[0] - float(np.sum(coef * scaling.center))
     estimator: Ridge | LogisticRegression
     if task == "brain-age":
         label_lo, label_hi = scaling._label()
         estimator = Ridge()
-        estimator.coef_ = (label_hi - label_lo) * coef
-        estimator.intercept_ = float(label_lo + (label_hi - label_lo) * intercept)
+        center_y, half_y = (label_lo + label_hi) / 2, (label_hi - label_lo) / 2
+        estimator.coef_ = half_y * coef
+        estimator.intercept_ = float(center_y + half_y * intercept)
     else:
         estimator = LogisticRegression()
         estimator.coef_ = coef.reshape(1, -1)
