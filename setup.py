@@ -63,7 +63,9 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["fednipype", "fednipype.*"]),
     package_data={
-        "fednipype": ["data/*", "data/*/*", "federated/app/*.toml", "federated/app/*.md"]
+        "fednipype": [
+            "data/*", "data/*/*", "federated/app/*.toml", "federated/app/*.md", "learn/*.json"
+        ]
     },
     include_package_data=True,
     install_requires=INSTALL_REQUIRES,
