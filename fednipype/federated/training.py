@@ -294,6 +294,10 @@ def run_federated_training(
                 )  # fmt: skip
             except FednipypeError as err:
                 raise _failure(tmp, err) from None
+        if not (tmp / RECORD_NAME).is_file():
+            raise FederationError(
+                f"flwr run: the server app wrote no {RECORD_NAME} (see the SuperLink's log)"
+            )
         record = read_training_record(tmp / RECORD_NAME)
         if record["status"] == "failed" or not (tmp / MODEL_NAME).is_file():
             raise _failure(tmp, FederationError(str(record.get("error"))))

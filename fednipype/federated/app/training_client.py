@@ -102,8 +102,10 @@ class TrainingSite:
 # -- the client ---------------------------------------------------------------------------
 
 
-def _request(config: Mapping[str, Any]) -> TrainingRequest:
-    if config.get("task") != TASK:
+def _request(config: Mapping[str, Any], *, check: bool = False) -> TrainingRequest:
+    # The check round's message (shared with statistics runs) carries only the request; the
+    # run config's task chose this client, and the text must parse as a training request.
+    if not check and config.get("task") != TASK:
         raise RequestError("the message is not part of a training run")
     text = config.get("request")
     if not isinstance(text, str):
@@ -168,7 +170,7 @@ class TrainingClient(NumPyClient):
         """The check round: accepted, or refused with a public reason."""
         label = self._site_label()
         try:
-            self._site.check(_request(config), self._node_config)
+            self._site.check(_request(config, check=True), self._node_config)
         except Exception as err:  # noqa: BLE001 - every refusal leaves as public text only
             LOGGER.warning("training request refused: %s", err)
             return {"site": label, "status": "refused", "reason": self._public(err)}

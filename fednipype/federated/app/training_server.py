@@ -127,8 +127,9 @@ def run_training(grid: Grid, context: Context) -> Path:
     out = settings.base.out_dir
     try:
         return _run(grid, context, settings, record, begin)
-    except FednipypeError as err:
-        record.update(status="failed", error=str(err))
+    except Exception as err:  # every failure leaves a record; unexpected ones named as such
+        text = str(err) if isinstance(err, FednipypeError) else f"{type(err).__name__}: {err}"
+        record.update(status="failed", error=text)
         record.setdefault("rounds", [])
         record.setdefault("request_hash", None)
         record.setdefault("sites", [])
