@@ -1,0 +1,110 @@
+"""``FederatedFit``: a coordinator's Nipype node over federated training.
+
+A thin layer over :func:`fednipype.federated.training.run_federated_training` (what
+``fednipype-train`` runs): the training request through the consortium's SuperLink (or a
+simulation of the given sites), the model file ``model.json`` (loadable with
+:func:`fednipype.learn.modelfile.load_model` as a scikit-learn estimator), ``metrics.tsv`` and
+the run's record ``training.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from nipype.interfaces.base import (
+    BaseInterfaceInputSpec,
+    Directory,
+    File,
+    SimpleInterface,
+    Str,
+    TraitedSpec,
+    isdefined,
+    traits,
+)
+
+from fednipype.federated.training import run_federated_training
+
+__all__ = ["FederatedFit"]
+
+
+class _FederatedFitInputSpec(BaseInterfaceInputSpec):
+    request = File(exists=True, mandatory=True, desc="the training request the sites approved")
+    superlink = Str(desc="HOST:PORT of the consortium's SuperLink (with root_certificates)")
+    root_certificates = File(exists=True, desc="the consortium CA's certificate (PEM)")
+    connection = Str(desc="instead of superlink: a connection of an existing Flower home")
+    flwr_home = Directory(exists=True, desc="the Flower home of connection")
+    simulate = File(
+        exists=True, desc="instead: simulate the sites of this JSON list of node configs"
+    )
+    out_dir = Str("federated_fit", usedefault=True, desc="output folder (relative: in the node)")
+    timeout = traits.Float(1800.0, usedefault=True, desc="seconds the whole run may take")
+    round_timeout = traits.Float(120.0, usedefault=True, desc="seconds per SecAgg+ stage")
+    check_timeout = traits.Float(120.0, usedefault=True, desc="seconds for the check round")
+    connect_timeout = traits.Float(60.0, usedefault=True, desc="seconds for sites to connect")
+    num_shares = traits.Int(3, usedefault=True, desc="SecAgg+ shares per secret")
+    reconstruction_threshold = traits.Int(
+        2, usedefault=True, desc="SecAgg+ shares needed to rebuild a secret"
+    )
+    patience = traits.Int(0, usedefault=True, desc="mode none: early-stopping patience (rounds)")
+
+
+class _FederatedFitOutputSpec(TraitedSpec):
+    model = File(exists=True, desc="model.json: the trained model with its provenance")
+    metrics = File(exists=True, desc="metrics.tsv: one row per round")
+    record = File(exists=True, desc="training.json: sites, rounds, privacy spent, timings")
+
+
+class FederatedFit(SimpleInterface):
+    """Train a model across the consortium's sites and write the model file.
+
+    A thin node over :func:`run_federated_training` (the ``fednipype-train`` command): the
+    same files in ``out_dir`` (inside the node's working directory when relative).
+
+    Examples
+    --------
+    A coordinator's node (nothing runs until the workflow does)::
+
+        fit = FederatedFit(
+            request="brain-age-2026.json",
+            superlink="hub.example.org:9092",
+            root_certificates="ca.crt",
+        )
+        fit.inputs.timeout = 3600.0
+    """
+
+    input_spec = _FederatedFitInputSpec
+    output_spec = _FederatedFitOutputSpec
+
+    def _run_interface(self, runtime):
+        inputs = self.inputs
+
+        def opt(name: str) -> Any:
+            value = getattr(inputs, name)
+            return value if isdefined(value) else None
+
+        sites = None
+        if opt("simulate") is not None:
+            sites = json.loads(Path(inputs.simulate).read_text(encoding="utf-8"))
+        out = Path(inputs.out_dir)
+        run = run_federated_training(
+            inputs.request,
+            out if out.is_absolute() else Path(runtime.cwd) / out,
+            superlink=opt("superlink"),
+            root_certificates=opt("root_certificates"),
+            connection=opt("connection"),
+            flwr_home=opt("flwr_home"),
+            sites=sites,
+            timeout=inputs.timeout,
+            round_timeout=inputs.round_timeout,
+            check_timeout=inputs.check_timeout,
+            connect_timeout=inputs.connect_timeout,
+            num_shares=inputs.num_shares,
+            reconstruction_threshold=inputs.reconstruction_threshold,
+            patience=inputs.patience,
+        )
+        self._results.update(
+            model=str(run.model), metrics=str(run.metrics), record=str(run.record_path)
+        )
+        return runtime
