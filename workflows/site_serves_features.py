@@ -86,7 +86,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     needed = ("policy", "site", "superlink", "root_certificates", "auth_key")
     if not args.features_only and any(getattr(args, n) is None for n in needed):
-        parser.error("serving needs --policy, --site, --superlink, --root-certificates, --auth-key")
+        parser.error(
+            "serving needs --policy, --site, --superlink, --root-certificates, --auth-key"
+        )
     return args
 
 
