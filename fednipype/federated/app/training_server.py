@@ -45,6 +45,7 @@ from flwr.serverapp.grid import Grid
 
 from fednipype.contract.training import TrainingRequest
 from fednipype.exceptions import FederationError, FednipypeError
+from fednipype.federated.app.polling import PollingGrid
 from fednipype.federated.app.server import (
     RunSettings,
     _screen,
@@ -122,6 +123,7 @@ def run_training(grid: Grid, context: Context) -> Path:
         for an unreadable request. ``training.json`` says which and why.
     """
     settings = TrainingSettings.from_run_config(context.run_config)
+    grid = PollingGrid(grid)  # replies pulled every 0.25 s rather than Flower's 3 s
     record: dict[str, Any] = {"schema": hub_training.RECORD_SCHEMA, "status": "running"}
     begin = time.monotonic()
     out = settings.base.out_dir
