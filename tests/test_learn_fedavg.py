@@ -48,13 +48,14 @@ def sklearn_fit(task, scaling, X, y):
     return np.r_[np.ravel(fit.intercept_), np.ravel(fit.coef_)]
 
 
-def held_out_metric(task, scaling, w, held):
+def held_out_metric(task, scaling, w, held, name=None):
+    """R² (brain-age) or AUC (diagnosis), or the metric ``name``, on the pooled held-out rows."""
     X = np.vstack([s.X for s in held])
     y = np.concatenate([s.y for s in held])
     p = models.predict_scaled(task, w, scaling.transform(X))
     if task == "brain-age":
-        return models.metrics(task, y, scaling.label_inverse(p))["r2"]
-    return models.metrics(task, y, p)["auc"]
+        return models.metrics(task, y, scaling.label_inverse(p))[name or "r2"]
+    return models.metrics(task, y, p)[name or "auc"]
 
 
 # -- arithmetic -----------------------------------------------------------------------------
