@@ -238,9 +238,11 @@ def bounded_evaluate_workflow(timeout: float) -> Callable[[Grid, Context], None]
             )
             for proxy, ins in instructions
         ]
+        replies = list(grid.send_and_receive(messages, timeout=timeout))
+        # message ids are set when the grid sends: match replies to what was sent after it
         sent = {msg.metadata.message_id: msg.metadata.dst_node_id for msg in messages}
         results, failures = [], []
-        for reply in grid.send_and_receive(messages, timeout=timeout):
+        for reply in replies:
             node_id = sent.get(reply.metadata.reply_to_message_id)
             if reply.has_content() and node_id in proxies:
                 results.append((proxies[node_id], compat.recorddict_to_evaluateres(reply.content)))
