@@ -37,6 +37,7 @@ from fednipype.exceptions import DataError
 
 __all__ = [
     "METRICS_NAME",
+    "model_provenance",
     "MODEL_NAME",
     "RECORD_NAME",
     "RECORD_SCHEMA",
@@ -173,23 +174,80 @@ def write_metrics_tsv(rounds: Sequence[Mapping[str, Any]], path: Path) -> Path:
     return path
 
 
+def _model_status(row: Mapping[str, Any], run: Sequence[int]) -> str:
+    """The model file's status of a site: ``completed``, ``dropped at round r`` or ``refused``
+    (a site that took no round for any reason: the record's ``detail`` says which)."""
+    status, took = str(row["status"]), list(row["rounds"])
+    if status == "completed" or status.startswith("dropped at round "):
+        return status
+    if not took:
+        return "refused"
+    missing = [r for r in run if r not in took]
+    return f"dropped at round {missing[0]}" if missing else "completed"
+
+
+def model_provenance(record: Mapping[str, Any]) -> dict[str, Any]:
+    """The model file's provenance (:func:`fednipype.learn.modelfile.save_model`) of a record.
+
+    Sites with the rounds they took part in and their status (``completed``, ``dropped at
+    round r``, ``refused``; the record's own status and public reason as ``detail`` and
+    ``reason``), privacy spent by site (mode ``dp``: the sites that were sent a round), the
+    per-round metrics (mode ``none``), and the run's facts.
+    """
+    run = [int(r["round"]) for r in record["rounds"]]
+    sites = [
+        {
+            "site": row["site"],
+            "rounds": list(row["rounds"]),
+            "status": _model_status(row, run),
+            "detail": row["status"],
+            "reason": row.get("reason", ""),
+        }
+        for row in record["sites"]
+    ]
+    privacy = {
+        row["site"]: dict(row["privacy_spent"])
+        for row in record["sites"]
+        if row.get("privacy_spent")
+    }
+    metrics = None
+    if record.get("evaluate"):
+        metrics = [
+            {"round": r["round"], "loss": r["loss"], **r["metrics"]}
+            for r in record["rounds"]
+            if r.get("loss") is not None
+        ]
+    return {
+        "request_id": record["request_id"],
+        "request_hash": record["request_hash"],
+        "rounds": len(run),
+        "sites": sites,
+        "privacy": privacy or None,
+        "metrics": metrics,
+        "software": dict(record["software"]),
+        "mode": record["mode"],
+        "rounds_requested": record["rounds_requested"],
+        "best_round": record.get("best_round"),
+        "halted": record.get("halted"),
+        "early_stop": record.get("early_stop"),
+        "secure_aggregation": record.get("secure_aggregation"),
+    }
+
+
 def write_model(
-    path: Path, request: TrainingRequest, w: np.ndarray, provenance: Mapping[str, Any]
+    path: Path, request: TrainingRequest, w: np.ndarray, record: Mapping[str, Any]
 ) -> Path:
-    """The model file of ``w`` (scaled units) with the run's provenance."""
+    """The model file of ``w`` (scaled units) with the provenance of the run's ``record``."""
     # Imported here: the model file's module is needed only once a model exists.
     from fednipype.learn import modelfile
 
-    return Path(
-        modelfile.save_model(
-            path,
-            task=request.task,
-            feature_names=list(request.regions),
-            scaling=request.scaling,
-            w=np.asarray(w, dtype=np.float64),
-            provenance=dict(provenance),
-        )
-        or path
+    return modelfile.save_model(
+        path,
+        task=request.task,
+        features=list(request.regions),
+        scaling=request.scaling,
+        w=np.asarray(w, dtype=np.float64),
+        provenance=model_provenance(record),
     )
 
 

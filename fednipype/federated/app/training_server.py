@@ -220,9 +220,8 @@ def _run(
     # "stopped": fewer than min-sites remained in a round; the last completed round's model
     record["status"] = "completed" if halted is None else "stopped"
     timings["total"] = round(time.monotonic() - begin, 3)
-    provenance = {k: v for k, v in record.items() if k not in ("schema", "w", "transport")}
     target = base.out_dir / hub_training.MODEL_NAME
-    model = hub_training.write_model(target, request, w, provenance)
+    model = hub_training.write_model(target, request, w, record)
     hub_training.write_metrics_tsv(rounds, base.out_dir / hub_training.METRICS_NAME)
     hub_training.write_json(record, base.out_dir / hub_training.RECORD_NAME)
     LOGGER.info("model of %d rounds written to %s", len(rounds), model)
