@@ -44,6 +44,7 @@ from support import BUNDLED
 from fednipype.contract.training import TrainingRequest
 from fednipype.federated.app.training_codec import FixedPointCodec
 from fednipype.federated.training import run_federated_training
+from fednipype.learn.accountant import ORDERS
 from fednipype.learn.fedavg import SiteData, holdout_split, run_fedavg
 from fednipype.site import approvals
 from fednipype.site.ledger import PrivacyLedger
@@ -232,8 +233,12 @@ def test_dp_brain_age_charges_each_ledger_the_accountants_epsilon_and_refusals_s
         SelfComposedDpEvent(PoissonSampledDpEvent(0.5, GaussianDpEvent(sigma)), 2 * 3),
         GaussianDpEvent(sigma_count),
     ])  # fmt: skip
-    epsilon = RdpAccountant().compose(event).get_epsilon(1e-5)
-    assert epsilon <= 8.0
+    # dp-accounting's RDP accountant on the Renyi orders fednipype documents (integers, no
+    # fractional orders); its default order grid (with fractional orders) gives a slightly
+    # smaller epsilon, so the charge is the conservative one.
+    epsilon = RdpAccountant(orders=list(ORDERS)).compose(event).get_epsilon(1e-5)
+    finer = RdpAccountant().compose(event).get_epsilon(1e-5)
+    assert finer <= epsilon <= 8.0 and epsilon < 1.02 * finer
     for site in ("siteA", "siteB", "siteC"):
         (charged,) = charges(world["policies"][site])
         assert charged[0] == pytest.approx(epsilon, rel=1e-6) and charged[1] == 1e-5
