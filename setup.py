@@ -79,6 +79,7 @@ setup(
             "fednipype-plan=fednipype.cli.plan:main",
             "fednipype-site=fednipype.cli.site:main",
             "fednipype-federate=fednipype.cli.federate:main",
+            "fednipype-train=fednipype.cli.train:main",
         ]
     },
     classifiers=[
