@@ -62,7 +62,13 @@ def test_total_is_released_with_summed_bounds(bundled_features, tmp_path, site_p
     assert 0 < len(totals) < len(people)  # the bundled siteC has one participant without age
     expected = float(np.mean(list(totals.values())))
     assert block["n"] == pytest.approx(len(totals), abs=0.01)
-    assert released_mean == pytest.approx(expected, rel=1e-4)
+    # Within the release's own noise: zty and n each carry N(0, sd²) in scaled units (the sd the
+    # contract checks against the analytic Gaussian), so the mean's error is about
+    # scale/n · sd · √(1 + (zty/n)²); 6 of those bound it (false alarm 2e-9).
+    mean_scaled = block["zty"][0][column] / block["n"]
+    tolerance = 6 * scale / block["n"] * block["scale"] * np.sqrt(1 + mean_scaled**2)
+    assert tolerance < 1e-3 * expected  # the check still tells totals apart
+    assert abs(released_mean - expected) < tolerance, (released_mean, expected, tolerance)
 
 
 @pytest.mark.timeout(120)
