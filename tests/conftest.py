@@ -25,12 +25,15 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 #: start on them and the short files fill in around them, instead of one worker picking up a
 #: four-minute file at the end.
 LONGEST_FIRST = (
+    "test_federated_training_deploy.py",
     "test_federated_dropout.py",
+    "test_federated_training_sites.py",
     "test_federate_e2e.py",
     "test_federated_transport.py",
     "test_federated_security.py",
     "test_demo_federated.py",
     "test_federated_training.py",
+    "test_training_interfaces.py",
     "test_site_serve.py",
     "test_federated_deploy.py",
 )
