@@ -397,3 +397,27 @@ def test_bad_global_parameters_are_refused_before_any_charge(site):
     with pytest.raises(DataError):  # a missing participants table: public text
         train_round(req, {**site.config, "bids-dir": str(site.bids / "absent")}, W0, 1)
     assert site.ledger.audit_trail() == []
+
+
+def test_an_edited_table_is_read_afresh_between_rounds(tmp_path, site_policy, bundled_derivatives):
+    """The site's tables are read once per process while unchanged: an edit between two calls
+    is seen by the next one (here: one held-out participant's age removed)."""
+    site = Site(tmp_path / "edit", site_policy, bundled_derivatives["siteA"],
+                federation=NON_DP_TOO)  # fmt: skip
+    req = request(mode="none", **NON_DP)
+    approvals.approve(site.ledger, req)
+    check_training_request(req, site.config)
+    reply = train_round(req, site.config, W0, 1)
+    rows = site.raw_rows("brain-age")
+    held = held_out(rows.index, 0.25, req.content_hash)
+    assert evaluate_round(req, site.config, reply.w_local, 1)["n"] == held.sum()
+    people = site.participants()
+    people.loc[people["participant_id"] == rows.index[held][0], "age"] = "n/a"
+    site.write_participants(people)
+    assert evaluate_round(req, site.config, reply.w_local, 1)["n"] == held.sum() - 1
+    # A feature table edited in place (a region dropped) is refused at the next round.
+    for tsv in site.derivatives.rglob("*_desc-regional_features.tsv"):
+        table = pd.read_csv(tsv, sep="\t", dtype=str, keep_default_na=False)
+        table[table["name"] != "R_P12"].to_csv(tsv, sep="\t", index=False)
+    text = site.refusal(lambda: train_round(req, site.config, reply.w_local, 2), RequestError)
+    assert text.endswith("refused: regions not in the site's atlas: R_P12")

@@ -43,8 +43,10 @@ exception's ``public_reason`` for the hub. Local details go to the site's log.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn
@@ -74,7 +76,7 @@ from fednipype.site.answer import _check_approved, _open, _refusal
 from fednipype.site.design import load_feature_table
 from fednipype.site.ledger import RELATIVE_TOLERANCE, PrivacyLedger
 from fednipype.site.ledger_store import connect, now, write_transaction
-from fednipype.site.node import _check_atlas_regions, _node_value
+from fednipype.site.node import _node_value
 from fednipype.site.policy import SitePolicy
 
 __all__ = [
@@ -314,8 +316,8 @@ def check_training_request(request: TrainingRequest, node_config: Mapping[str, A
     request : TrainingRequest
         The hub's request.
     node_config : Mapping
-        The SuperNode's node config: ``site``, ``policy``, ``derivatives`` (one feature
-        table's region names are read; ``bids-dir`` is not read here).
+        The SuperNode's node config: ``site``, ``policy``, ``derivatives`` (the feature
+        tables' region names are read; ``bids-dir`` is not read here).
 
     Raises
     ------
@@ -324,27 +326,69 @@ def check_training_request(request: TrainingRequest, node_config: Mapping[str, A
     """
     context = _checked(request, node_config)
     _preview_budget(context)
-    _check_atlas_regions(request, _node_value(node_config, "derivatives"), context.where)  # type: ignore[arg-type]
+    _features(context)
 
 
 # -- the site's rows ------------------------------------------------------------------------
 
 
-def _site_rows(context: _Context) -> _Rows:
-    """The site's participants with every requested feature and the task's label."""
-    request, where, config = context.request, context.where, context.node_config
+# A SuperNode's client app answers every message of a run in one process (a simulation's
+# too): the site's tables are read once per process and reused while their files are
+# unchanged. The key is each file's (path, size, modification time): an edited, added or
+# removed file is read afresh, so a round sees exactly what reading the files would give.
+def _stamp(*paths: str) -> tuple[tuple[str, int, int], ...]:
+    """``(path, size, mtime_ns)`` of every file at or below ``paths`` (absent ones left out)."""
+    found = []
+    for top in paths:
+        if os.path.isfile(top):
+            walked: Any = [(os.path.dirname(top), [], [os.path.basename(top)])]
+        else:
+            walked = os.walk(top)
+        for folder, subfolders, files in walked:
+            subfolders.sort()
+            for name in sorted(files):
+                path = os.path.join(folder, name)
+                with contextlib.suppress(OSError):
+                    st = os.stat(path)
+                    found.append((path, st.st_size, st.st_mtime_ns))
+    return tuple(found)
+
+
+@functools.lru_cache(maxsize=8)
+def _read_feature_table(derivatives: str, stamp: tuple) -> pd.DataFrame:
+    return load_feature_table(find_feature_files(derivatives), FEATURE)
+
+
+@functools.lru_cache(maxsize=8)
+def _read_participants(bids_dir: str, stamp: tuple) -> pd.DataFrame:
+    return read_participants(bids_dir)
+
+
+def _features(context: _Context) -> pd.DataFrame:
+    """The site's regional-feature table (a copy); refusals when it lacks a requested region."""
+    request, where = context.request, context.where
     try:
-        table = load_feature_table(find_feature_files(_node_value(config, "derivatives")), FEATURE)
-    except (FednipypeError, OSError) as err:
+        derivatives = os.path.abspath(_node_value(context.node_config, "derivatives"))
+        table = _read_feature_table(derivatives, _stamp(derivatives)).copy()
+    except (FednipypeError, OSError, KeyError, ValueError) as err:
         LOGGER.error("%s: %s", where, err)
         _refuse(DataError, where, "the site has no usable regional features for it")
     unknown = [r for r in request.regions if r not in table.columns]
     if unknown:
         shown = ", ".join(unknown[:5]) + (", …" if len(unknown) > 5 else "")
         _refuse(RequestError, where, f"regions not in the site's atlas: {shown}")
+    return table
+
+
+def _site_rows(context: _Context) -> _Rows:
+    """The site's participants with every requested feature and the task's label."""
+    request, where, config = context.request, context.where, context.node_config
+    table = _features(context)
     column = LABEL_COLUMN[request.task]
     try:
-        participants = read_participants(_node_value(config, "bids-dir"))
+        bids = os.path.abspath(_node_value(config, "bids-dir"))
+        files = [os.path.join(bids, f"participants.{ext}") for ext in ("tsv", "json")]
+        participants = _read_participants(bids, _stamp(*files)).copy()
         if column not in participants.columns:
             raise DataError(f"{participants.attrs.get('source')}: no column {column!r}")
     except (FednipypeError, OSError) as err:
