@@ -19,7 +19,8 @@ Run::
         --policy policy.toml --site siteA --superlink hub.example.org:9092 \\
         --root-certificates ca.crt --auth-key siteA.key
 
-``--features-only`` stops after step 1 (e.g. to review the tables before serving them).
+``--features-only`` stops after step 1 (e.g. to review the tables before serving them). Like
+fednipype's commands, a failure is one line on stderr and an exit code (``--help`` lists them).
 """
 
 from __future__ import annotations
@@ -32,6 +33,13 @@ from nipype.pipeline import engine as pe
 
 from fednipype.atlas import default_atlas
 from fednipype.bids import collect_probseg_maps
+from fednipype.cli.errors import (
+    ArgumentParser,
+    HelpFormatter,
+    PartialFailure,
+    exit_epilog,
+    guarded,
+)
 from fednipype.workflows.participant import init_participant_wf
 
 
@@ -72,7 +80,13 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    """The example's arguments; a usage error is one line and exit code 2."""
+    parser = ArgumentParser(
+        prog="site_serves_features.py",
+        description=__doc__.splitlines()[0],
+        formatter_class=HelpFormatter,
+        epilog=exit_epilog(),
+    )
     parser.add_argument("bids_dir", type=Path, help="the site's BIDS dataset")
     parser.add_argument("derivatives", type=Path, help="where the regional features go")
     parser.add_argument("--participant-label", nargs="+", help="subjects (default: all)")
@@ -92,15 +106,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    """Step 1, then (without ``--features-only``) step 2."""
     args.bids_dir, args.derivatives = args.bids_dir.absolute(), args.derivatives.absolute()
     work_dir = (args.work_dir or args.derivatives.parent / "work").absolute()
-    build_features(args.bids_dir, args.derivatives, work_dir, args.participant_label).run()
+    workflow = build_features(args.bids_dir, args.derivatives, work_dir, args.participant_label)
+    try:
+        workflow.run()
+    except RuntimeError:  # Nipype's "did not execute cleanly": the crash files say why
+        raise PartialFailure(
+            f"some participants failed (see the crash files in {work_dir / 'crash'}); the "
+            f"others' features are in {args.derivatives}"
+        ) from None
     print(f"regional features written to {args.derivatives}")
-    if args.features_only:
-        return 0
-    return serve(args)
+    return 0 if args.features_only else serve(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the example; every failure is one line on stderr and a non-zero exit code."""
+    args = parse_args(argv)
+    return guarded("site_serves_features.py", lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -5,11 +5,16 @@ A thin layer over :func:`fednipype.federated.training.run_federated_training` (w
 simulation of the given sites), the model file ``model.json`` (loadable with
 :func:`fednipype.learn.modelfile.load_model` as a scikit-learn estimator), ``metrics.tsv`` and
 the run's record ``training.json``.
+
+Paths given to the node are made absolute when they are set (the node runs in its own working
+directory), and so are the relative paths of a simulated site's node config: relative to the
+folder of the ``simulate`` file.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -24,19 +29,30 @@ from nipype.interfaces.base import (
     traits,
 )
 
+from fednipype.exceptions import DataError
 from fednipype.federated.training import run_federated_training
 
-__all__ = ["FederatedFit"]
+__all__ = ["FederatedFit", "read_simulated_sites"]
+
+#: The node-config keys of a simulated site that name files or folders.
+_PATH_KEYS = ("policy", "bids-dir", "derivatives")
 
 
 class _FederatedFitInputSpec(BaseInterfaceInputSpec):
-    request = File(exists=True, mandatory=True, desc="the training request the sites approved")
+    request = File(
+        exists=True, resolve=True, mandatory=True, desc="the training request the sites approved"
+    )
     superlink = Str(desc="HOST:PORT of the consortium's SuperLink (with root_certificates)")
-    root_certificates = File(exists=True, desc="the consortium CA's certificate (PEM)")
+    root_certificates = File(
+        exists=True, resolve=True, desc="the consortium CA's certificate (PEM)"
+    )
     connection = Str(desc="instead of superlink: a connection of an existing Flower home")
-    flwr_home = Directory(exists=True, desc="the Flower home of connection")
+    flwr_home = Directory(exists=True, resolve=True, desc="the Flower home of connection")
     simulate = File(
-        exists=True, desc="instead: simulate the sites of this JSON list of node configs"
+        exists=True,
+        resolve=True,
+        desc="instead: simulate the sites of this JSON list of node configs (relative paths "
+        "in them: from this file's folder)",
     )
     out_dir = Str("federated_fit", usedefault=True, desc="output folder (relative: in the node)")
     timeout = traits.Float(1800.0, usedefault=True, desc="seconds the whole run may take")
@@ -54,6 +70,40 @@ class _FederatedFitOutputSpec(TraitedSpec):
     model = File(exists=True, desc="model.json: the trained model with its provenance")
     metrics = File(exists=True, desc="metrics.tsv: one row per round")
     record = File(exists=True, desc="training.json: sites, rounds, privacy spent, timings")
+
+
+def read_simulated_sites(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The simulated sites' node configs, with their paths made absolute.
+
+    Parameters
+    ----------
+    path : path-like
+        A non-empty JSON list of node configs, objects with at least ``site`` (and ``policy``,
+        ``bids-dir``, ``derivatives``: relative paths are taken from this file's folder).
+
+    Returns
+    -------
+    list of dict
+
+    Raises
+    ------
+    DataError
+        Unreadable, not JSON, or not a list of such objects (one line naming the file).
+    """
+    source = Path(path).absolute()
+    try:
+        sites = json.loads(source.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise DataError(f"{source}: simulate: unreadable JSON ({err})") from None
+    if not isinstance(sites, list) or not sites:
+        raise DataError(f"{source}: simulate: expected a non-empty list of node configs")
+    for i, site in enumerate(sites):
+        if not isinstance(site, dict) or not isinstance(site.get("site"), str):
+            raise DataError(f"{source}: simulate: entry {i}: expected an object with 'site'")
+        for key in _PATH_KEYS:
+            if isinstance(site.get(key), str):
+                site[key] = str(source.parent / site[key])  # an absolute value stays as it is
+    return sites
 
 
 class FederatedFit(SimpleInterface):
@@ -84,9 +134,7 @@ class FederatedFit(SimpleInterface):
             value = getattr(inputs, name)
             return value if isdefined(value) else None
 
-        sites = None
-        if opt("simulate") is not None:
-            sites = json.loads(Path(inputs.simulate).read_text(encoding="utf-8"))
+        sites = read_simulated_sites(inputs.simulate) if opt("simulate") is not None else None
         out = Path(inputs.out_dir)
         run = run_federated_training(
             inputs.request,
