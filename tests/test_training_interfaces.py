@@ -228,8 +228,12 @@ def fitted(federation):
         patch.setattr(tempfile, "tempdir", str(scratch))  # the run's Flower homes: in here
         workflow = init_federated_wf(
             request="request.json", simulate="sites.json", work_dir=root / "work",
-            timeout=400.0, round_timeout=60.0,
+            timeout=400.0, round_timeout=60.0, check_timeout=150.0, connect_timeout=30.0,
         )  # fmt: skip
+        fit = workflow.get_node("federated_fit").inputs
+        assert Path(fit.request).is_absolute() and Path(fit.simulate).is_absolute()
+        assert Path(fit.request).samefile(root / "request.json")
+        assert (fit.check_timeout, fit.connect_timeout) == (150.0, 30.0)
         workflow.config["execution"]["crashdump_dir"] = str(root / "crash")
         # what a lab connects next (Nipype drops a dangling outputnode from the run's graph)
         collect = pe.Node(

@@ -21,6 +21,10 @@ def init_federated_wf(
     out_dir: str | os.PathLike[str] = "federated_fit",
     timeout: float = 1800.0,
     round_timeout: float = 120.0,
+    check_timeout: float = 120.0,
+    connect_timeout: float = 60.0,
+    num_shares: int = 3,
+    reconstruction_threshold: int = 2,
     patience: int = 0,
     work_dir: str | os.PathLike[str] | None = None,
     name: str = "federated_wf",
@@ -49,8 +53,11 @@ def init_federated_wf(
         home, or a JSON list of node configs to simulate (exactly one).
     out_dir : path-like
         Output folder (relative: inside the node's working directory).
-    timeout, round_timeout : float
-        Seconds for the whole run and for each SecAgg+ stage.
+    timeout, round_timeout, check_timeout, connect_timeout : float
+        Seconds for the whole run, each SecAgg+ stage, the check round and the sites to
+        connect.
+    num_shares, reconstruction_threshold : int
+        SecAgg+'s shares per secret (3 to the request's number of sites) and shares needed.
     patience : int
         Mode ``none``: early-stopping patience in rounds (0: off).
     work_dir : path-like, optional
@@ -66,8 +73,15 @@ def init_federated_wf(
     workflow = pe.Workflow(name=name, base_dir=None if work_dir is None else str(work_dir))
     fit = pe.Node(FederatedFit(request=os.fspath(request)), name="federated_fit")
     fit.inputs.out_dir = os.fspath(out_dir)
-    fit.inputs.timeout = float(timeout)
-    fit.inputs.round_timeout = float(round_timeout)
+    for key, number in (
+        ("timeout", timeout),
+        ("round_timeout", round_timeout),
+        ("check_timeout", check_timeout),
+        ("connect_timeout", connect_timeout),
+    ):
+        setattr(fit.inputs, key, float(number))
+    fit.inputs.num_shares = int(num_shares)
+    fit.inputs.reconstruction_threshold = int(reconstruction_threshold)
     fit.inputs.patience = int(patience)
     for key, value in (
         ("superlink", superlink),
@@ -77,7 +91,7 @@ def init_federated_wf(
         ("simulate", simulate),
     ):
         if value is not None:
-            setattr(fit.inputs, key, os.fspath(value) if not isinstance(value, str) else value)
+            setattr(fit.inputs, key, os.fspath(value))
     outputnode = pe.Node(
         niu.IdentityInterface(fields=["model", "metrics", "record"]), name="outputnode"
     )
