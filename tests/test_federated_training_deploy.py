@@ -11,7 +11,7 @@ siteC took part in round 1 and dropped at round 2, every site's ledger holds the
 the whole run (made before its first reply), the model file loads as a scikit-learn estimator,
 and no process of the consortium is left (looked up in ``/proc`` here).
 
-About 3 minutes on 2 cores (each SecAgg+ round ~40 s; the dead site costs one stage timeout).
+About 2.5 minutes on 2 cores (each SecAgg+ round ~40 s; the dead site costs one stage timeout).
 """
 
 from __future__ import annotations

@@ -38,6 +38,10 @@ the ledger as a non-DP disclosure, and its weight is the exact training-row coun
 Every refusal carries public facts only (the site, the request's id, hash and fields, the
 policy's switches) — never a count, a value or a local path: the texts are also set as the
 exception's ``public_reason`` for the hub. Local details go to the site's log.
+
+The feature tables and ``participants.tsv`` are read once per process and reused while none
+of their files changed (size and modification time): a client app that answers every
+message in one process reads them once per run, not once per round and evaluation.
 """
 
 from __future__ import annotations
@@ -338,28 +342,31 @@ def check_training_request(request: TrainingRequest, node_config: Mapping[str, A
 # removed file is read afresh, so a round sees exactly what reading the files would give.
 def _stamp(*paths: str) -> tuple[tuple[str, int, int], ...]:
     """``(path, size, mtime_ns)`` of every file at or below ``paths`` (absent ones left out)."""
-    found = []
+    files, seen = [], set()
     for top in paths:
-        if os.path.isfile(top):
-            walked: Any = [(os.path.dirname(top), [], [os.path.basename(top)])]
-        else:
-            walked = os.walk(top)
-        for folder, subfolders, files in walked:
+        if not os.path.isdir(top):
+            files.append(top)
+        for folder, subfolders, names in os.walk(top, followlinks=True):
+            if (real := os.path.realpath(folder)) in seen:  # a linked folder's loop
+                subfolders[:] = []
+                continue
+            seen.add(real)
             subfolders.sort()
-            for name in sorted(files):
-                path = os.path.join(folder, name)
-                with contextlib.suppress(OSError):
-                    st = os.stat(path)
-                    found.append((path, st.st_size, st.st_mtime_ns))
+            files += [os.path.join(folder, name) for name in sorted(names)]
+    found = []
+    for path in files:
+        with contextlib.suppress(OSError):
+            st = os.stat(path)
+            found.append((path, st.st_size, st.st_mtime_ns))
     return tuple(found)
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=32)  # a simulation runs its sites in one process
 def _read_feature_table(derivatives: str, stamp: tuple) -> pd.DataFrame:
     return load_feature_table(find_feature_files(derivatives), FEATURE)
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=32)  # a simulation runs its sites in one process
 def _read_participants(bids_dir: str, stamp: tuple) -> pd.DataFrame:
     return read_participants(bids_dir)
 
