@@ -374,8 +374,8 @@ def _read_participants(bids_dir: str, stamp: tuple) -> pd.DataFrame:
 def _features(context: _Context) -> pd.DataFrame:
     """The site's regional-feature table (a copy); refusals when it lacks a requested region."""
     request, where = context.request, context.where
+    derivatives = os.path.abspath(_node_value(context.node_config, "derivatives"))
     try:
-        derivatives = os.path.abspath(_node_value(context.node_config, "derivatives"))
         table = _read_feature_table(derivatives, _stamp(derivatives)).copy()
     except (FednipypeError, OSError, KeyError, ValueError) as err:
         LOGGER.error("%s: %s", where, err)
