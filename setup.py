@@ -64,7 +64,11 @@ setup(
     packages=find_packages(include=["fednipype", "fednipype.*"]),
     package_data={
         "fednipype": [
-            "data/*", "data/*/*", "federated/app/*.toml", "federated/app/*.md", "learn/*.json"
+            "data/*",
+            "data/*/*",
+            "federated/app/*.toml",
+            "federated/app/*.md",
+            "learn/*.json",
         ]
     },
     include_package_data=True,

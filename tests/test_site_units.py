@@ -112,7 +112,9 @@ def test_site_estimates_in_site_units_equal_each_sites_ols_in_common_units():
     rng = np.random.default_rng(11)
     sites = _sites(rng)
     scalings, common, units = _converted(sites)
-    stats = {f"s{k}": _stats(site, s) for k, (site, s) in enumerate(zip(sites, scalings))}
+    stats = {
+        f"s{k}": _stats(site, s) for k, (site, s) in enumerate(zip(sites, scalings, strict=True))
+    }
     table = site_estimates(stats, units=dict(zip(stats, units, strict=True)))
     for k, (age, male, y) in enumerate(sites):
         z = np.column_stack(

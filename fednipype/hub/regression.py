@@ -310,7 +310,6 @@ def fit_normal_equations(
     return pd.DataFrame(fit, columns=list(REGRESSION_COLUMNS))
 
 
-
 @dataclass(frozen=True)
 class _Solution:
     """Least-squares solutions of a stack of normal equations, all regions at once."""
