@@ -30,7 +30,6 @@ folder is then as it was. Exit codes: see ``--help``.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from collections.abc import Sequence
@@ -40,7 +39,7 @@ from fednipype import __version__
 from fednipype.cli.console import setup_logging
 from fednipype.cli.errors import ArgumentParser, HelpFormatter, UsageError, exit_epilog, guarded
 from fednipype.contract.training import TrainingRequest
-from fednipype.exceptions import DataError, FederationError
+from fednipype.exceptions import FederationError
 
 PROG = "fednipype-train"
 
@@ -135,20 +134,6 @@ def _check_arguments(args: argparse.Namespace) -> None:
         raise UsageError(f"--param-bound: expected a number > 0, got {args.param_bound}")
 
 
-def _simulated_sites(path: Path) -> list[dict]:
-    """The ``--simulate`` file: a non-empty JSON list of node configs (objects with ``site``)."""
-    try:
-        sites = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise DataError(f"{path}: --simulate: unreadable JSON ({err})") from None
-    if not isinstance(sites, list) or not sites:
-        raise DataError(f"{path}: --simulate: expected a non-empty list of node configs")
-    for i, site in enumerate(sites):
-        if not isinstance(site, dict) or not isinstance(site.get("site"), str):
-            raise DataError(f"{path}: --simulate: entry {i}: expected an object with 'site'")
-    return sites
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``fednipype-train`` and return its exit code (see ``fednipype-train --help``).
 
@@ -166,7 +151,7 @@ def _run(args: argparse.Namespace) -> int:
     _check_arguments(args)
     # Imported here: the federation's process tools are needed only for usable arguments.
     from fednipype.federated.analysis import check_shares, parse_address
-    from fednipype.federated.training import run_federated_training
+    from fednipype.federated.training import read_simulated_sites, run_federated_training
 
     request = TrainingRequest.from_file(args.request)
     try:
@@ -175,7 +160,7 @@ def _run(args: argparse.Namespace) -> int:
             parse_address(args.superlink)
     except FederationError as err:
         raise UsageError(str(err)) from None
-    sites = _simulated_sites(args.simulate) if args.simulate is not None else None
+    sites = read_simulated_sites(args.simulate) if args.simulate is not None else None
     run = run_federated_training(
         args.request,
         args.output_dir,

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from fednipype.contract.training import TrainingRequest
-from fednipype.exceptions import FederationError, FednipypeError
+from fednipype.exceptions import DataError, FederationError, FednipypeError
 from fednipype.federated.analysis import (
     _RUN_ID,
     CONNECTION,
@@ -61,7 +61,10 @@ from fednipype.hub.training import (
     read_training_record,
 )
 
-__all__ = ["SimulationLink", "TrainingRun", "run_federated_training"]
+__all__ = ["SimulationLink", "TrainingRun", "read_simulated_sites", "run_federated_training"]
+
+#: The node-config keys of a simulated site that name files or folders.
+_PATH_KEYS = ("policy", "bids-dir", "derivatives")
 
 #: The connection of a simulation's private Flower home.
 SIMULATION = "fednipype-simulation"
@@ -386,3 +389,39 @@ def _flwr_run_app(
         reason = str(proc.failure(f"exited with code {proc.popen.returncode}")).splitlines()[0]
         raise FederationError(reason)
     return int(match[1])
+
+
+def read_simulated_sites(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The simulated sites' node configs, with their paths made absolute.
+
+    Parameters
+    ----------
+    path : path-like
+        A non-empty JSON list of node configs, objects with at least ``site`` (and ``policy``,
+        ``bids-dir``, ``derivatives``: relative paths are taken from this file's folder).
+
+    Returns
+    -------
+    list of dict
+
+    Raises
+    ------
+    DataError
+        Unreadable, not JSON, or not a list of such objects (one line naming the file).
+    """
+    source = Path(path).absolute()
+    try:
+        sites = json.loads(source.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise DataError(f"{source}: simulated sites: unreadable JSON ({err})") from None
+    if not isinstance(sites, list) or not sites:
+        raise DataError(f"{source}: simulated sites: expected a non-empty list of node configs")
+    for i, site in enumerate(sites):
+        if not isinstance(site, dict) or not isinstance(site.get("site"), str):
+            raise DataError(
+                f"{source}: simulated sites: entry {i}: expected an object with 'site'"
+            )
+        for key in _PATH_KEYS:
+            if isinstance(site.get(key), str):
+                site[key] = str(source.parent / site[key])  # an absolute value stays as it is
+    return sites

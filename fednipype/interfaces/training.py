@@ -13,8 +13,6 @@ folder of the ``simulate`` file.
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +27,9 @@ from nipype.interfaces.base import (
     traits,
 )
 
-from fednipype.exceptions import DataError
-from fednipype.federated.training import run_federated_training
+from fednipype.federated.training import read_simulated_sites, run_federated_training
 
-__all__ = ["FederatedFit", "read_simulated_sites"]
-
-#: The node-config keys of a simulated site that name files or folders.
-_PATH_KEYS = ("policy", "bids-dir", "derivatives")
+__all__ = ["FederatedFit"]
 
 
 class _FederatedFitInputSpec(BaseInterfaceInputSpec):
@@ -70,40 +64,6 @@ class _FederatedFitOutputSpec(TraitedSpec):
     model = File(exists=True, desc="model.json: the trained model with its provenance")
     metrics = File(exists=True, desc="metrics.tsv: one row per round")
     record = File(exists=True, desc="training.json: sites, rounds, privacy spent, timings")
-
-
-def read_simulated_sites(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """The simulated sites' node configs, with their paths made absolute.
-
-    Parameters
-    ----------
-    path : path-like
-        A non-empty JSON list of node configs, objects with at least ``site`` (and ``policy``,
-        ``bids-dir``, ``derivatives``: relative paths are taken from this file's folder).
-
-    Returns
-    -------
-    list of dict
-
-    Raises
-    ------
-    DataError
-        Unreadable, not JSON, or not a list of such objects (one line naming the file).
-    """
-    source = Path(path).absolute()
-    try:
-        sites = json.loads(source.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise DataError(f"{source}: simulate: unreadable JSON ({err})") from None
-    if not isinstance(sites, list) or not sites:
-        raise DataError(f"{source}: simulate: expected a non-empty list of node configs")
-    for i, site in enumerate(sites):
-        if not isinstance(site, dict) or not isinstance(site.get("site"), str):
-            raise DataError(f"{source}: simulate: entry {i}: expected an object with 'site'")
-        for key in _PATH_KEYS:
-            if isinstance(site.get(key), str):
-                site[key] = str(source.parent / site[key])  # an absolute value stays as it is
-    return sites
 
 
 class FederatedFit(SimpleInterface):
