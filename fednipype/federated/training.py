@@ -297,10 +297,11 @@ def run_federated_training(
                 )  # fmt: skip
             except FednipypeError as err:
                 raise _failure(tmp, err) from None
-        if not (tmp / RECORD_NAME).is_file():
-            raise FederationError(
-                f"flwr run: the server app wrote no {RECORD_NAME} (see the SuperLink's log)"
-            )
+            if not (tmp / RECORD_NAME).is_file():  # the run's log goes with the scratch folder
+                log = Path(scratch) / "logs" / "flwr-run.log"
+                lines = log.read_text(errors="replace").splitlines() if log.is_file() else []
+                tail = "".join(f"\n  | {line}" for line in lines[-12:])
+                raise FederationError(f"flwr run: the server app wrote no {RECORD_NAME}{tail}")
         record = read_training_record(tmp / RECORD_NAME)
         if record["status"] == "failed" or not (tmp / MODEL_NAME).is_file():
             raise _failure(tmp, FederationError(str(record.get("error"))))
