@@ -175,16 +175,18 @@ def _smallest_sigma(cost, target: float) -> float:
     then raised in steps of 1e-4 until its cost is not above the target, so the guarantee never
     rests on the root finder's tolerance. Deterministic: the same arguments give the same σ.
     """
+    aim = target * (1 - 0.002)
+    # Bracket the aim itself (not the target): cost(lo) >= aim >= cost(hi), so the root
+    # finder's two ends have different signs even when cost(hi) falls between aim and target.
     lo, hi = 0.05, 1.0
-    while cost(hi) > target:
+    while cost(hi) > aim:
         lo, hi = hi, hi * 4.0
         if hi > 1e6:
             raise DataError(f"epsilon: no noise multiplier below 1e6 reaches epsilon {target!r}")
-    while cost(lo) < target:
+    while cost(lo) < aim:
         lo, hi = lo / 4.0, lo
         if lo < 1e-6:
             return hi
-    aim = target * (1 - 0.002)
     log_sigma = optimize.brentq(
         lambda t: cost(math.exp(t)) - aim, math.log(lo), math.log(hi), xtol=1e-9
     )
