@@ -21,7 +21,7 @@ os.environ.setdefault("NIPYPE_NO_ET", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 #: The longest test files (real Flower deployments and simulations, mostly waiting on Flower),
-#: longest first. They are collected first so that the workers (``-n 3 --dist loadfile``)
+#: longest first. They are collected first so that the workers (``-n 4 --dist loadfile``)
 #: start on them and the short files fill in around them, instead of one worker picking up a
 #: four-minute file at the end.
 LONGEST_FIRST = (
