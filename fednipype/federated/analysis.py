@@ -59,7 +59,14 @@ from fednipype.hub.federated_report import (
 
 LOGGER = logging.getLogger(__name__)
 
-__all__ = ["FederatedRun", "app_dir", "check_shares", "parse_address", "run_federated_analysis"]
+__all__ = [
+    "FederatedRun",
+    "app_dir",
+    "check_shares",
+    "flwr_run",
+    "parse_address",
+    "run_federated_analysis",
+]
 
 #: The connection written into a private Flower home.
 CONNECTION = "fednipype-hub"
@@ -287,7 +294,7 @@ def run_federated_analysis(
                 "connect-timeout": float(connect_timeout),
             }
             tic = time.monotonic()
-            run_id = _flwr_run(env, Path(scratch), connection, run_config, timeout)
+            run_id = flwr_run(env, Path(scratch), connection, run_config, timeout)
             flwr_s = time.monotonic() - tic
             doc = read_secure_sum(tmp / SECURE_SUM_NAME, request)
             (tmp / SECURE_SUM_NAME).unlink()
@@ -311,16 +318,26 @@ def run_federated_analysis(
     return FederatedRun(result, report, record)
 
 
-def _flwr_run(
+def flwr_run(
     env: dict[str, str],
     scratch: Path,
     connection: str,
     run_config: dict[str, Any],
     timeout: float,
+    *,
+    folder: Path | None = None,
+    num_supernodes: int | None = None,
 ) -> int | None:
-    """``flwr run APP CONNECTION --stream --run-config ...`` bounded by ``timeout``; returns
-    the run id (None if the output did not name one)."""
-    argv = ["flwr", "run", str(app_dir()), connection, "--stream"]
+    """``flwr run FOLDER CONNECTION --stream --run-config ...`` bounded by ``timeout``.
+
+    ``folder`` is the app (default: fednipype's, :func:`app_dir`); ``num_supernodes`` sets a
+    simulation's number of nodes. Past ``timeout`` the run is stopped (``flwr stop``) and
+    FederationError raised; a non-zero exit raises it with the log's reason. The output goes
+    to ``SCRATCH/logs/flwr-run.log``. Returns the run id (None if the output named none).
+    """
+    argv = ["flwr", "run", str(folder or app_dir()), connection, "--stream"]
+    if num_supernodes:
+        argv += ["--federation-config", f"num-supernodes={num_supernodes}"]
     argv += ["--run-config", config_arg(run_config)]
     LOGGER.info("running: %s", " ".join(argv))
     log = scratch / "logs" / "flwr-run.log"

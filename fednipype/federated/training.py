@@ -21,11 +21,9 @@ sites' public reasons (from ``training.json``).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,17 +36,16 @@ from typing import Any
 from fednipype.contract.training import TrainingRequest
 from fednipype.exceptions import DataError, FederationError, FednipypeError
 from fednipype.federated.analysis import (
-    _RUN_ID,
     CONNECTION,
     _flwr_connection,
     app_dir,
     check_shares,
+    flwr_run,
     parse_address,
     wait_reachable,
 )
 from fednipype.federated.deploy import (
     FlowerProcess,
-    config_arg,
     free_port,
     start_process,
     stop_processes,
@@ -331,7 +328,15 @@ def _run(
     if sites:
         with SimulationLink(scratch / "simulation") as link:
             run_config["simulation-sites"] = str(link.sites_file(sites))
-            return _flwr_run_app(link.env, scratch, SIMULATION, run_config, timeout, folder, sites)
+            return flwr_run(
+                link.env,
+                scratch,
+                SIMULATION,
+                run_config,
+                timeout,
+                folder=folder,
+                num_supernodes=len(sites),
+            )
     env = dict(os.environ)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
@@ -348,48 +353,7 @@ def _run(
             ca = Path(section["root-certificates"])
     env["FLWR_HOME"] = str(home.absolute())
     wait_reachable(address, ca, reach_timeout)
-    return _flwr_run_app(env, scratch, connection, run_config, timeout, folder, None)
-
-
-def _flwr_run_app(
-    env: dict[str, str],
-    scratch: Path,
-    connection: str,
-    run_config: dict[str, Any],
-    timeout: float,
-    folder: Path,
-    sites: Sequence[Mapping[str, Any]] | None,
-) -> int | None:
-    """``flwr run FOLDER CONNECTION --stream --run-config ...`` bounded by ``timeout`` (as
-    :func:`fednipype.federated.analysis._flwr_run`, for any app folder and, in simulation,
-    the number of simulated nodes); the run id."""
-    argv = ["flwr", "run", str(folder), connection, "--stream"]
-    if sites:
-        argv += ["--federation-config", f"num-supernodes={len(sites)}"]
-    argv += ["--run-config", config_arg(run_config)]
-    log = scratch / "logs" / "flwr-run.log"
-    proc = start_process("flwr run", argv, log, env)
-    try:
-        proc.popen.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        stop_processes([proc], grace=5.0)
-        match = _RUN_ID.search(proc.tail(10**6))
-        if match:
-            with contextlib.suppress(OSError, FednipypeError, subprocess.TimeoutExpired):
-                stop = start_process("flwr stop", ["flwr", "stop", match[1], connection], log, env)
-                stop.popen.wait(timeout=30.0)
-        raise FederationError(
-            f"flwr run: no result within --timeout {timeout:g} s; the run was stopped"
-        ) from None
-    finally:
-        if proc.running():  # interrupted
-            stop_processes([proc], grace=5.0)
-    text = proc.tail(10**6)
-    match = _RUN_ID.search(text)
-    if proc.popen.returncode != 0 or match is None:
-        reason = str(proc.failure(f"exited with code {proc.popen.returncode}")).splitlines()[0]
-        raise FederationError(reason)
-    return int(match[1])
+    return flwr_run(env, scratch, connection, run_config, timeout, folder=folder)
 
 
 def read_simulated_sites(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
