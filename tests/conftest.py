@@ -21,9 +21,9 @@ os.environ.setdefault("NIPYPE_NO_ET", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 #: The longest test files (real Flower deployments and simulations, mostly waiting on Flower),
-#: longest first. They are collected first so that the workers (``-n 4 --dist loadfile``)
-#: start on them and the short files fill in around them, instead of one worker picking up a
-#: four-minute file at the end.
+#: longest first. They are collected first, and the workers take files in collection order
+#: (``-n 3 --dist loadfile --no-loadscope-reorder``): they start on these and the short files
+#: fill in around them, instead of a four-minute file starting at the end.
 LONGEST_FIRST = (
     "test_federated_training_deploy.py",
     "test_federated_dropout.py",
