@@ -20,30 +20,6 @@ from fednipype.site.policy import example_policy
 os.environ.setdefault("NIPYPE_NO_ET", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
-#: The longest test files (real Flower deployments and simulations, mostly waiting on Flower),
-#: longest first. They are collected first, and the workers take files in collection order
-#: (``-n 3 --dist loadfile --no-loadscope-reorder``): they start on these and the short files
-#: fill in around them, instead of a four-minute file starting at the end.
-LONGEST_FIRST = (
-    "test_federated_training_deploy.py",
-    "test_federated_dropout.py",
-    "test_federated_training_sites.py",
-    "test_federate_e2e.py",
-    "test_federated_transport.py",
-    "test_federated_security.py",
-    "test_demo_federated.py",
-    "test_federated_training.py",
-    "test_training_interfaces.py",
-    "test_site_serve.py",
-    "test_federated_deploy.py",
-)
-
-
-def pytest_collection_modifyitems(config, items) -> None:
-    """Collect :data:`LONGEST_FIRST` first, in that order; the rest keep theirs."""
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
-
 
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
