@@ -63,6 +63,7 @@ __all__ = [
     "FederatedRun",
     "app_dir",
     "check_shares",
+    "connect",
     "flwr_run",
     "parse_address",
     "run_federated_analysis",
@@ -264,22 +265,9 @@ def run_federated_analysis(
         raise FederationError("--connection: give it alone, or --superlink with a CA")
 
     with tempfile.TemporaryDirectory(prefix="fednipype-flwr-") as scratch:
-        env = dict(os.environ)
-        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-        env.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
-        if connection is None:
-            home = Path(scratch) / "flwr-home"
-            assert superlink is not None and ca is not None
-            write_flwr_config(home, CONNECTION, superlink, ca)
-            connection, address = CONNECTION, superlink
-        else:
-            home = Path(flwr_home or os.environ.get("FLWR_HOME") or Path.home() / ".flwr")
-            section = _flwr_connection(home.absolute(), connection)
-            address = str(section["address"])
-            if section.get("root-certificates"):
-                ca = Path(section["root-certificates"])
-        env["FLWR_HOME"] = str(home.absolute())
-        wait_reachable(address, ca, reach_timeout)
+        env, connection, address = connect(
+            Path(scratch), superlink, ca, connection, flwr_home, reach_timeout
+        )
 
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
@@ -316,6 +304,40 @@ def run_federated_analysis(
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
     return FederatedRun(result, report, record)
+
+
+def connect(
+    scratch: Path,
+    superlink: str | None,
+    ca: Path | None,
+    connection: str | None,
+    flwr_home: str | os.PathLike[str] | None,
+    reach_timeout: float,
+) -> tuple[dict[str, str], str, str]:
+    """The environment, connection name and address of ``flwr run``'s reachable SuperLink.
+
+    With ``superlink`` and ``ca``, a private Flower home in ``scratch`` names the connection
+    :data:`CONNECTION`; otherwise ``connection`` is a section of ``flwr_home`` (default
+    ``$FLWR_HOME``, else ``~/.flwr``). FederationError when the SuperLink does not answer
+    within ``reach_timeout`` seconds.
+    """
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    if connection is None:
+        assert superlink is not None and ca is not None
+        home = scratch / "flwr-home"
+        write_flwr_config(home, CONNECTION, superlink, ca)
+        connection, address = CONNECTION, superlink
+    else:
+        home = Path(flwr_home or os.environ.get("FLWR_HOME") or Path.home() / ".flwr")
+        section = _flwr_connection(home.absolute(), connection)
+        address = str(section["address"])
+        if section.get("root-certificates"):
+            ca = Path(section["root-certificates"])
+    env["FLWR_HOME"] = str(home.absolute())
+    wait_reachable(address, ca, reach_timeout)
+    return env, connection, address
 
 
 def flwr_run(

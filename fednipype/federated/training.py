@@ -36,20 +36,17 @@ from typing import Any
 from fednipype.contract.training import TrainingRequest
 from fednipype.exceptions import DataError, FederationError, FednipypeError
 from fednipype.federated.analysis import (
-    CONNECTION,
-    _flwr_connection,
     app_dir,
     check_shares,
+    connect,
     flwr_run,
     parse_address,
-    wait_reachable,
 )
 from fednipype.federated.deploy import (
     FlowerProcess,
     free_port,
     start_process,
     stop_processes,
-    write_flwr_config,
 )
 from fednipype.hub.training import (
     METRICS_NAME,
@@ -337,22 +334,7 @@ def _run(
                 folder=folder,
                 num_supernodes=len(sites),
             )
-    env = dict(os.environ)
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    env.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
-    if connection is None:
-        assert superlink is not None and ca is not None
-        home = scratch / "flwr-home"
-        write_flwr_config(home, CONNECTION, superlink, ca)
-        connection, address = CONNECTION, superlink
-    else:
-        home = Path(flwr_home or os.environ.get("FLWR_HOME") or Path.home() / ".flwr")
-        section = _flwr_connection(home.absolute(), connection)
-        address = str(section["address"])
-        if section.get("root-certificates"):
-            ca = Path(section["root-certificates"])
-    env["FLWR_HOME"] = str(home.absolute())
-    wait_reachable(address, ca, reach_timeout)
+    env, connection, _ = connect(scratch, superlink, ca, connection, flwr_home, reach_timeout)
     return flwr_run(env, scratch, connection, run_config, timeout, folder=folder)
 
 
