@@ -69,7 +69,7 @@ from fednipype.site.approvals import (
     refuse,
 )
 from fednipype.site.ledger import PrivacyLedger
-from fednipype.site.policy import SitePolicy
+from fednipype.site.policy import TRAINING_MODES, SitePolicy
 
 PROG = "fednipype-site"
 COMMANDS = ("requests", "approve", "refuse", "serve")
@@ -254,7 +254,7 @@ def _decide(command: str, args: argparse.Namespace) -> int:
             switch = (
                 "[federation] allow_non_dp_training = true"
                 if mode == "none"
-                else "'training-dp' in [federation] modes"
+                else f"'{TRAINING_MODES[mode]}' in [federation] modes"
             )
         elif mode == "exact":
             switch = "[federation] allow_exact_secure_sum = true"

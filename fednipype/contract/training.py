@@ -31,8 +31,9 @@ the field), beside the general ones of :mod:`fednipype.contract.request` (known 
 sizes, finite numbers, no repeated key, every region bounded):
 
 - ``mode`` ``dp``: 0 < ε, 0 < δ < 1/``max_participants``, 0 < ``sampling_rate`` <= 1,
-  ``clip`` > 0; ``mode`` ``none``: all four null (a non-DP run, answered only by sites whose
-  policy opts in);
+  ``clip`` > 0; ``mode`` ``distributed-dp``: the same, and ``local_steps`` = 1 and
+  ``sampling_rate`` = 1 (each round is one full-batch gradient sum, FedSGD); ``mode``
+  ``none``: all four null (a non-DP run, answered only by sites whose policy opts in);
 - 1 <= ``rounds`` <= :data:`MAX_ROUNDS`, 1 <= ``local_steps`` <= :data:`MAX_LOCAL_STEPS`,
   ``learning_rate`` > 0, ``l2`` >= 0, 0 < ``holdout_fraction`` < 1;
 - ``bounds/label`` for ``brain-age`` only;
@@ -57,6 +58,7 @@ from typing import Any
 import numpy as np
 
 from fednipype.contract.calibration import check_delta, check_epsilon, is_number
+from fednipype.contract.distributed_dp import TrainingNoise, calibrate_training
 from fednipype.contract.document import canonical_json, content_hash
 
 # The analysis request's validators: one set of rules for both kinds of request.
@@ -81,13 +83,17 @@ from fednipype.exceptions import PolicyError, RequestError
 from fednipype.learn import accountant
 from fednipype.learn.models import FeatureScaling
 
-__all__ = ["MODES", "TASKS", "TRAINING_SCHEMA", "TrainingRequest"]
+__all__ = ["DP_MODES", "MODES", "TASKS", "TRAINING_SCHEMA", "TrainingRequest"]
 
 TRAINING_SCHEMA = "fednipype-training-request/1.0"
 #: The models a request may train.
 TASKS = ("brain-age", "diagnosis")
-#: ``dp``: DP-SGD at every site; ``none``: no noise (a site's policy must opt in).
-MODES = ("dp", "none")
+#: ``dp``: DP-SGD at every site; ``distributed-dp``: one full-batch gradient sum per round
+#: with each site's discrete Gaussian share (its noise adds up only in the SecAgg+ sum);
+#: ``none``: no noise (a site's policy must opt in).
+MODES = ("dp", "distributed-dp", "none")
+#: The modes with noise.
+DP_MODES = ("dp", "distributed-dp")
 MAX_ROUNDS = 1000
 MAX_LOCAL_STEPS = 1000
 #: Fewest sites of a training request (an average over one site is that site's update).
@@ -348,8 +354,26 @@ class TrainingRequest:
 
     @property
     def dp(self) -> bool:
-        """Whether the run is differentially private (mode ``dp``)."""
-        return self.mode == "dp"
+        """Whether the run is differentially private (mode ``dp`` or ``distributed-dp``)."""
+        return self.mode in DP_MODES
+
+    @property
+    def distributed(self) -> bool:
+        """Whether each round is one distributed discrete Gaussian gradient sum."""
+        return self.mode == "distributed-dp"
+
+    def distributed_noise(self) -> TrainingNoise | None:
+        """The ``distributed-dp`` noise every site and the hub derive (None in other modes).
+
+        :func:`fednipype.contract.distributed_dp.calibrate_training` at the request's (ε, δ),
+        ``clip``, ``rounds``, its parameters (regions + 1) and ``min_sites`` honest sites.
+        """
+        if not self.distributed:
+            return None
+        return calibrate_training(
+            self.epsilon, self.delta, self.clip, len(self.regions) + 1, self.rounds,
+            self.min_sites,
+        )  # fmt: skip
 
     @property
     def steps(self) -> int:
@@ -370,6 +394,8 @@ class TrainingRequest:
     def _noise(self) -> tuple[float, float] | None:
         if not self.dp:
             return None
+        if (found := self.distributed_noise()) is not None:
+            return found.noise_multiplier, found.count_noise_multiplier
         sigma, sigma_count = accountant.calibrate_noise_multiplier(
             self.epsilon, self.delta, self.sampling_rate, self.steps
         )
@@ -388,6 +414,8 @@ class TrainingRequest:
         noise = self.noise()
         if noise is None:
             return None
+        if (found := self.distributed_noise()) is not None:
+            return found.epsilon, found.delta
         epsilon = accountant.training_epsilon(
             self.sampling_rate, noise[0], self.steps, noise[1], self.delta
         )
@@ -469,6 +497,20 @@ def _check_mode(req: TrainingRequest, source: str) -> None:
     set_(req, "delta", delta)
     set_(req, "sampling_rate", _sampling_rate(req.sampling_rate, source))
     set_(req, "clip", _real(req.clip, source, "clip", low=0.0))
+    if req.mode == "distributed-dp":
+        # One exact gradient sum per round: the shares' noise adds up only in the sum of one
+        # linear step, and no amplification by sampling is claimed for a sum of discrete
+        # Gaussians (fednipype.contract.distributed_dp.training_epsilon).
+        if req.local_steps != 1:
+            raise RequestError(
+                f"{source}: field local_steps: mode distributed-dp sends one gradient sum per "
+                f"round; expected 1, got {req.local_steps}"
+            )
+        if req.sampling_rate != 1.0:
+            raise RequestError(
+                f"{source}: field sampling_rate: mode distributed-dp uses every training row "
+                f"each round; expected 1, got {req.sampling_rate:g}"
+            )
 
 
 def _sampling_rate(value: Any, source: str) -> float:

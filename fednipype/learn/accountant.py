@@ -34,6 +34,7 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import dp_accounting
@@ -48,6 +49,8 @@ __all__ = [
     "accountant_name",
     "calibrate_noise_multiplier",
     "count_epsilon",
+    "count_noise_multiplier",
+    "smallest_noise_multiplier",
     "training_epsilon",
     "training_event",
 ]
@@ -168,7 +171,7 @@ def count_epsilon(count_noise_multiplier: float, delta: float) -> float:
     return _epsilon(dp_accounting.GaussianDpEvent(float(count_noise_multiplier)), delta)
 
 
-def _smallest_sigma(cost, target: float) -> float:
+def smallest_noise_multiplier(cost: Callable[[float], float], target: float) -> float:
     """A σ with ``target · (1 − 0.002) <= cost(σ) <= target`` (cost decreasing in σ).
 
     Brent's root finder on log σ aims at 0.998 × target (to relative 1e-9 in σ); the result is
@@ -228,11 +231,19 @@ def calibrate_noise_multiplier(
     if not 0 < count_share < 1:
         raise DataError(f"count_share: expected 0 < share < 1, got {count_share!r}")
     _check(sampling_rate, 1.0, steps, delta)
-    sigma_count = _smallest_sigma(lambda s: count_epsilon(s, delta), count_share * epsilon)
-    sigma = _smallest_sigma(
+    sigma_count = count_noise_multiplier(epsilon, delta, count_share)
+    sigma = smallest_noise_multiplier(
         lambda s: training_epsilon(sampling_rate, s, steps, sigma_count, delta), epsilon
     )
     return sigma, sigma_count
+
+
+@functools.lru_cache(maxsize=256)
+def count_noise_multiplier(
+    epsilon: float, delta: float, count_share: float = COUNT_SHARE
+) -> float:
+    """σ_count: the noisy count's multiplier, whose count alone costs ``count_share × ε``."""
+    return smallest_noise_multiplier(lambda s: count_epsilon(s, delta), count_share * epsilon)
 
 
 def accountant_name() -> str:

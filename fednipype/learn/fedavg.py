@@ -36,6 +36,7 @@ __all__ = [
     "FedAvgResult",
     "SiteData",
     "fedavg",
+    "fedsgd_step",
     "gradient_descent",
     "holdout_split",
     "run_fedavg",
@@ -196,6 +197,29 @@ def fedavg(weighted_sum: Any, total_weight: float) -> np.ndarray:
     if not total > 0:
         raise DataError(f"weights: expected a positive total weight, got {total_weight!r}")
     return np.asarray(weighted_sum, dtype=float) / total
+
+
+def fedsgd_step(
+    w: Any, gradient_sum: Any, total_weight: float, *, learning_rate: float, l2: float
+) -> np.ndarray:
+    """One FedSGD step at the hub: ``w - lr (Σ_k g_k / Σ_k m_k + l2 w)`` (intercept unpenalised).
+
+    ``Σ_k g_k`` is the (noisy) sum of every site's clipped per-participant gradients and
+    ``Σ_k m_k`` the sum of their weights (noisy counts). It is the FedAvg average of the
+    sites' one-step DP-SGD updates with sampling rate 1
+    (:func:`fednipype.site.dpsgd.local_update` divides each site's sum by its own count),
+    computed from the sums alone: the step of mode ``distributed-dp``.
+
+    >>> fedsgd_step([0.0, 1.0], [2.0, 4.0], 4.0, learning_rate=0.5, l2=0.5).tolist()
+    [-0.25, 0.25]
+    """
+    total = float(total_weight)
+    if not total > 0:
+        raise DataError(f"weights: expected a positive total weight, got {total_weight!r}")
+    w = np.asarray(w, dtype=float)
+    penalty = float(l2) * w
+    penalty[0] = 0.0
+    return w - float(learning_rate) * (np.asarray(gradient_sum, dtype=float) / total + penalty)
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from fednipype.learn.fedavg import gradient_descent
 __all__ = [
     "DPConfig",
     "clip_rows",
+    "discrete_gaussian_share",
     "local_update",
     "noisy_clipped_sum",
     "noisy_count",
@@ -99,6 +100,48 @@ def noisy_clipped_sum(per_example: np.ndarray, clip: float, noise_multiplier: fl
     total = clip_rows(per_example, clip).sum(axis=0)
     measurement = _vector_gaussian(float(noise_multiplier) * float(clip))
     return np.asarray(measurement(total.tolist()), dtype=float)
+
+
+@functools.lru_cache(maxsize=64)
+def _integer_gaussian(scale: float) -> Any:
+    """OpenDP's discrete Gaussian on 64-bit integer vectors (L2 distance) with σ ``scale``."""
+    domain = dp.vector_domain(dp.atom_domain(T="i64"))
+    return dp.m.make_gaussian(domain, dp.l2_distance(T="i64"), scale=scale)
+
+
+def discrete_gaussian_share(
+    per_example: np.ndarray, clip: float, grid_step: float, sigma: float
+) -> np.ndarray:
+    """A site's ``distributed-dp`` round: its clipped gradient sum on the grid, plus its share.
+
+    Every row is clipped to L2 norm ``clip`` (:func:`clip_rows`), the rows are summed, the sum
+    is rounded to the integer grid of ``grid_step`` and OpenDP's discrete Gaussian
+    (``make_gaussian`` over ``vector_domain(atom_domain(T="i64"))``: exact sampling from the
+    operating system's randomness, never seeded) of σ ``sigma`` integer units is added to every
+    coordinate. Alone it protects the site's rows only up to its local floor; the request's
+    guarantee is that of the SecAgg+ sum of ``n_honest`` such shares
+    (:func:`fednipype.contract.distributed_dp.training_epsilon`).
+
+    Parameters
+    ----------
+    per_example : ndarray
+        (rows, p) per-participant gradients: every training row of the site.
+    clip : float
+        L2 clip norm.
+    grid_step : float
+        Gradient units per integer (``clip / 2**16``).
+    sigma : float
+        The site's σ in integer units.
+
+    Returns
+    -------
+    ndarray of int64
+        Length p.
+    """
+    total = clip_rows(np.asarray(per_example, dtype=float), clip).sum(axis=0)
+    rounded = np.rint(total / float(grid_step)).astype(np.int64)
+    measurement = _integer_gaussian(float(sigma))
+    return np.asarray(measurement([int(v) for v in rounded]), dtype=np.int64)
 
 
 def noisy_count(n: int, noise_multiplier: float) -> float:

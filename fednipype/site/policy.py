@@ -33,8 +33,11 @@ Layout::
     allow_non_dp_training = false   # train models without DP (mode "none"; default false)
 
 ``training-dp`` in ``modes`` lets the site take part in federated training with DP-SGD
-(:mod:`fednipype.site.training`); training without noise needs its own switch,
-``allow_non_dp_training = true``.
+(:mod:`fednipype.site.training`), ``training-distributed-dp`` in training whose rounds are
+SecAgg+ sums of the sites' discrete Gaussian shares (the site's noise alone protects its
+gradient only up to its *local floor*; the request's ε holds while at least ``min_sites``
+sites' shares are in each sum, the trust assumption the owner opts into); training without
+noise needs its own switch, ``allow_non_dp_training = true``.
 
 ``features`` is therefore a reserved name in ``[bounds]``, and ``default`` in
 ``[bounds.features]``. Unknown keys are refused, so a typo cannot silently drop a setting.
@@ -100,8 +103,12 @@ _FEDERATION_KEYS = {"modes", "allow_exact_secure_sum", "allow_non_dp_training"}
 FEDERATION_DP_MODES = ("dp", "distributed-dp")
 #: Federated training with DP-SGD (a training request's mode ``dp``).
 TRAINING_DP_MODE = "training-dp"
+#: Federated training with distributed discrete Gaussian shares (mode ``distributed-dp``).
+TRAINING_DISTRIBUTED_DP_MODE = "training-distributed-dp"
+#: The ``[federation] modes`` name that allows each training request mode with noise.
+TRAINING_MODES = {"dp": TRAINING_DP_MODE, "distributed-dp": TRAINING_DISTRIBUTED_DP_MODE}
 #: Everything ``[federation] modes`` may list.
-FEDERATION_MODES = (*FEDERATION_DP_MODES, TRAINING_DP_MODE)
+FEDERATION_MODES = (*FEDERATION_DP_MODES, TRAINING_DP_MODE, TRAINING_DISTRIBUTED_DP_MODE)
 #: The mode without noise; allowed only by ``[federation] allow_exact_secure_sum = true``.
 EXACT_MODE = "exact"
 _BUDGET_KEYS = {"epsilon", "delta", "max_participants"}
@@ -407,7 +414,8 @@ class SitePolicy:
     def allows_training(self, mode: str) -> bool:
         """Whether the site takes part in federated training requests of ``mode``.
 
-        ``dp`` when ``"training-dp"`` is listed in ``[federation] modes``; ``none`` only with
+        ``dp`` when ``"training-dp"`` is listed in ``[federation] modes``,
+        ``distributed-dp`` when ``"training-distributed-dp"`` is; ``none`` only with
         ``[federation] allow_non_dp_training = true``.
 
         >>> policy = SitePolicy(1.0, 1e-6, Path("l"), "d", {"default": (0, 1)}, {})
@@ -416,7 +424,7 @@ class SitePolicy:
         """
         if mode == "none":
             return self.allow_non_dp_training
-        return mode == "dp" and TRAINING_DP_MODE in self.federation_modes
+        return mode in TRAINING_MODES and TRAINING_MODES[mode] in self.federation_modes
 
     @property
     def atlas_default(self) -> bool:

@@ -19,7 +19,10 @@ The site's Flower client app calls these three with the SuperNode's node config 
     site's log only), split into training and held-out rows by
     :func:`fednipype.learn.fedavg.holdout_split` keyed by the request's hash, and
     :func:`fednipype.site.dpsgd.local_update` runs ``local_steps`` steps from the hub's
-    parameters. The **first** round of a run charges the whole run's (ε, δ) — the
+    parameters (mode ``distributed-dp``: the site's clipped gradient sum over all its
+    training rows, on the request's integer grid, plus its OpenDP discrete Gaussian share,
+    :func:`fednipype.site.dpsgd.discrete_gaussian_share`; the hub takes the FedSGD step from
+    the SecAgg+ sum). The **first** round of a run charges the whole run's (ε, δ) — the
     accountant's ε for the request's noise (:meth:`TrainingRequest.spent`), composed by its
     own (ε, δ) in the ledger — before anything is returned, claims the owner's approval and
     releases the site's noisy count of its training rows (OpenDP Gaussian, σ_count of the
@@ -81,7 +84,7 @@ from fednipype.site.design import load_feature_table
 from fednipype.site.ledger import RELATIVE_TOLERANCE, PrivacyLedger
 from fednipype.site.ledger_store import connect, now, write_transaction
 from fednipype.site.node import _node_value
-from fednipype.site.policy import SitePolicy
+from fednipype.site.policy import TRAINING_MODES, SitePolicy
 
 __all__ = [
     "ROUND_KIND",
@@ -112,8 +115,13 @@ class TrainingReply:
 
     Attributes
     ----------
-    w_local : ndarray
-        The site's new local parameters ``[intercept, coef...]`` (scaled units).
+    w_local : ndarray or None
+        The site's new local parameters ``[intercept, coef...]`` (scaled units); None in mode
+        ``distributed-dp``.
+    share : ndarray of int64 or None
+        Mode ``distributed-dp``: the site's clipped gradient sum on the request's integer grid
+        plus its discrete Gaussian share (:func:`fednipype.site.dpsgd.discrete_gaussian_share`);
+        None in the other modes.
     weight : float
         Its FedAvg weight: the noisy count of its training rows, released at the run's first
         round (mode ``dp``), or their exact count (mode ``none``).
@@ -122,9 +130,10 @@ class TrainingReply:
         ``dp``: None (metrics stay in the site's log).
     """
 
-    w_local: np.ndarray
+    w_local: np.ndarray | None
     weight: float
     metrics: dict[str, float] | None
+    share: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -272,7 +281,7 @@ def _checked(
         switch = (
             "[federation] allow_non_dp_training is not true"
             if request.mode == "none"
-            else "'training-dp' is not in [federation] modes"
+            else f"'{TRAINING_MODES[request.mode]}' is not in [federation] modes"
         )
         _refuse(
             PolicyError,
@@ -486,6 +495,9 @@ def _audit(context: _Context, n_train: int, n_held: int) -> dict[str, Any]:
         "sampling_rate": request.sampling_rate,
         "clip": request.clip,
         "noise_multiplier": None if noise is None else noise[0],
+        "distributed_noise": None
+        if (shared := request.distributed_noise()) is None
+        else shared.as_dict(),
         "count_noise_multiplier": None if noise is None else noise[1],
         "requested_epsilon": request.epsilon,
         "accountant": accountant_name(),
@@ -587,6 +599,17 @@ def train_round(
             server_round,
             _held_out_metrics(request, w, held),
         )
+    if (shared := request.distributed_noise()) is not None:
+        rows_gradient = models.per_example_gradients(request.task, w, X_train, y_train)
+        share = dpsgd.discrete_gaussian_share(
+            rows_gradient,
+            request.clip,
+            shared.grid_step,
+            shared.sigma_site,  # type: ignore[arg-type]
+        )
+        LOGGER.info("%s: round %d of %d answered (server round %d)", context.where, number,
+                    request.rounds, server_round)  # fmt: skip
+        return TrainingReply(None, float(state.weight), None, share)  # type: ignore[arg-type]
     noise = request.noise()
     config = (
         None

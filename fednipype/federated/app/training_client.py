@@ -36,7 +36,7 @@ import numpy as np
 from flwr.client import NumPyClient
 
 from fednipype.exceptions import FederationError, PolicyError, RequestError
-from fednipype.federated.app.training_codec import FixedPointCodec
+from fednipype.federated.app.training_codec import FixedPointCodec, GradientCodec
 from fednipype.federated.transport import FIT_NUM_EXAMPLES
 
 if TYPE_CHECKING:
@@ -76,10 +76,12 @@ def training_check(request: TrainingRequest, node_config: NodeConfig) -> None:
 def training_update(
     request: TrainingRequest, node_config: NodeConfig, w: np.ndarray, server_round: int
 ) -> tuple[np.ndarray, float]:
-    """The site's local parameters and weight after one round from ``w``."""
+    """The site's local parameters (``distributed-dp``: its integer share) and weight."""
     from fednipype.site import training
 
     reply = training.train_round(request, node_config, w, server_round)
+    if reply.share is not None:  # distributed-dp: the noisy integer gradient sum
+        return np.asarray(reply.share, dtype=np.int64), float(reply.weight)
     return np.asarray(reply.w_local, dtype=np.float64), float(reply.weight)
 
 
@@ -189,12 +191,17 @@ class TrainingClient(NumPyClient):
         """One round: the site's weighted model as the transport's encoded integer vector."""
         try:
             request = _request(config)
-            codec = FixedPointCodec.from_config(config)
+            codec: FixedPointCodec | GradientCodec
+            if request.distributed:  # the site derives the codec from the request it approved
+                codec = GradientCodec.for_request(request)
+                codec.check_config(config)
+            else:
+                codec = FixedPointCodec.from_config(config)
             if codec.n_params != len(request.regions) + 1:
                 raise FederationError("fit config: n-params differs from the request's regions")
             w = _global(parameters, codec.n_params)
-            w_local, weight = self._site.update(request, self._node_config, w, _round(config))
-            encoded = codec.encoding().encode(codec.encode(w_local, weight))
+            vector, weight = self._site.update(request, self._node_config, w, _round(config))
+            encoded = codec.encoding().encode(codec.encode(vector, weight))
         except Exception as err:  # noqa: BLE001 - only the public reason leaves the site
             LOGGER.exception("the site did not answer the training round")
             raise FederationError(self._public(err)) from None
@@ -207,7 +214,7 @@ class TrainingClient(NumPyClient):
         try:
             request = _request(config)
             if request.dp:
-                raise PolicyError("mode dp: no metric leaves the site")
+                raise PolicyError(f"mode {request.mode}: no metric leaves the site")
             w = _global(parameters, len(request.regions) + 1)
             metrics = self._site.evaluate(request, self._node_config, w, _round(config))
             loss = metrics.get("loss")

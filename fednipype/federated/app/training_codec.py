@@ -26,14 +26,25 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from fednipype.exceptions import FederationError
 from fednipype.federated.transport import MAX_SUM_BOUND, SecAggEncoding
 
-__all__ = ["DEFAULT_PARAM_BOUND", "MAX_FRACTION_BITS", "MIN_FRACTION_BITS", "FixedPointCodec"]
+if TYPE_CHECKING:
+    from fednipype.contract.training import TrainingRequest
+
+__all__ = [
+    "DEFAULT_PARAM_BOUND",
+    "MAX_FRACTION_BITS",
+    "MIN_FRACTION_BITS",
+    "WEIGHT_FRACTION_BITS",
+    "FixedPointCodec",
+    "GradientCodec",
+    "codec_for_request",
+]
 
 #: Default public bound on every parameter (scaled units: features and label in [0, 1]).
 DEFAULT_PARAM_BOUND = 1000.0
@@ -159,6 +170,10 @@ class FixedPointCodec:
         """``Σ m_k`` of a summed vector."""
         return float(self._checked(total)[-1]) / self.scale
 
+    def step(self, w: np.ndarray, total: np.ndarray) -> np.ndarray:
+        """The hub's new parameters from a round's sum: the FedAvg :meth:`average`."""
+        return self.average(total)
+
     def weighted_sum(self, total: np.ndarray) -> np.ndarray:
         """``Σ m_k w_k`` of a summed vector."""
         return self._checked(total)[:-1].astype(np.float64) / self.scale
@@ -199,6 +214,8 @@ class FixedPointCodec:
         for key in keys:
             if key not in config:
                 raise FederationError(f"fit config: expected the key '{key}'")
+        if config.get("codec", "fedavg") != "fedavg":
+            raise FederationError(f"fit config: codec expected 'fedavg', got {config['codec']!r}")
         codec = cls.for_request(
             int(config["n-params"]),
             weight_bound=float(config["weight-bound"]),
@@ -214,3 +231,185 @@ class FixedPointCodec:
         if encoding != codec.encoding():
             raise FederationError("fit config: site-bound differs from the codec's")
         return codec
+
+
+#: Fraction bits of a site's weight (its noisy count) in a ``distributed-dp`` round.
+WEIGHT_FRACTION_BITS = 20
+#: Standard deviations of a site's share kept before its integers are clipped (exp(-200)).
+_TAIL_SDS = 20
+
+
+@dataclass(frozen=True)
+class GradientCodec:
+    """A ``distributed-dp`` round's integers: each site's noisy gradient sum and its weight.
+
+    A site sends ``[share ..., round(2**20 · clip(m_k, 0, M))]``: ``share`` is its clipped
+    gradient sum on the request's grid plus its discrete Gaussian
+    (:func:`fednipype.site.dpsgd.discrete_gaussian_share`), clipped to ``±B_g`` with
+    ``B_g = M · 2**16 + 1 + 20 σ_site`` (``M`` participants of gradient norm ``clip`` move a
+    coordinate by at most ``M · 2**16`` grid units; clipping the noise 20 sd out is
+    post-processing that happens with probability below e⁻²⁰⁰). SecAgg+ sums the vectors
+    exactly; the hub reads ``Σ g_k`` and ``Σ m_k`` and takes the FedSGD step
+    (:func:`fednipype.learn.fedavg.fedsgd_step`). All of it derives from the request.
+
+    Parameters
+    ----------
+    n_params : int
+        Gradient coordinates.
+    weight_bound : float
+        ``M``: the request's ``max_participants``.
+    n_sites : int
+        ``K``.
+    grid_step : float
+        Gradient units per integer.
+    share_bound : int
+        ``B_g``.
+    learning_rate, l2 : float
+        The request's, for the hub's step.
+    """
+
+    n_params: int
+    weight_bound: float
+    n_sites: int
+    grid_step: float
+    share_bound: int
+    learning_rate: float
+    l2: float
+
+    @classmethod
+    def for_request(cls, request: TrainingRequest) -> GradientCodec:
+        """The codec of a ``distributed-dp`` request.
+
+        Raises
+        ------
+        FederationError
+            Not a ``distributed-dp`` request, or ``K`` sites' integers do not fit the transport.
+        """
+        noise = request.distributed_noise()
+        if noise is None:
+            raise FederationError(
+                f"training codec: the gradient codec is for distributed-dp, not {request.mode}"
+            )
+        per_participant = round(noise.l2_sensitivity - math.sqrt(noise.dim))  # clip / grid_step
+        tail = math.ceil(_TAIL_SDS * noise.sigma_site)
+        bound = request.max_participants * per_participant + 1 + tail
+        codec = cls(
+            len(request.regions) + 1,
+            float(request.max_participants),
+            request.k,
+            noise.grid_step,
+            int(bound),
+            request.learning_rate,
+            request.l2,
+        )
+        if request.k * codec.site_bound > MAX_SUM_BOUND:
+            raise FederationError(
+                f"training codec: {request.k} sites x {codec.site_bound} exceed the transport's "
+                f"{MAX_SUM_BOUND}; fewer sites or a smaller max_participants"
+            )
+        return codec
+
+    @property
+    def weight_scale(self) -> float:
+        """``2**WEIGHT_FRACTION_BITS``."""
+        return float(2**WEIGHT_FRACTION_BITS)
+
+    @property
+    def site_bound(self) -> int:
+        """The largest ``|integer|`` one site sends."""
+        return max(self.share_bound, math.ceil(self.weight_scale * self.weight_bound))
+
+    def encoding(self) -> SecAggEncoding:
+        """The transport's encoding for the site bound and ``K``."""
+        return SecAggEncoding.for_bound(self.site_bound, n_sites=self.n_sites)
+
+    def encode(self, share: np.ndarray, weight: float) -> np.ndarray:
+        """``[clip(share, ±B_g) ..., round(2**20 clip(m, 0, M))]`` (int64, ``d + 2``).
+
+        Raises
+        ------
+        FederationError
+            A share of the wrong length or not integer, or a weight that is not > 0.
+        """
+        arr = np.asarray(share).reshape(-1)
+        if arr.size != self.n_params or arr.dtype.kind not in "iu":
+            raise FederationError(
+                f"training codec: expected {self.n_params} integers, got {arr.size} of {arr.dtype}"
+            )
+        m = float(weight)
+        if not (math.isfinite(m) and m > 0):
+            raise FederationError(f"training codec: expected a weight > 0, got {weight!r}")
+        clipped = np.clip(arr.astype(np.int64), -self.share_bound, self.share_bound)
+        scaled = round(min(m, self.weight_bound) * self.weight_scale)
+        return np.append(clipped, np.int64(scaled)).astype(np.int64)
+
+    def _checked(self, total: np.ndarray) -> np.ndarray:
+        arr = np.asarray(total, dtype=np.int64).reshape(-1)
+        if arr.size != self.n_params + 1:
+            raise FederationError(
+                f"training codec: expected a sum of {self.n_params + 1} integers, got {arr.size}"
+            )
+        if arr[-1] <= 0:
+            raise FederationError("training codec: the summed weight is not positive")
+        return arr
+
+    def gradient_sum(self, total: np.ndarray) -> np.ndarray:
+        """``Σ g_k`` (noisy; gradient units) of a summed vector."""
+        return self._checked(total)[:-1].astype(np.float64) * self.grid_step
+
+    def total_weight(self, total: np.ndarray) -> float:
+        """``Σ m_k`` of a summed vector."""
+        return float(self._checked(total)[-1]) / self.weight_scale
+
+    def step(self, w: np.ndarray, total: np.ndarray) -> np.ndarray:
+        """The hub's FedSGD step from ``w`` with a round's sum."""
+        # Imported here: the codec is also the site's, whose client app avoids the import.
+        from fednipype.learn.fedavg import fedsgd_step
+
+        return fedsgd_step(
+            w,
+            self.gradient_sum(total),
+            self.total_weight(total),
+            learning_rate=self.learning_rate,
+            l2=self.l2,
+        )
+
+    def config(self) -> dict[str, Any]:
+        """What the fit instructions tell a site (it derives the same codec from the request)."""
+        return {
+            "codec": "gradient",
+            "n-params": self.n_params,
+            "weight-bound": self.weight_bound,
+            "grid-step": self.grid_step,
+            "share-bound": self.share_bound,
+            **self.encoding().config(),
+        }
+
+    def check_config(self, config: dict[str, Any]) -> None:
+        """Refuse fit instructions whose codec is not this one (derived from the request).
+
+        Raises
+        ------
+        FederationError
+            A key missing or a value other than the derived one.
+        """
+        mine = self.config()
+        for key, value in mine.items():
+            if key not in config:
+                raise FederationError(f"fit config: expected the key '{key}'")
+            if config[key] != value:
+                raise FederationError(f"fit config: {key} expected {value!r}, got {config[key]!r}")
+
+
+def codec_for_request(
+    request: TrainingRequest, *, param_bound: float = DEFAULT_PARAM_BOUND
+) -> FixedPointCodec | GradientCodec:
+    """The codec of a request's rounds: FedSGD sums in ``distributed-dp``, FedAvg otherwise."""
+    if request.distributed:
+        return GradientCodec.for_request(request)
+    return FixedPointCodec.for_request(
+        len(request.regions) + 1,
+        weight_bound=float(request.max_participants),
+        param_bound=param_bound,
+        n_sites=request.k,
+    )

@@ -55,7 +55,7 @@ from fednipype.federated.app.server import (
     check_round,
 )
 from fednipype.federated.app.strategy import QuorumSecAggPlusWorkflow, plain_fit_workflow
-from fednipype.federated.app.training_codec import DEFAULT_PARAM_BOUND, FixedPointCodec
+from fednipype.federated.app.training_codec import DEFAULT_PARAM_BOUND, codec_for_request
 from fednipype.federated.app.training_strategy import (
     FedAvgSecAggStrategy,
     bounded_evaluate_workflow,
@@ -146,12 +146,12 @@ def _run(
     base = settings.base
     request = TrainingRequest.from_file(base.request)
     min_sites = max(base.min_sites, request.min_sites)
-    codec = FixedPointCodec.for_request(
-        len(request.regions) + 1,
-        weight_bound=float(request.max_participants),
-        param_bound=settings.param_bound,
-        n_sites=request.k,
-    )
+    if request.distributed and not base.secure_aggregation:
+        raise FederationError(
+            "mode distributed-dp: each site's share is private only inside a SecAgg+ sum; "
+            "secure aggregation cannot be turned off"
+        )
+    codec = codec_for_request(request, param_bound=settings.param_bound)
     evaluate = settings.evaluate and not request.dp
     record.update(
         request_id=request.request_id,

@@ -3,7 +3,9 @@
 :class:`FedAvgSecAggStrategy` sends the global parameters to the sites that accepted the
 training request and are still connected, receives (under SecAgg+) only the unmasked sum of
 their fixed-point vectors (:class:`~fednipype.federated.app.training_codec.FixedPointCodec`)
-and divides it: ``w <- Σ m_k w_k / Σ m_k`` (:func:`fednipype.learn.fedavg.fedavg`'s rule).
+and divides it: ``w <- Σ m_k w_k / Σ m_k`` (:func:`fednipype.learn.fedavg.fedavg`'s rule);
+in mode ``distributed-dp`` the sum is of the sites' noisy gradient sums and the hub takes the
+FedSGD step (:func:`fednipype.learn.fedavg.fedsgd_step`).
 In mode ``none`` it also asks the round's contributors for their held-out metrics and
 aggregates them weighted by each site's held-out count; in mode ``dp`` it never asks.
 
@@ -38,7 +40,7 @@ from flwr.serverapp.grid import Grid
 
 from fednipype.exceptions import FederationError
 from fednipype.federated.app.strategy import _failure_text, error_text
-from fednipype.federated.app.training_codec import FixedPointCodec
+from fednipype.federated.app.training_codec import FixedPointCodec, GradientCodec
 
 __all__ = ["FedAvgSecAggStrategy", "RoundRecord", "bounded_evaluate_workflow"]
 
@@ -80,8 +82,9 @@ class FedAvgSecAggStrategy(Strategy):
         Node id -> site label of the sites that accepted in the check round.
     request_text : str
         The training request's JSON text (sent with every instruction).
-    codec : FixedPointCodec
-        The fixed-point map of the sites' weighted models.
+    codec : FixedPointCodec or GradientCodec
+        The fixed-point map of the sites' weighted models (FedAvg), or of their noisy
+        gradient sums (``distributed-dp``: the hub takes the FedSGD step).
     min_sites : int
         The fewest contributors whose sum is used.
     secure : bool
@@ -95,7 +98,7 @@ class FedAvgSecAggStrategy(Strategy):
         *,
         accepted: Mapping[int, str],
         request_text: str,
-        codec: FixedPointCodec,
+        codec: FixedPointCodec | GradientCodec,
         min_sites: int,
         secure: bool = True,
         evaluate: bool = False,
@@ -161,7 +164,7 @@ class FedAvgSecAggStrategy(Strategy):
             total = self._encoding.plain_sum(
                 [parameters_to_ndarrays(fitres.parameters)[0] for _, fitres in results]
             )
-        self.w = self.codec.average(total)
+        self.w = self.codec.step(self.w, total)
         self.kept[server_round] = self.w.copy()
         contributors = sorted(self._accepted[proxy.node_id] for proxy, _ in results)
         self.rounds.append(
