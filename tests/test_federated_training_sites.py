@@ -56,11 +56,16 @@ pytestmark = pytest.mark.skipif(
 )
 
 REGIONS = ["L_P01", "R_P01", "L_P12", "R_P33"]
-FEDERATION = '\n[federation]\nmodes = ["training-dp"]\nallow_non_dp_training = true\n'
+FEDERATION = (
+    '\n[federation]\nmodes = ["training-dp", "training-distributed-dp"]\n'
+    "allow_non_dp_training = true\n"
+)
+#: siteD's policy allows DP-SGD training but not distributed-DP training.
+LOCAL_ONLY = '\n[federation]\nmodes = ["training-dp"]\n'
 
 
-def request_doc(request_id: str, sites: list[str], mode: str, task: str) -> dict:
-    dp = mode == "dp"
+def request_doc(request_id: str, sites: list[str], mode: str, task: str, **changes) -> dict:
+    dp = mode != "none"
     return {
         "schema": "fednipype-training-request/1.0",
         "request_id": request_id,
@@ -81,7 +86,7 @@ def request_doc(request_id: str, sites: list[str], mode: str, task: str) -> dict
         "holdout_fraction": 0.25,
         "min_sites": 2,
         "max_participants": 1000,
-    }
+    } | changes
 
 
 def raw_rows(bids: Path, derivatives: Path) -> pd.DataFrame:
@@ -143,6 +148,7 @@ def world(tmp_path_factory, bundled_derivatives):
         table = pd.read_csv(path, sep="\t", dtype=str)
         table[table["name"] != REGIONS[3]].to_csv(path, sep="\t", index=False)
     copy("siteX", "siteA")  # its budget does not cover the run
+    copy("siteD", "siteA")  # its policy does not allow distributed-DP training
 
     nodes, policies = {}, {}
     for name, (bids, deriv) in data.items():
@@ -150,7 +156,8 @@ def world(tmp_path_factory, bundled_derivatives):
         folder.mkdir(parents=True)
         budget = 0.5 if name == "siteX" else 20.0
         policy = folder / "policy.toml"
-        policy.write_text(example_policy(dataset=name, total_epsilon=budget) + FEDERATION)
+        federation = LOCAL_ONLY if name == "siteD" else FEDERATION
+        policy.write_text(example_policy(dataset=name, total_epsilon=budget) + federation)
         init_ledger(policy)
         policies[name] = policy
         nodes[name] = {"site": name, "policy": str(policy), "bids-dir": str(bids),
@@ -250,3 +257,81 @@ def test_dp_brain_age_charges_each_ledger_the_accountants_epsilon_and_refusals_s
     model = load_model(done.model)
     ages = model.predict(world["rows"]["siteA"][REGIONS].dropna().to_numpy(float))
     assert np.all(np.isfinite(ages))
+
+
+def clipped_gradient_sum(data: SiteData, request: TrainingRequest, w: np.ndarray) -> np.ndarray:
+    """Σ of the rows' least-squares gradients ``(prediction − y)·[1, x]``, each clipped to L2
+    norm ``clip``, with numpy on the scaled training rows."""
+    lo, hi = 0.0, 12000.0
+    x = np.clip((data.X - lo) / (hi - lo) * 2.0 - 1.0, -1.0, 1.0)
+    y = np.clip((data.y - 18.0) / (90.0 - 18.0) * 2.0 - 1.0, -1.0, 1.0)
+    design = np.column_stack([np.ones(len(y)), x])
+    rows = (design @ w - y)[:, None] * design
+    norms = np.linalg.norm(rows, axis=1)
+    return (rows * np.minimum(1.0, request.clip / norms)[:, None]).sum(axis=0)
+
+
+@pytest.mark.timeout(500)
+def test_distributed_dp_steps_are_fedsgd_with_the_stated_noise_and_each_ledger_charged(world):
+    """distributed-dp brain-age on siteA, siteB, siteC; siteD's policy does not allow the mode.
+
+    Each round's hub step is compared with the noise-free FedSGD step computed here from the
+    rows (numpy): the difference, in grid units, is the sum of the three contributors' discrete
+    Gaussian shares, N(0, 3 σ_site²) per coordinate. Its χ² over 3 rounds × 5 coordinates (15
+    df) is accepted within the two-sided 1e-6 false-alarm interval; absent or doubled noise
+    falls outside it. Each ledger holds one charge: the Rényi bound composed over the rounds
+    with the noisy count, checked against dp-accounting's RDP accountant (τ = 0)."""
+    from scipy import stats
+
+    sites = ["siteA", "siteB", "siteC", "siteD"]
+    doc = request_doc("ba-ddp", sites, "distributed-dp", "brain-age", rounds=3, local_steps=1,
+                      sampling_rate=1.0, learning_rate=0.5)  # fmt: skip
+    request, done, wall = run(world, "brain-age-ddp", doc)
+    print(f"\nsimulation, distributed-DP brain-age, 4 sites (1 refuses) x 3 rounds: {wall:.1f} s")
+    record = done.record
+    status = {r["site"]: r["status"] for r in record["sites"]}
+    assert status == {"siteA": "completed", "siteB": "completed", "siteC": "completed",
+                      "siteD": "refused"}  # fmt: skip
+    reason = next(r["reason"] for r in record["sites"] if r["site"] == "siteD")
+    assert "'training-distributed-dp' is not in [federation] modes" in reason
+    assert charges(world["policies"]["siteD"]) == []
+    assert all(not r["site_metrics"] and r["loss"] is None for r in record["rounds"])
+    noise = request.distributed_noise()
+    # The charge, recomputed: at tau = 0 the bound is the Renyi curve of a Gaussian of
+    # multiplier sqrt(n) sigma / Delta_2 per round; composed with the count's Gaussian.
+    assert noise.tau == 0.0 and noise.n_honest == 2
+    delta_2 = 2.0**16 + np.sqrt(5)
+    orders = list(1.0 + np.geomspace(0.011, 1e5, 1500))
+    accountant = RdpAccountant(orders=orders)
+    accountant.compose(GaussianDpEvent(np.sqrt(2) * noise.sigma_site / delta_2), 3)
+    accountant.compose(GaussianDpEvent(noise.count_noise_multiplier))
+    epsilon = accountant.get_epsilon(1e-5)
+    assert 0.99 * 8.0 <= epsilon <= 8.0
+    for site in ("siteA", "siteB", "siteC"):
+        (charged,) = charges(world["policies"][site])
+        assert charged[0] == pytest.approx(epsilon, rel=1e-9) and charged[1] == 1e-5
+    spent = record["privacy_spent"]
+    assert spent["distributed"]["local_floor_epsilon"] > spent["epsilon"]
+    # The steps: noise-free FedSGD from the hub's previous parameters, with the round's
+    # summed (noisy) count as the denominator the hub used.
+    data = [site_data(s, world["rows"][s], request) for s in sites[:3]]
+    step = noise.grid_step
+    chi2, w_prev = 0.0, np.zeros(len(REGIONS) + 1)
+    for row in record["rounds"]:
+        assert row["contributors"] == sites[:3]
+        w_new, total = np.asarray(row["parameters"]), row["total_weight"]
+        assert abs(total - sum(d.n for d in data)) < 6 * np.sqrt(3) * noise.count_noise_multiplier
+        exact = sum(clipped_gradient_sum(d, request, w_prev) for d in data)
+        penalty = np.r_[0.0, 1e-3 * w_prev[1:]]
+        summed = (w_prev - w_new) / 0.5 * total - penalty * total  # the hub's noisy gradient sum
+        shares = (summed - exact) / step  # grid units: the three shares (and the rounding)
+        chi2 += float(np.sum(shares**2) / (3 * noise.sigma_site**2))
+        w_prev = w_new
+    low, high = stats.chi2.ppf(5e-7, 15), stats.chi2.isf(5e-7, 15)
+    print(f"chi2 of the shares = {chi2:.2f} on 15 df, accepted in [{low:.2f}, {high:.2f}]")
+    assert low < chi2 < high
+    assert np.allclose(record["w"], w_prev)
+    from fednipype.learn.modelfile import load_model
+
+    model = load_model(done.model)
+    assert model.fednipype_provenance_["privacy"]["siteA"]["epsilon"] == pytest.approx(epsilon)

@@ -79,7 +79,7 @@ def privacy_spent(request: TrainingRequest) -> dict[str, Any] | None:
     noise, spent = request.noise(), request.spent()
     if noise is None or spent is None:
         return None
-    return {
+    found = {
         "epsilon": spent[0],
         "delta": spent[1],
         "noise_multiplier": noise[0],
@@ -89,6 +89,12 @@ def privacy_spent(request: TrainingRequest) -> dict[str, Any] | None:
         "steps": request.steps,
         "accountant": ACCOUNTANT,
     }
+    if (shared := request.distributed_noise()) is not None:
+        # The guarantee holds while min_sites sites' shares are in every sum; the local
+        # floor is what a site's own share guarantees if every other site colluded.
+        found["accountant"] = str(shared.as_dict()["accounting"])
+        found["distributed"] = shared.as_dict()
+    return found
 
 
 def site_participation(

@@ -57,6 +57,8 @@ class RoundRecord:
     total_weight: float
     failures: list[str] = field(default_factory=list)
     loss: float | None = None
+    #: The global parameters after the round (scaled units; the hub's own, public).
+    parameters: list[float] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
     site_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
 
@@ -67,6 +69,7 @@ class RoundRecord:
             "contributors": list(self.contributors),
             "total_weight": self.total_weight,
             "failures": list(self.failures),
+            "parameters": list(self.parameters),
             "loss": self.loss,
             "metrics": dict(self.metrics),
             "site_metrics": {k: dict(v) for k, v in self.site_metrics.items()},
@@ -168,7 +171,13 @@ class FedAvgSecAggStrategy(Strategy):
         self.kept[server_round] = self.w.copy()
         contributors = sorted(self._accepted[proxy.node_id] for proxy, _ in results)
         self.rounds.append(
-            RoundRecord(server_round, contributors, self.codec.total_weight(total), reasons)
+            RoundRecord(
+                server_round,
+                contributors,
+                self.codec.total_weight(total),
+                reasons,
+                parameters=[float(v) for v in self.w],
+            )
         )
         return ndarrays_to_parameters([self.w]), {}
 
