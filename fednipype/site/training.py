@@ -43,14 +43,13 @@ policy's switches) — never a count, a value or a local path: the texts are als
 exception's ``public_reason`` for the hub. Local details go to the site's log.
 
 The feature tables and ``participants.tsv`` are read once per process and reused while none
-of their files changed (size and modification time): a client app that answers every
+of their files changed (:mod:`fednipype.site.table_cache`): a client app that answers every
 message in one process reads them once per run, not once per round and evaluation.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
 import os
@@ -62,9 +61,8 @@ import numpy as np
 import pandas as pd
 
 from fednipype._version import __version__
-from fednipype.bids import find_feature_files, read_participants
 from fednipype.contract.document import content_hash
-from fednipype.contract.training import FEATURE, TrainingRequest
+from fednipype.contract.training import TrainingRequest
 from fednipype.exceptions import (
     DataError,
     FednipypeError,
@@ -80,11 +78,11 @@ from fednipype.site.accountant import Charge, composed_epsilon
 
 # The statistics path's checks and refusals: one place for what a refusal may say.
 from fednipype.site.answer import _check_approved, _open, _refusal
-from fednipype.site.design import load_feature_table
 from fednipype.site.ledger import RELATIVE_TOLERANCE, PrivacyLedger
 from fednipype.site.ledger_store import connect, now, write_transaction
 from fednipype.site.node import _node_value
 from fednipype.site.policy import TRAINING_MODES, SitePolicy
+from fednipype.site.table_cache import read_feature_table, read_participants_table
 
 __all__ = [
     "ROUND_KIND",
@@ -345,47 +343,12 @@ def check_training_request(request: TrainingRequest, node_config: Mapping[str, A
 # -- the site's rows ------------------------------------------------------------------------
 
 
-# A SuperNode's client app answers every message of a run in one process (a simulation's
-# too): the site's tables are read once per process and reused while their files are
-# unchanged. The key is each file's (path, size, modification time): an edited, added or
-# removed file is read afresh, so a round sees exactly what reading the files would give.
-def _stamp(*paths: str) -> tuple[tuple[str, int, int], ...]:
-    """``(path, size, mtime_ns)`` of every file at or below ``paths`` (absent ones left out)."""
-    files, seen = [], set()
-    for top in paths:
-        if not os.path.isdir(top):
-            files.append(top)
-        for folder, subfolders, names in os.walk(top, followlinks=True):
-            if (real := os.path.realpath(folder)) in seen:  # a linked folder's loop
-                subfolders[:] = []
-                continue
-            seen.add(real)
-            subfolders.sort()
-            files += [os.path.join(folder, name) for name in sorted(names)]
-    found = []
-    for path in files:
-        with contextlib.suppress(OSError):
-            st = os.stat(path)
-            found.append((path, st.st_size, st.st_mtime_ns))
-    return tuple(found)
-
-
-@functools.lru_cache(maxsize=32)  # a simulation runs its sites in one process
-def _read_feature_table(derivatives: str, stamp: tuple) -> pd.DataFrame:
-    return load_feature_table(find_feature_files(derivatives), FEATURE)
-
-
-@functools.lru_cache(maxsize=32)  # a simulation runs its sites in one process
-def _read_participants(bids_dir: str, stamp: tuple) -> pd.DataFrame:
-    return read_participants(bids_dir)
-
-
 def _features(context: _Context) -> pd.DataFrame:
     """The site's regional-feature table (a copy); refusals when it lacks a requested region."""
     request, where = context.request, context.where
     derivatives = os.path.abspath(_node_value(context.node_config, "derivatives"))
     try:
-        table = _read_feature_table(derivatives, _stamp(derivatives)).copy()
+        table = read_feature_table(derivatives).copy()
     except (FednipypeError, OSError, KeyError, ValueError) as err:
         LOGGER.error("%s: %s", where, err)
         _refuse(DataError, where, "the site has no usable regional features for it")
@@ -404,7 +367,7 @@ def _site_rows(context: _Context) -> _Rows:
     try:
         bids = os.path.abspath(_node_value(config, "bids-dir"))
         files = [os.path.join(bids, f"participants.{ext}") for ext in ("tsv", "json")]
-        participants = _read_participants(bids, _stamp(*files)).copy()
+        participants = read_participants_table(bids, files).copy()
         if column not in participants.columns:
             raise DataError(f"{participants.attrs.get('source')}: no column {column!r}")
     except (FednipypeError, OSError) as err:
