@@ -142,10 +142,15 @@ def epsilon(sigma: float, n_parties: int, l2: float, dim: int, delta: float) -> 
     >>> bool(abs(epsilon(1e6, 3, 4e5, 20, 1e-5) - accountant.get_epsilon(1e-5)) < 1e-12)
     True
     """
-    l1 = min(math.sqrt(dim) * l2, l2**2)
-    curve = rdp(ORDERS, sigma, n_parties, l2, l1, dim)
-    eps, _ = compute_epsilon(ORDERS, curve, delta)
+    eps, _ = compute_epsilon(ORDERS, _sum_curve(sigma, n_parties, l2, dim), delta)
     return float(eps)
+
+
+def _sum_curve(sigma: float, n_parties: int, l2: float, dim: int) -> np.ndarray:
+    """:func:`rdp` at :data:`ORDERS`, the L1 sensitivity bounded from the L2 one:
+    ``min(√dim · Δ₂, Δ₂²)`` (an integer vector's entries are 0 or at least 1 in magnitude)."""
+    l1 = min(math.sqrt(dim) * l2, l2**2)
+    return rdp(ORDERS, sigma, n_parties, l2, l1, dim)
 
 
 @dataclass(frozen=True)
@@ -356,81 +361,45 @@ def training_epsilon(
     >>> bool(abs(ours - accountant.get_epsilon(1e-5)) < 1e-9)
     True
     """
-    l1 = min(math.sqrt(dim) * l2, l2**2)
-    curve = int(rounds) * rdp(ORDERS, sigma_site, n_honest, l2, l1, dim)
+    curve = int(rounds) * _sum_curve(sigma_site, n_honest, l2, dim)
     curve = curve + ORDERS / (2.0 * float(count_noise_multiplier) ** 2)
     eps, _ = compute_epsilon(ORDERS, curve, delta)
     return float(eps)
 
 
 @dataclass(frozen=True)
-class TrainingNoise:
+class TrainingNoise(DistributedNoise):
     """The noise of a ``distributed-dp`` training run, the same at the hub and every site.
+
+    The fields of :class:`DistributedNoise` for one round's gradient sum (``n_honest`` is the
+    request's ``min_sites``: the hub unmasks no sum of fewer; ``l2_sensitivity`` is
+    ``2**16 + √dim`` integer units; ``epsilon`` and ``local_floor_epsilon`` are the whole
+    run's, :func:`training_epsilon`), and:
 
     Attributes
     ----------
     grid_step : float
         Gradient units per integer: ``clip / 2**TRAINING_GRID_BITS``.
-    sigma_site : float
-        σ of each site's discrete Gaussian share per coordinate and round (integer units).
-    sigma_central : float
-        √n_honest σ_site: the noise sd of the sum of the honest sites' shares.
-    n_honest : int
-        Sites whose shares the guarantee relies on: the request's ``min_sites`` (the hub
-        unmasks no sum of fewer).
-    l2_sensitivity : float
-        One participant's effect on a site's rounded sum: ``2**16 + √dim`` integer units.
-    dim : int
-        Coordinates of the gradient (intercept and one per region).
     rounds : int
         Gradient sums the site sends.
     count_noise_multiplier : float
         σ_count of the site's one noisy training-row count.
-    epsilon, delta : float
-        What the run costs the site (:func:`training_epsilon`), charged to its ledger.
-    tau : float
-        The bound's correction at σ_site and ``n_honest`` parties.
-    local_floor_epsilon : float
-        ε at the same δ if every other site colluded with the hub (``n_honest = 1``).
     """
 
     grid_step: float
-    sigma_site: float
-    sigma_central: float
-    n_honest: int
-    l2_sensitivity: float
-    dim: int
     rounds: int
     count_noise_multiplier: float
-    epsilon: float
-    delta: float
-    tau: float
-    local_floor_epsilon: float
-
-    @property
-    def noise_multiplier(self) -> float:
-        """σ_central / Δ₂: the central DP-SGD noise multiplier of each round's summed gradient."""
-        return self.sigma_central / self.l2_sensitivity
 
     def as_dict(self) -> dict[str, float | int | str]:
         """The public description recorded in the ledger and the model file."""
         return {
+            **super().as_dict(),
             "mechanism": "distributed discrete Gaussian, one full-batch gradient sum per round",
             "accounting": "Kairouz, Liu & Steinke 2021, Proposition 14 (Renyi) per round, "
             "composed with the Gaussian count, converted by dp-accounting compute_epsilon",
             "grid_step": self.grid_step,
-            "sigma_site": self.sigma_site,
-            "sigma_central": self.sigma_central,
-            "n_honest": self.n_honest,
-            "l2_sensitivity": self.l2_sensitivity,
-            "dim": self.dim,
             "rounds": self.rounds,
             "count_noise_multiplier": self.count_noise_multiplier,
-            "noise_multiplier": self.noise_multiplier,
-            "epsilon": self.epsilon,
-            "delta": self.delta,
-            "tau": self.tau,
-            "local_floor_epsilon": self.local_floor_epsilon,
         }
 
 

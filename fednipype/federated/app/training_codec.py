@@ -54,8 +54,33 @@ MAX_FRACTION_BITS = 40
 MIN_FRACTION_BITS = 12
 
 
+class _IntegerCodec:
+    """What both codecs share: the transport's encoding and the check of a summed vector."""
+
+    n_params: int
+    n_sites: int
+
+    @property
+    def site_bound(self) -> int:  # pragma: no cover - each codec defines its own
+        raise NotImplementedError
+
+    def encoding(self) -> SecAggEncoding:
+        """The transport's encoding for the site bound and ``K``."""
+        return SecAggEncoding.for_bound(self.site_bound, n_sites=self.n_sites)
+
+    def _checked(self, total: np.ndarray) -> np.ndarray:
+        arr = np.asarray(total, dtype=np.int64).reshape(-1)
+        if arr.size != self.n_params + 1:
+            raise FederationError(
+                f"training codec: expected a sum of {self.n_params + 1} integers, got {arr.size}"
+            )
+        if arr[-1] <= 0:
+            raise FederationError("training codec: the summed weight is not positive")
+        return arr
+
+
 @dataclass(frozen=True)
-class FixedPointCodec:
+class FixedPointCodec(_IntegerCodec):
     """The fixed-point map of ``(w_k, m_k)`` to integers and back.
 
     Parameters
@@ -129,10 +154,6 @@ class FixedPointCodec:
         """``B``: the largest ``|integer|`` one site sends."""
         return math.ceil(self.scale * self.weight_bound * max(self.param_bound, 1.0))
 
-    def encoding(self) -> SecAggEncoding:
-        """The transport's encoding for ``B`` and ``K``."""
-        return SecAggEncoding.for_bound(self.site_bound, n_sites=self.n_sites)
-
     def encode(self, w: np.ndarray, weight: float) -> np.ndarray:
         """The site's integer vector ``round(2**f [m clip(w) ..., m])`` (int64, ``d + 2``).
 
@@ -155,16 +176,6 @@ class FixedPointCodec:
         clipped = np.clip(arr, -self.param_bound, self.param_bound)
         vector = np.rint(np.append(m * clipped, m) * self.scale).astype(np.int64)
         return np.clip(vector, -self.site_bound, self.site_bound)
-
-    def _checked(self, total: np.ndarray) -> np.ndarray:
-        arr = np.asarray(total, dtype=np.int64).reshape(-1)
-        if arr.size != self.n_params + 1:
-            raise FederationError(
-                f"training codec: expected a sum of {self.n_params + 1} integers, got {arr.size}"
-            )
-        if arr[-1] <= 0:
-            raise FederationError("training codec: the summed weight is not positive")
-        return arr
 
     def total_weight(self, total: np.ndarray) -> float:
         """``Σ m_k`` of a summed vector."""
@@ -240,7 +251,7 @@ _TAIL_SDS = 20
 
 
 @dataclass(frozen=True)
-class GradientCodec:
+class GradientCodec(_IntegerCodec):
     """A ``distributed-dp`` round's integers: each site's noisy gradient sum and its weight.
 
     A site sends ``[share ..., round(2**20 · clip(m_k, 0, M))]``: ``share`` is its clipped
@@ -319,10 +330,6 @@ class GradientCodec:
         """The largest ``|integer|`` one site sends."""
         return max(self.share_bound, math.ceil(self.weight_scale * self.weight_bound))
 
-    def encoding(self) -> SecAggEncoding:
-        """The transport's encoding for the site bound and ``K``."""
-        return SecAggEncoding.for_bound(self.site_bound, n_sites=self.n_sites)
-
     def encode(self, share: np.ndarray, weight: float) -> np.ndarray:
         """``[clip(share, ±B_g) ..., round(2**20 clip(m, 0, M))]`` (int64, ``d + 2``).
 
@@ -342,16 +349,6 @@ class GradientCodec:
         clipped = np.clip(arr.astype(np.int64), -self.share_bound, self.share_bound)
         scaled = round(min(m, self.weight_bound) * self.weight_scale)
         return np.append(clipped, np.int64(scaled)).astype(np.int64)
-
-    def _checked(self, total: np.ndarray) -> np.ndarray:
-        arr = np.asarray(total, dtype=np.int64).reshape(-1)
-        if arr.size != self.n_params + 1:
-            raise FederationError(
-                f"training codec: expected a sum of {self.n_params + 1} integers, got {arr.size}"
-            )
-        if arr[-1] <= 0:
-            raise FederationError("training codec: the summed weight is not positive")
-        return arr
 
     def gradient_sum(self, total: np.ndarray) -> np.ndarray:
         """``Σ g_k`` (noisy; gradient units) of a summed vector."""
