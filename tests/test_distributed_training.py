@@ -227,3 +227,29 @@ def test_secure_aggregation_cannot_be_turned_off(tmp_path):
         run_federated_training(path, tmp_path / "out", sites=[{"site": "siteA"}],
                                secure_aggregation=False)  # fmt: skip
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("mode", ["dp", "distributed-dp"])
+def test_a_site_without_one_usable_row_is_charged_and_sends_noise_only(
+    tmp_path, site_policy, bundled_derivatives, mode
+):
+    """Every age missing: the site has no training row. It cannot tell the hub so without
+    a data-dependent refusal, so it answers like any site: charged once, its weight the
+    noisy count of zero rows (floored at 1), its reply noise around nothing."""
+    site = Site(tmp_path / "z", site_policy, bundled_derivatives["siteA"], federation=BOTH_MODES)
+    people = site.participants()
+    people["age"] = "n/a"
+    site.write_participants(people)
+    req = request(**DISTRIBUTED) if mode == "distributed-dp" else request()
+    approvals.approve(site.ledger, req)
+    reply = train_round(req, site.config, W0, 1)
+    assert len(charges(site.ledger)) == 1
+    sigma_count = req.noise()[1]
+    assert 1.0 <= reply.weight < stats.norm.isf(ALPHA) * sigma_count + 1
+    if mode == "distributed-dp":
+        sigma = req.distributed_noise().sigma_site
+        z = stats.norm.isf(ALPHA / 2 / reply.share.size)
+        assert np.all(np.abs(reply.share) < z * sigma)
+    else:
+        assert np.all(np.isfinite(reply.w_local))
