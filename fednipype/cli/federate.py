@@ -36,7 +36,14 @@ from pathlib import Path
 
 from fednipype import __version__
 from fednipype.cli.console import setup_logging
-from fednipype.cli.errors import ArgumentParser, HelpFormatter, UsageError, exit_epilog, guarded
+from fednipype.cli.errors import ArgumentParser, HelpFormatter, exit_epilog, guarded
+from fednipype.cli.flower_options import (
+    add_engine_arguments,
+    add_run_arguments,
+    check_engine,
+    check_sharing,
+    check_timeouts,
+)
 from fednipype.contract.request import AnalysisRequest
 from fednipype.exceptions import FederationError
 
@@ -59,41 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
         "-o", "--output-dir", required=True, type=Path, metavar="OUTDIR",
         help="folder for pooled_results.tsv, the report and federation.json",
     )  # fmt: skip
-    link = parser.add_argument_group("SuperLink (either --superlink with a CA, or --connection)")
-    link.add_argument("--superlink", metavar="HOST:PORT", help="the SuperLink's address")
-    link.add_argument(
-        "--root-certificates", type=Path, metavar="CA.crt",
-        help="the consortium CA's certificate (PEM); a private Flower config is written for it",
-    )  # fmt: skip
-    link.add_argument(
-        "--connection", metavar="NAME",
-        help="use [superlink.NAME] of an existing Flower config instead",
-    )  # fmt: skip
-    link.add_argument(
-        "--flwr-home", type=Path, metavar="DIR",
-        help="the Flower home of --connection (default: $FLWR_HOME, else ~/.flwr)",
-    )  # fmt: skip
-    run = parser.add_argument_group("run")
-    run.add_argument(
-        "--timeout", type=float, default=900.0, metavar="S",
-        help="seconds the whole run may take; then it is stopped (default: %(default)g)",
-    )  # fmt: skip
-    run.add_argument(
-        "--round-timeout", type=float, default=120.0, metavar="S",
-        help="seconds each exchange waits for the sites' replies (default: %(default)g)",
-    )  # fmt: skip
-    run.add_argument(
-        "--connect-timeout", type=float, default=60.0, metavar="S",
-        help="seconds to wait for the request's sites to connect (default: %(default)g)",
-    )  # fmt: skip
-    run.add_argument(
-        "--num-shares", type=int, default=3, metavar="N",
-        help="SecAgg+ shares per secret, 3 to the number of sites (default: %(default)s)",
-    )  # fmt: skip
-    run.add_argument(
-        "--reconstruction-threshold", type=int, default=2, metavar="T",
-        help="SecAgg+ shares needed to rebuild a secret, 2 to N-1 (default: %(default)s)",
-    )  # fmt: skip
+    add_engine_arguments(parser, simulate=False)
+    run = add_run_arguments(
+        parser,
+        [
+            ("--timeout", 900.0, "seconds the whole run may take; then it is stopped"),
+            ("--round-timeout", 120.0, "seconds each exchange waits for the sites' replies"),
+            ("--connect-timeout", 60.0, "seconds to wait for the request's sites to connect"),
+        ],
+    )
     run.add_argument(
         "--regions", nargs="+", metavar="R", help="regions with a forest plot (default: all)"
     )
@@ -102,19 +83,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
-
-
-def _check_arguments(args: argparse.Namespace) -> None:
-    if args.connection is None and (args.superlink is None or args.root_certificates is None):
-        raise UsageError("--superlink and --root-certificates are required (or --connection)")
-    if args.connection is not None and (args.superlink or args.root_certificates):
-        raise UsageError("--connection: give it without --superlink and --root-certificates")
-    if args.flwr_home is not None and args.connection is None:
-        raise UsageError("--flwr-home: only with --connection")
-    for name in ("timeout", "round_timeout", "connect_timeout"):
-        value = getattr(args, name)
-        if not value >= 0 or value == float("inf") or (name != "connect_timeout" and value == 0):
-            raise UsageError(f"--{name.replace('_', '-')}: expected seconds > 0, got {value}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -131,18 +99,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    _check_arguments(args)
+    check_engine(args)
+    check_timeouts(args, ("timeout", "round_timeout", "connect_timeout"))
+    check_sharing(args, AnalysisRequest.from_file(args.request).k)
     # Imported here: the federation's process tools and the hub's report (matplotlib) are
     # needed only once the arguments are known to be usable.
-    from fednipype.federated.analysis import check_shares, parse_address, run_federated_analysis
+    from fednipype.federated.analysis import run_federated_analysis
 
-    request = AnalysisRequest.from_file(args.request)
-    try:
-        check_shares(args.num_shares, args.reconstruction_threshold, request.k)
-        if args.superlink is not None:
-            parse_address(args.superlink)
-    except FederationError as err:
-        raise UsageError(str(err)) from None
     run = run_federated_analysis(
         args.request,
         args.output_dir,

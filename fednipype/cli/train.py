@@ -38,8 +38,14 @@ from pathlib import Path
 from fednipype import __version__
 from fednipype.cli.console import setup_logging
 from fednipype.cli.errors import ArgumentParser, HelpFormatter, UsageError, exit_epilog, guarded
+from fednipype.cli.flower_options import (
+    add_engine_arguments,
+    add_run_arguments,
+    check_engine,
+    check_sharing,
+    check_timeouts,
+)
 from fednipype.contract.training import TrainingRequest
-from fednipype.exceptions import FederationError
 
 PROG = "fednipype-train"
 
@@ -52,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=exit_epilog(),
         description=(
             "Run a federated training request (FedAvg through SecAgg+, DP-SGD at each site in "
-            "mode dp) on the consortium's SuperLink or in simulation; write the model file."
+            "mode dp, FedSGD with each site's discrete Gaussian share in mode distributed-dp) "
+            "on the consortium's SuperLink or in simulation; write the model file."
         ),
     )
     parser.add_argument("request", type=Path, metavar="REQUEST.json", help="the training request")
@@ -60,40 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
         "-o", "--output-dir", required=True, type=Path, metavar="OUTDIR",
         help="folder for model.json, metrics.tsv and training.json",
     )  # fmt: skip
-    link = parser.add_argument_group("engine (--superlink with a CA, --connection, or --simulate)")
-    link.add_argument("--superlink", metavar="HOST:PORT", help="the SuperLink's address")
-    link.add_argument(
-        "--root-certificates", type=Path, metavar="CA.crt",
-        help="the consortium CA's certificate (PEM); a private Flower config is written for it",
-    )  # fmt: skip
-    link.add_argument(
-        "--connection", metavar="NAME", help="use [superlink.NAME] of an existing Flower config"
+    add_engine_arguments(parser, simulate=True)
+    run = add_run_arguments(
+        parser,
+        [
+            ("--timeout", 1800.0, "seconds the whole run may take; then it is stopped"),
+            ("--round-timeout", 120.0, "seconds each SecAgg+ stage waits for the sites' replies"),
+            ("--check-timeout", 120.0, "seconds the data-free check round waits"),
+            ("--connect-timeout", 60.0, "seconds to wait for the request's sites to connect"),
+        ],
     )
-    link.add_argument(
-        "--flwr-home", type=Path, metavar="DIR",
-        help="the Flower home of --connection (default: $FLWR_HOME, else ~/.flwr)",
-    )  # fmt: skip
-    link.add_argument(
-        "--simulate", type=Path, metavar="SITES.json",
-        help="simulate the federation here: a JSON list of the sites' node configs",
-    )  # fmt: skip
-    run = parser.add_argument_group("run")
-    for flag, default, text in (
-        ("--timeout", 1800.0, "seconds the whole run may take; then it is stopped"),
-        ("--round-timeout", 120.0, "seconds each SecAgg+ stage waits for the sites' replies"),
-        ("--check-timeout", 120.0, "seconds the data-free check round waits"),
-        ("--connect-timeout", 60.0, "seconds to wait for the request's sites to connect"),
-    ):
-        run.add_argument(flag, type=float, default=default, metavar="S",
-                         help=f"{text} (default: %(default)g)")  # fmt: skip
-    run.add_argument(
-        "--num-shares", type=int, default=3, metavar="N",
-        help="SecAgg+ shares per secret, 3 to the number of sites (default: %(default)s)",
-    )  # fmt: skip
-    run.add_argument(
-        "--reconstruction-threshold", type=int, default=2, metavar="T",
-        help="SecAgg+ shares needed to rebuild a secret, 2 to N-1 (default: %(default)s)",
-    )  # fmt: skip
     run.add_argument(
         "--patience", type=int, default=0, metavar="P",
         help="mode none: stop after P rounds without a better held-out loss (default: never)",
@@ -114,20 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_arguments(args: argparse.Namespace) -> None:
-    engines = [args.superlink is not None or args.root_certificates is not None,
-               args.connection is not None, args.simulate is not None]  # fmt: skip
-    if sum(engines) != 1:
-        raise UsageError(
-            "give one engine: --superlink with --root-certificates, --connection, or --simulate"
-        )
-    if engines[0] and (args.superlink is None or args.root_certificates is None):
-        raise UsageError("--superlink and --root-certificates: both needed")
-    if args.flwr_home is not None and args.connection is None:
-        raise UsageError("--flwr-home: only with --connection")
-    for name in ("timeout", "round_timeout", "check_timeout", "connect_timeout"):
-        value = getattr(args, name)
-        if not value >= 0 or math.isinf(value) or (name != "connect_timeout" and value == 0):
-            raise UsageError(f"--{name.replace('_', '-')}: expected seconds > 0, got {value}")
+    check_engine(args)
+    check_timeouts(args, ("timeout", "round_timeout", "check_timeout", "connect_timeout"))
     if args.patience < 0:
         raise UsageError(f"--patience: expected an integer >= 0, got {args.patience}")
     if not 0 < args.param_bound < math.inf:
@@ -149,17 +120,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     _check_arguments(args)
+    check_sharing(args, TrainingRequest.from_file(args.request).k)
     # Imported here: the federation's process tools are needed only for usable arguments.
-    from fednipype.federated.analysis import check_shares, parse_address
     from fednipype.federated.training import read_simulated_sites, run_federated_training
 
-    request = TrainingRequest.from_file(args.request)
-    try:
-        check_shares(args.num_shares, args.reconstruction_threshold, request.k)
-        if args.superlink is not None:
-            parse_address(args.superlink)
-    except FederationError as err:
-        raise UsageError(str(err)) from None
     sites = read_simulated_sites(args.simulate) if args.simulate is not None else None
     run = run_federated_training(
         args.request,
