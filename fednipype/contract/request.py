@@ -58,7 +58,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Self
 
 from fednipype.contract.calibration import check_delta, check_epsilon, is_number
 from fednipype.contract.document import canonical_json, content_hash
@@ -104,8 +104,115 @@ DEFAULT_REGION = "default"
 Bounds = tuple[float, float]
 
 
+class HashedRequest:
+    """What every request document shares: reading and writing it, and its identity.
+
+    A request is a frozen dataclass (``eq=False``) with ``from_document`` (validation) and
+    ``to_document`` (the normalised document). Its identity is the canonical JSON of that
+    document: two requests are equal when their documents are, and the content hash (SHA-256
+    of the canonical JSON) is what a data owner approves. The readers refuse oversized,
+    non-UTF-8 or malformed JSON, repeated keys, overlong integers and NaN before validation.
+    """
+
+    @classmethod
+    def from_document(cls, doc: Any, *, source: str = "<request>") -> Self:
+        """Validate a parsed request document (each request type defines it)."""
+        raise NotImplementedError
+
+    def to_document(self) -> dict[str, Any]:
+        """The normalised document (each request type defines it)."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Self:
+        """Read and validate a request file.
+
+        Raises
+        ------
+        RequestError
+            Unreadable, not JSON, or not a valid request (naming the file).
+        """
+        path = Path(path)
+        try:
+            raw = path.read_bytes()
+        except OSError as err:
+            raise RequestError(f"{path}: cannot read the request ({err.strerror})") from err
+        if len(raw) > MAX_BYTES:
+            raise RequestError(f"{path}: {len(raw)} bytes; a request is at most {MAX_BYTES}")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise RequestError(f"{path}: not UTF-8 text ({err.reason})") from err
+        return cls.from_json(text, source=str(path))
+
+    @classmethod
+    def from_json(cls, text: str, *, source: str = "<request>") -> Self:
+        """Parse and validate a request's JSON text.
+
+        Raises
+        ------
+        RequestError
+            Not JSON, repeated keys, too large or deep, or not a valid request.
+        """
+        if not isinstance(text, str):
+            raise RequestError(f"{source}: expected the request's JSON text")
+        if len(text.encode("utf-8")) > MAX_BYTES:
+            raise RequestError(f"{source}: longer than {MAX_BYTES} bytes; not a request")
+
+        def parse_int(digits: str) -> int:
+            if len(digits.lstrip("-")) > _MAX_INT_DIGITS:
+                raise RequestError(f"{source}: an integer of {len(digits)} digits; not a request")
+            return int(digits)
+
+        def refuse_constant(name: str) -> None:
+            raise RequestError(f"{source}: {name} is not a number a request may hold")
+
+        def no_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+            out: dict[str, Any] = {}
+            for key, value in pairs:
+                if key in out:
+                    raise RequestError(f"{source}: key {key!r} appears twice")
+                out[key] = value
+            return out
+
+        try:
+            doc = json.loads(
+                text,
+                parse_int=parse_int,
+                parse_constant=refuse_constant,
+                object_pairs_hook=no_repeats,
+            )
+        except RecursionError as err:
+            raise RequestError(f"{source}: nested too deeply; not a request") from err
+        except json.JSONDecodeError as err:
+            raise RequestError(f"{source}: not valid JSON ({err})") from err
+        return cls.from_document(doc, source=source)
+
+    def dumps(self) -> str:
+        """The request file's text (indented JSON, final newline)."""
+        return json.dumps(self.to_document(), indent=1, allow_nan=False) + "\n"
+
+    @cached_property
+    def canonical(self) -> str:
+        """The canonical JSON the content hash is taken of."""
+        return canonical_json(self.to_document())
+
+    @cached_property
+    def content_hash(self) -> str:
+        """SHA-256 (hex) of the canonical JSON of :meth:`to_document`."""
+        return content_hash(self.to_document())
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        return self.canonical == other.canonical
+
+    def __hash__(self) -> int:
+        return hash(self.canonical)
+
+
 @dataclass(frozen=True, eq=False)
-class AnalysisRequest:
+class AnalysisRequest(HashedRequest):
     """A validated federated analysis request (see the module docstring for the rules).
 
     Parameters
@@ -181,71 +288,6 @@ class AnalysisRequest:
     # -- reading and writing ---------------------------------------------------------------
 
     @classmethod
-    def from_file(cls, path: str | Path) -> AnalysisRequest:
-        """Read and validate a request file.
-
-        Raises
-        ------
-        RequestError
-            Unreadable, not JSON, or not a valid request (naming the file).
-        """
-        path = Path(path)
-        try:
-            raw = path.read_bytes()
-        except OSError as err:
-            raise RequestError(f"{path}: cannot read the request ({err.strerror})") from err
-        if len(raw) > MAX_BYTES:
-            raise RequestError(f"{path}: {len(raw)} bytes; a request is at most {MAX_BYTES}")
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise RequestError(f"{path}: not UTF-8 text ({err.reason})") from err
-        return cls.from_json(text, source=str(path))
-
-    @classmethod
-    def from_json(cls, text: str, *, source: str = "<request>") -> AnalysisRequest:
-        """Parse and validate a request's JSON text.
-
-        Raises
-        ------
-        RequestError
-            Not JSON, repeated keys, too large or deep, or not a valid request.
-        """
-        if not isinstance(text, str):
-            raise RequestError(f"{source}: expected the request's JSON text")
-        if len(text.encode("utf-8")) > MAX_BYTES:
-            raise RequestError(f"{source}: longer than {MAX_BYTES} bytes; not a request")
-
-        def parse_int(digits: str) -> int:
-            if len(digits.lstrip("-")) > _MAX_INT_DIGITS:
-                raise RequestError(f"{source}: an integer of {len(digits)} digits; not a request")
-            return int(digits)
-
-        def refuse_constant(name: str) -> None:
-            raise RequestError(f"{source}: {name} is not a number a request may hold")
-
-        def no_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-            out: dict[str, Any] = {}
-            for key, value in pairs:
-                if key in out:
-                    raise RequestError(f"{source}: key {key!r} appears twice")
-                out[key] = value
-            return out
-
-        try:
-            doc = json.loads(
-                text,
-                parse_int=parse_int,
-                parse_constant=refuse_constant,
-                object_pairs_hook=no_repeats,
-            )
-        except RecursionError as err:
-            raise RequestError(f"{source}: nested too deeply; not a request") from err
-        except json.JSONDecodeError as err:
-            raise RequestError(f"{source}: not valid JSON ({err})") from err
-        return cls.from_document(doc, source=source)
-
-    @classmethod
     def from_document(cls, doc: Any, *, source: str = "<request>") -> AnalysisRequest:
         """Validate a parsed request document.
 
@@ -303,28 +345,6 @@ class AnalysisRequest:
             "min_sites": self.min_sites,
             "max_participants": self.max_participants,
         }
-
-    def dumps(self) -> str:
-        """The request file's text (indented JSON, final newline)."""
-        return json.dumps(self.to_document(), indent=1, allow_nan=False) + "\n"
-
-    @cached_property
-    def canonical(self) -> str:
-        """The canonical JSON the content hash is taken of."""
-        return canonical_json(self.to_document())
-
-    @cached_property
-    def content_hash(self) -> str:
-        """SHA-256 (hex) of the canonical JSON of :meth:`to_document`."""
-        return content_hash(self.to_document())
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, AnalysisRequest):
-            return NotImplemented
-        return self.canonical == other.canonical
-
-    def __hash__(self) -> int:
-        return hash(self.canonical)
 
     # -- the model -------------------------------------------------------------------------
 

@@ -47,19 +47,16 @@ of the normalised document, as for analysis requests; an altered request has ano
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from fednipype.contract.calibration import check_delta, check_epsilon, is_number
 from fednipype.contract.distributed_dp import TrainingNoise, calibrate_training
-from fednipype.contract.document import canonical_json, content_hash
 
 # The analysis request's validators: one set of rules for both kinds of request.
 from fednipype.contract.request import (
@@ -68,7 +65,7 @@ from fednipype.contract.request import (
     MAX_PARTICIPANTS,
     MAX_REGIONS,
     MAX_SITES,
-    AnalysisRequest,
+    HashedRequest,
     _bounds,
     _check_depth,
     _integer,
@@ -127,7 +124,7 @@ Bounds = tuple[float, float]
 
 
 @dataclass(frozen=True, eq=False)
-class TrainingRequest:
+class TrainingRequest(HashedRequest):
     """A validated federated training request (see the module docstring for the rules).
 
     Parameters
@@ -235,31 +232,6 @@ class TrainingRequest:
     # -- reading and writing ---------------------------------------------------------------
 
     @classmethod
-    def from_file(cls, path: str | Path) -> TrainingRequest:
-        """Read and validate a training request file.
-
-        Raises
-        ------
-        RequestError
-            Unreadable, not JSON, or not a valid request (naming the file).
-        """
-        # The analysis request's reader (size limit, UTF-8), bound to this class.
-        return AnalysisRequest.from_file.__func__(cls, path)  # type: ignore[attr-defined]
-
-    @classmethod
-    def from_json(cls, text: str, *, source: str = "<request>") -> TrainingRequest:
-        """Parse and validate a training request's JSON text.
-
-        Raises
-        ------
-        RequestError
-            Not JSON, repeated keys, too large or deep, or not a valid request.
-        """
-        # The analysis request's parser (repeated keys, long integers and NaN refused) calls
-        # ``cls.from_document``: bound to this class it validates a training request.
-        return AnalysisRequest.from_json.__func__(cls, text, source=source)  # type: ignore[attr-defined]
-
-    @classmethod
     def from_document(cls, doc: Any, *, source: str = "<request>") -> TrainingRequest:
         """Validate a parsed training request document.
 
@@ -322,28 +294,6 @@ class TrainingRequest:
             "min_sites": self.min_sites,
             "max_participants": self.max_participants,
         }
-
-    def dumps(self) -> str:
-        """The request file's text (indented JSON, final newline)."""
-        return json.dumps(self.to_document(), indent=1, allow_nan=False) + "\n"
-
-    @cached_property
-    def canonical(self) -> str:
-        """The canonical JSON the content hash is taken of."""
-        return canonical_json(self.to_document())
-
-    @cached_property
-    def content_hash(self) -> str:
-        """SHA-256 (hex) of the canonical JSON of :meth:`to_document`."""
-        return content_hash(self.to_document())
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, TrainingRequest):
-            return NotImplemented
-        return self.canonical == other.canonical
-
-    def __hash__(self) -> int:
-        return hash(self.canonical)
 
     # -- the run ---------------------------------------------------------------------------
 
