@@ -13,12 +13,7 @@ folder of the ``simulate`` file.
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
-
 from nipype.interfaces.base import (
-    BaseInterfaceInputSpec,
-    Directory,
     File,
     SimpleInterface,
     Str,
@@ -28,20 +23,15 @@ from nipype.interfaces.base import (
 )
 
 from fednipype.federated.training import read_simulated_sites, run_federated_training
+from fednipype.interfaces.federated import FlowerRunInputSpec, flower_run_options
 
 __all__ = ["FederatedFit"]
 
 
-class _FederatedFitInputSpec(BaseInterfaceInputSpec):
+class _FederatedFitInputSpec(FlowerRunInputSpec):
     request = File(
         exists=True, resolve=True, mandatory=True, desc="the training request the sites approved"
     )
-    superlink = Str(desc="HOST:PORT of the consortium's SuperLink (with root_certificates)")
-    root_certificates = File(
-        exists=True, resolve=True, desc="the consortium CA's certificate (PEM)"
-    )
-    connection = Str(desc="instead of superlink: a connection of an existing Flower home")
-    flwr_home = Directory(exists=True, resolve=True, desc="the Flower home of connection")
     simulate = File(
         exists=True,
         resolve=True,
@@ -50,13 +40,7 @@ class _FederatedFitInputSpec(BaseInterfaceInputSpec):
     )
     out_dir = Str("federated_fit", usedefault=True, desc="output folder (relative: in the node)")
     timeout = traits.Float(1800.0, usedefault=True, desc="seconds the whole run may take")
-    round_timeout = traits.Float(120.0, usedefault=True, desc="seconds per SecAgg+ stage")
     check_timeout = traits.Float(120.0, usedefault=True, desc="seconds for the check round")
-    connect_timeout = traits.Float(60.0, usedefault=True, desc="seconds for sites to connect")
-    num_shares = traits.Int(3, usedefault=True, desc="SecAgg+ shares per secret")
-    reconstruction_threshold = traits.Int(
-        2, usedefault=True, desc="SecAgg+ shares needed to rebuild a secret"
-    )
     patience = traits.Int(0, usedefault=True, desc="mode none: early-stopping patience (rounds)")
 
 
@@ -89,28 +73,15 @@ class FederatedFit(SimpleInterface):
 
     def _run_interface(self, runtime):
         inputs = self.inputs
-
-        def opt(name: str) -> Any:
-            value = getattr(inputs, name)
-            return value if isdefined(value) else None
-
-        sites = read_simulated_sites(inputs.simulate) if opt("simulate") is not None else None
-        out = Path(inputs.out_dir)
+        options = flower_run_options(inputs, runtime)
+        simulate = inputs.simulate if isdefined(inputs.simulate) else None
         run = run_federated_training(
             inputs.request,
-            out if out.is_absolute() else Path(runtime.cwd) / out,
-            superlink=opt("superlink"),
-            root_certificates=opt("root_certificates"),
-            connection=opt("connection"),
-            flwr_home=opt("flwr_home"),
-            sites=sites,
-            timeout=inputs.timeout,
-            round_timeout=inputs.round_timeout,
+            options.pop("out_dir"),
+            sites=read_simulated_sites(simulate) if simulate is not None else None,
             check_timeout=inputs.check_timeout,
-            connect_timeout=inputs.connect_timeout,
-            num_shares=inputs.num_shares,
-            reconstruction_threshold=inputs.reconstruction_threshold,
             patience=inputs.patience,
+            **options,
         )
         self._results.update(
             model=str(run.model), metrics=str(run.metrics), record=str(run.record_path)
