@@ -608,6 +608,12 @@ def _check_mode(req: AnalysisRequest, source: str) -> None:
             if getattr(req, name) is not None:
                 raise RequestError(f"{source}: field {name}: must be null in exact mode")
         return
+    _check_privacy(req, source)
+
+
+def _check_privacy(req: Any, source: str) -> None:
+    """A request's ``epsilon`` (finite, > 0) and ``delta`` (0 < δ < 1/``max_participants``),
+    normalised to floats in place; shared by every request type with a DP mode."""
     try:
         epsilon = check_epsilon(req.epsilon, f"{source}: field epsilon")
         delta = check_delta(req.delta, f"{source}: field delta")
@@ -620,5 +626,5 @@ def _check_mode(req: AnalysisRequest, source: str) -> None:
             f"{source}: field delta: {delta:g} must be > 0 and below 1/max_participants = "
             f"{1.0 / req.max_participants:g}"
         )
-    set_(req, "epsilon", epsilon)
-    set_(req, "delta", delta)
+    object.__setattr__(req, "epsilon", epsilon)
+    object.__setattr__(req, "delta", delta)

@@ -55,7 +55,7 @@ from typing import Any
 
 import numpy as np
 
-from fednipype.contract.calibration import check_delta, check_epsilon, is_number
+from fednipype.contract.calibration import is_number
 from fednipype.contract.distributed_dp import TrainingNoise, calibrate_training
 
 # The analysis request's validators: one set of rules for both kinds of request.
@@ -68,6 +68,7 @@ from fednipype.contract.request import (
     HashedRequest,
     _bounds,
     _check_depth,
+    _check_privacy,
     _integer,
     _list,
     _mapping,
@@ -76,7 +77,7 @@ from fednipype.contract.request import (
     _object,
     _region_bounds,
 )
-from fednipype.exceptions import PolicyError, RequestError
+from fednipype.exceptions import RequestError
 from fednipype.learn import accountant
 from fednipype.learn.models import FeatureScaling
 
@@ -431,20 +432,7 @@ def _check_mode(req: TrainingRequest, source: str) -> None:
             if getattr(req, name) is not None:
                 raise RequestError(f"{source}: field {name}: must be null in mode none")
         return
-    try:
-        epsilon = check_epsilon(req.epsilon, f"{source}: field epsilon")
-        delta = check_delta(req.delta, f"{source}: field delta")
-    except PolicyError as err:
-        raise RequestError(str(err)) from err
-    if epsilon > MAX_MAGNITUDE:
-        raise RequestError(f"{source}: field epsilon: {epsilon:g} is beyond {MAX_MAGNITUDE:g}")
-    if not 0 < delta < 1.0 / req.max_participants:
-        raise RequestError(
-            f"{source}: field delta: {delta:g} must be > 0 and below 1/max_participants = "
-            f"{1.0 / req.max_participants:g}"
-        )
-    set_(req, "epsilon", epsilon)
-    set_(req, "delta", delta)
+    _check_privacy(req, source)
     set_(req, "sampling_rate", _sampling_rate(req.sampling_rate, source))
     set_(req, "clip", _real(req.clip, source, "clip", low=0.0))
     if req.mode == "distributed-dp":
