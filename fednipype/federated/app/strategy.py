@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,6 +76,35 @@ def _failure_text(failure: Any) -> str:
     return error_text(reason if isinstance(reason, str) else str(arg))
 
 
+def connected(client_manager: ClientManager, accepted: Iterable[int]) -> list[ClientProxy]:
+    """The proxies of the ``accepted`` node ids still connected, in node-id order."""
+    proxies = {proxy.node_id: proxy for proxy in client_manager.all().values()}
+    return [proxies[node_id] for node_id in sorted(accepted) if node_id in proxies]
+
+
+def summed_vector(
+    results: list[tuple[ClientProxy, Any]], encoding: SecAggEncoding, *, secure: bool
+) -> tuple[np.ndarray, int]:
+    """The exact integer sum of a fit round's vectors, and how many distinct payloads came.
+
+    Under SecAgg+ every result carries the same unmasked aggregate (anything else is an
+    error); the plain baseline sums the vectors received in the clear.
+    """
+    payloads: dict[bytes, Parameters] = {}
+    for _, fitres in results:
+        payloads.setdefault(b"".join(fitres.parameters.tensors), fitres.parameters)
+    if not secure:
+        vectors = [parameters_to_ndarrays(fitres.parameters)[0] for _, fitres in results]
+        return encoding.plain_sum(vectors), len(payloads)
+    if len(payloads) != 1:
+        raise FederationError(
+            f"secure sum: aggregate_fit received {len(payloads)} distinct vectors; SecAgg+ "
+            "hands it one aggregate"
+        )
+    (aggregate,) = (parameters_to_ndarrays(p) for p in payloads.values())
+    return encoding.decode(aggregate[0], len(results)), 1
+
+
 @dataclass
 class SumOutcome:
     """What :class:`SecureSumStrategy.aggregate_fit` received, decoded."""
@@ -128,11 +157,9 @@ class SecureSumStrategy(Strategy):
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:
         """Sample exactly the accepted sites that are still connected."""
-        proxies = {proxy.node_id: proxy for proxy in client_manager.all().values()}
         return [
-            (proxies[node_id], FitIns(parameters, dict(self._fit_config)))
-            for node_id in sorted(self._accepted)
-            if node_id in proxies
+            (proxy, FitIns(parameters, dict(self._fit_config)))
+            for proxy in connected(client_manager, self._accepted)
         ]
 
     def aggregate_fit(
@@ -144,25 +171,11 @@ class SecureSumStrategy(Strategy):
         """Decode the sum; under SecAgg+ every result carries the same unmasked aggregate."""
         if not results:
             return None, {}
-        payloads: dict[bytes, Parameters] = {}
-        for _, fitres in results:
-            payloads.setdefault(b"".join(fitres.parameters.tensors), fitres.parameters)
-        if self._secure:
-            if len(payloads) != 1:
-                raise FederationError(
-                    f"secure sum: aggregate_fit received {len(payloads)} distinct vectors; "
-                    "SecAgg+ hands it one aggregate"
-                )
-            (aggregate,) = (parameters_to_ndarrays(p) for p in payloads.values())
-            total = self._encoding.decode(aggregate[0], len(results))
-        else:
-            total = self._encoding.plain_sum(
-                [parameters_to_ndarrays(fitres.parameters)[0] for _, fitres in results]
-            )
+        total, distinct = summed_vector(results, self._encoding, secure=self._secure)
         self.outcome = SumOutcome(
             total=total,
             node_ids=[proxy.node_id for proxy, _ in results],
-            distinct_parameters=len(payloads),
+            distinct_parameters=distinct,
             # Distinct reasons: Flower's collect stage lists each failed reply twice.
             failures=list(dict.fromkeys(_failure_text(failure) for failure in failures)),
         )

@@ -27,7 +27,6 @@ from flwr.common import (
     FitIns,
     Parameters,
     ndarrays_to_parameters,
-    parameters_to_ndarrays,
 )
 from flwr.compat.common import recorddict_compat as compat
 from flwr.server.client_manager import ClientManager
@@ -39,7 +38,7 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp.grid import Grid
 
 from fednipype.exceptions import FederationError
-from fednipype.federated.app.strategy import _failure_text, error_text
+from fednipype.federated.app.strategy import _failure_text, connected, error_text, summed_vector
 from fednipype.federated.app.training_codec import FixedPointCodec, GradientCodec
 
 __all__ = ["FedAvgSecAggStrategy", "RoundRecord", "bounded_evaluate_workflow"]
@@ -133,13 +132,11 @@ class FedAvgSecAggStrategy(Strategy):
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:
         """The global parameters to every accepted site that is still connected."""
-        proxies = {proxy.node_id: proxy for proxy in client_manager.all().values()}
         config = {**self._config(server_round), **self.codec.config()}
         params = ndarrays_to_parameters([self.w])
         return [
-            (proxies[node_id], FitIns(params, dict(config)))
-            for node_id in sorted(self._accepted)
-            if node_id in proxies
+            (proxy, FitIns(params, dict(config)))
+            for proxy in connected(client_manager, self._accepted)
         ]
 
     def aggregate_fit(
@@ -154,19 +151,7 @@ class FedAvgSecAggStrategy(Strategy):
             LOGGER.error("round %d: %d contributors, fewer than %d", server_round, len(results),
                          self.min_sites)  # fmt: skip
             return None, {}
-        if self._secure:
-            payloads = {b"".join(r.parameters.tensors): r.parameters for _, r in results}
-            if len(payloads) != 1:
-                raise FederationError(
-                    f"round {server_round}: aggregate_fit received {len(payloads)} distinct "
-                    "vectors; SecAgg+ hands it one aggregate"
-                )
-            (aggregate,) = (parameters_to_ndarrays(p) for p in payloads.values())
-            total = self._encoding.decode(aggregate[0], len(results))
-        else:
-            total = self._encoding.plain_sum(
-                [parameters_to_ndarrays(fitres.parameters)[0] for _, fitres in results]
-            )
+        total, _ = summed_vector(results, self._encoding, secure=self._secure)
         self.w = self.codec.step(self.w, total)
         self.kept[server_round] = self.w.copy()
         contributors = sorted(self._accepted[proxy.node_id] for proxy, _ in results)
