@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -138,3 +139,33 @@ def test_as_a_process(policy, tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert "approved (for one run of 20 rounds)" in done.stdout
+
+
+def test_approving_a_distributed_request_states_its_trust_assumption(policy, tmp_path, capsys):
+    """The owner reads what the request's epsilon rests on and the site's local floor; the
+    floor is recomputed here with dp-accounting (the bound at tau = 0: rounds Gaussians of
+    multiplier sigma_site / Delta_2 composed with the count's Gaussian)."""
+    import dp_accounting
+    import numpy as np
+    from dp_accounting import rdp
+
+    changes = {"mode": "distributed-dp", "local_steps": 1, "sampling_rate": 1.0, "min_sites": 3}
+    request = TrainingRequest.from_document({**DOC, **changes})
+    path = _write(tmp_path, **changes)
+    assert main(["approve", str(path), "--policy", str(policy)]) == 0
+    captured = capsys.readouterr()
+    noise = request.distributed_noise()
+    accountant = rdp.RdpAccountant(orders=list(1.0 + np.geomspace(0.011, 1e5, 1500)))
+    accountant.compose(dp_accounting.GaussianDpEvent(noise.sigma_site / (2**16 + 3**0.5)), 20)
+    accountant.compose(dp_accounting.GaussianDpEvent(noise.count_noise_multiplier))
+    floor = accountant.get_epsilon(1e-5)
+    found = re.search(
+        r"note: mode distributed-dp: epsilon=(\S+) holds while the noise shares of 3 sites "
+        r"are in every sum the hub unmasks; this site's share alone gives epsilon=(\S+) at "
+        r"delta=1e-05 \(its local floor\)",
+        captured.out,
+    )
+    assert found is not None, captured.out
+    assert 0.99 * 4.0 <= float(found[1]) <= 4.0
+    assert float(found[2]) == pytest.approx(floor, rel=1e-2)  # printed to 3 digits
+    assert "'training-distributed-dp' in [federation] modes" in captured.err

@@ -51,6 +51,7 @@ from fednipype.cli.errors import (
     exit_epilog,
     guarded,
 )
+from fednipype.contract.distributed_dp import DistributedNoise, request_noise
 from fednipype.contract.request import AnalysisRequest
 from fednipype.contract.training import TRAINING_SCHEMA, TrainingRequest
 from fednipype.exceptions import FederationError
@@ -224,6 +225,15 @@ def _cost(record: RequestRecord) -> str:
     return f"epsilon={record.epsilon:g}, delta={record.delta:g} {per}"
 
 
+def _distributed_noise(target: object) -> DistributedNoise | None:
+    """The calibrated noise of a ``distributed-dp`` request read from its file (else None)."""
+    if isinstance(target, TrainingRequest):
+        return target.distributed_noise()
+    if isinstance(target, AnalysisRequest) and target.mode == "distributed-dp":
+        return request_noise(target)[0]
+    return None
+
+
 def _decide(command: str, args: argparse.Namespace) -> int:
     policy, ledger = _open(args.policy)  # refusals first: nothing is recorded before them
     target: AnalysisRequest | TrainingRequest | RequestRecord
@@ -248,6 +258,13 @@ def _decide(command: str, args: argparse.Namespace) -> int:
         f"{what}mode {mode}, {_cost(record)}, sites {', '.join(record.sites)}; recorded in "
         f"privacy ledger {ledger.path}"
     )
+    if command == "approve" and (shared := _distributed_noise(target)) is not None:
+        print(
+            f"note: mode distributed-dp: epsilon={shared.epsilon:.3g} holds while the noise "
+            f"shares of {shared.n_honest} sites are in every sum the hub unmasks; this site's "
+            f"share alone gives epsilon={shared.local_floor_epsilon:.3g} at "
+            f"delta={shared.delta:g} (its local floor)"
+        )
     allowed = policy.allows_training(mode) if training else policy.allows_mode(mode)
     if command == "approve" and not allowed:
         if training:
