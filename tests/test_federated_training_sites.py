@@ -278,8 +278,8 @@ def test_distributed_dp_steps_are_fedsgd_with_the_stated_noise_and_each_ledger_c
     Each round's hub step is compared with the noise-free FedSGD step computed here from the
     rows (numpy): the difference, in grid units, is the sum of the three contributors' discrete
     Gaussian shares, N(0, 3 σ_site²) per coordinate. Its χ² over 3 rounds × 5 coordinates (15
-    df) is accepted within the two-sided 1e-6 false-alarm interval; absent or doubled noise
-    falls outside it. Each ledger holds one charge: the Rényi bound composed over the rounds
+    df) is accepted within the two-sided 1e-6 false-alarm interval; absent noise (χ² ≈ 0)
+    falls below it. Each ledger holds one charge: the Rényi bound composed over the rounds
     with the noisy count, checked against dp-accounting's RDP accountant (τ = 0)."""
     from scipy import stats
 
