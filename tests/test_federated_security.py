@@ -211,35 +211,14 @@ def test_malformed_request_is_refused_by_the_hub_before_the_run(federation):
 
 
 @pytest.mark.timeout(240)
-def test_unapproved_request_is_refused_by_every_site_without_a_charge(federation, capsys):
-    fed = federation
-    request, path = write_request(fed, request_id="unapproved")
-    before = {site: ledger_rows(fed, site)["charges"] for site in SITES}
-    result, seconds = run(fed, path, "unapproved")
-    assert result["status"] == "failed" and "0 of 3 sites accepted" in result["error"]
-    for site in SITES:
-        row = rows(result)[site]
-        assert row["status"] == "refused"
-        assert "not approved by the site's data owner" in row["reason"]
-        assert "recorded as pending" in row["reason"]
-        assert ledger_rows(fed, site)["charges"] == before[site]
-        assert statuses(fed, site, capsys)[request.content_hash] == "pending"
-    assert_public(fed, result)
-    with capsys.disabled():
-        print(f"\nunapproved: refused by all three sites in {seconds:.1f} s: {row['reason']}")
-
-    # the owner reviews what arrived and approves it by its hash: the request is answerable
-    capsys.readouterr()
-    policy = str(fed["policies"]["siteA"])
-    assert site_main(["approve", request.content_hash[:12], "--policy", policy]) == 0
-    assert statuses(fed, "siteA", capsys)[request.content_hash] == "approved"
-
-
-@pytest.mark.timeout(240)
-def test_altered_request_is_refused_without_a_charge(federation, capsys):
+def test_unapproved_or_altered_request_is_refused_without_a_charge(federation, capsys):
+    """One check round, two reasons: siteA's owner never saw the request; siteB's and siteC's
+    approved it before one field was changed (epsilon 1 -> 4). Every site refuses it as not
+    approved, records it as pending and charges nothing; the original's approvals stay
+    unused."""
     fed = federation
     original, path = write_request(fed, request_id="altered", epsilon=1.0)
-    approve(fed, path)
+    approve(fed, path, sites=("siteB", "siteC"))
     altered_doc = original.to_document()
     altered_doc["epsilon"] = 4.0  # one field changed after the owners approved
     altered = AnalysisRequest.from_document(altered_doc, source="altered.json")
@@ -249,15 +228,29 @@ def test_altered_request_is_refused_without_a_charge(federation, capsys):
     assert result["request_hash"] == altered.content_hash != original.content_hash
     assert result["status"] == "failed" and "0 of 3 sites accepted" in result["error"]
     for site in SITES:
-        assert rows(result)[site]["status"] == "refused"
-        assert "not approved" in rows(result)[site]["reason"]
+        row = rows(result)[site]
+        assert row["status"] == "refused"
+        assert "not approved by the site's data owner" in row["reason"]
+        assert "recorded as pending" in row["reason"]
         assert ledger_rows(fed, site)["charges"] == before[site]
         status = statuses(fed, site, capsys)
         assert status[altered.content_hash] == "pending"
-        assert status[original.content_hash] == "approved"  # its approval is still unused
+        if site != "siteA":  # the approval of the original is still unused
+            assert status[original.content_hash] == "approved"
+        else:
+            assert original.content_hash not in status
     assert_public(fed, result)
     with capsys.disabled():
-        print(f"\naltered (epsilon 1 -> 4): refused by all three sites in {seconds:.1f} s")
+        print(
+            f"\nunapproved at siteA, altered (epsilon 1 -> 4) at siteB and siteC: refused by "
+            f"all three sites in {seconds:.1f} s: {row['reason']}"
+        )
+
+    # siteA's owner reviews what arrived and approves it by its hash: it is answerable there
+    capsys.readouterr()
+    policy = str(fed["policies"]["siteA"])
+    assert site_main(["approve", altered.content_hash[:12], "--policy", policy]) == 0
+    assert statuses(fed, "siteA", capsys)[altered.content_hash] == "approved"
 
 
 @pytest.mark.timeout(240)
