@@ -21,6 +21,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -351,9 +352,15 @@ def test_unregistered_key_or_foreign_ca_is_a_clear_bounded_error(files, consorti
     c = consortium
     rogue = make_node_key(files["root"] / "rogue" / "rogue.key")
     link = {"superlink": c.superlink_address, "max_wait_time": 30}
-    code, seconds, line = refused(
-        files, "rogue", auth_key=rogue.private, root_certificates=c.ca, **link
-    )
+    # the two refused sites start side by side (separate processes, logs and Flower homes):
+    # each spends most of its time importing and shutting down, not talking to the SuperLink
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        unregistered = pool.submit(
+            refused, files, "rogue", auth_key=rogue.private, root_certificates=c.ca, **link
+        )
+        foreign = pool.submit(refused, files, "foreign-ca", root_certificates=files["ca"], **link)
+        outcomes = [unregistered.result(), foreign.result()]
+    code, seconds, line = outcomes[0]
     assert code == 6, line  # the SuperLink refused this node
     assert line == (
         f"fednipype-site: error: site {SERVED}: SuperNode stopped: the SuperLink at "
@@ -363,7 +370,7 @@ def test_unregistered_key_or_foreign_ca_is_a_clear_bounded_error(files, consorti
     print(f"\nunregistered key: exit {code} after {seconds:.1f} s")
 
     # the registered key, but a CA that did not sign the SuperLink's certificate
-    code, seconds, line = refused(files, "foreign-ca", root_certificates=files["ca"], **link)
+    code, seconds, line = outcomes[1]
     assert code == 6, line  # the SuperLink refused this node
     assert line == (
         f"fednipype-site: error: site {SERVED}: SuperNode stopped: TLS: the certificate of the "
