@@ -263,6 +263,11 @@ def test_mode_none_is_refused_unless_the_policy_opts_in(tmp_path, site_policy, s
     assert metrics["mae"] == pytest.approx(np.abs(predicted - truth).mean(), rel=1e-9)
     residual = ((truth - predicted) ** 2).sum() / ((truth - truth.mean()) ** 2).sum()
     assert metrics["r2"] == pytest.approx(1 - residual, rel=1e-9)
+    # One evaluation per round trained: the hub cannot query parameters of its choosing.
+    text = opted.refusal(lambda: evaluate_round(req, opted.config, W0, 1), RequestError)
+    assert "answered 1 evaluations for the 1 rounds it trained" in text
+    kinds = [kind for _, kind, _ in opted.ledger.events()]
+    assert kinds.count("federation-training-evaluation") == 1
 
 
 def test_dp_metrics_never_leave_the_site(site):
@@ -273,6 +278,9 @@ def test_dp_metrics_never_leave_the_site(site):
     train_round(req, site.config, W0, 1)
     text = site.refusal(lambda: evaluate_round(req, site.config, W0, 1), RequestError)
     assert text.endswith("in mode dp no metric leaves the site")
+    distributed = request(mode="distributed-dp", local_steps=1, sampling_rate=1.0)
+    text = site.refusal(lambda: evaluate_round(distributed, site.config, W0, 1), RequestError)
+    assert "no round of this run was trained" in text
 
 
 def test_unapproved_requests_are_recorded_pending_at_the_check(site):
@@ -414,7 +422,8 @@ def test_an_edited_table_is_read_afresh_between_rounds(tmp_path, site_policy, bu
     people = site.participants()
     people.loc[people["participant_id"] == rows.index[held][0], "age"] = "n/a"
     site.write_participants(people)
-    assert evaluate_round(req, site.config, reply.w_local, 1)["n"] == held.sum() - 1
+    reply = train_round(req, site.config, reply.w_local, 2)  # one evaluation per round trained
+    assert evaluate_round(req, site.config, reply.w_local, 2)["n"] == held.sum() - 1
     # A feature table edited in place (a region dropped) is refused at the next round.
     for tsv in site.derivatives.rglob("*_desc-regional_features.tsv"):
         table = pd.read_csv(tsv, sep="\t", dtype=str, keep_default_na=False)

@@ -50,7 +50,6 @@ message in one process reads them once per run, not once per round and evaluatio
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 from collections.abc import Mapping
@@ -60,7 +59,6 @@ from typing import Any, NoReturn
 import numpy as np
 import pandas as pd
 
-from fednipype._version import __version__
 from fednipype.contract.document import content_hash
 from fednipype.contract.training import TrainingRequest
 from fednipype.exceptions import (
@@ -79,10 +77,20 @@ from fednipype.site.accountant import Charge, composed_epsilon
 # The statistics path's checks and refusals: one place for what a refusal may say.
 from fednipype.site.answer import _check_approved, _open, _refusal
 from fednipype.site.ledger import RELATIVE_TOLERANCE, PrivacyLedger
-from fednipype.site.ledger_store import connect, now, write_transaction
+from fednipype.site.ledger_store import connect
 from fednipype.site.node import _node_value
 from fednipype.site.policy import TRAINING_MODES, SitePolicy
 from fednipype.site.table_cache import read_feature_table, read_participants_table
+from fednipype.site.training_record import (
+    ROUND_KIND,
+    STARTED_KIND,
+    RunState,
+    claim_evaluation,
+    claim_round,
+    record_start,
+    run_state,
+    used_up,
+)
 
 __all__ = [
     "ROUND_KIND",
@@ -99,9 +107,6 @@ LOGGER = logging.getLogger(__name__)
 
 #: What the ledger's audit row of a training run's charge says it paid for.
 PURPOSE = "federated training run"
-#: Ledger events: a run started at this site (its noisy count), and each round it answered.
-STARTED_KIND = "federation-training-started"
-ROUND_KIND = "federation-training-round"
 #: The label column of each task in ``participants.tsv``, and the diagnosis task's coding.
 LABEL_COLUMN = {"brain-age": "age", "diagnosis": "group"}
 DIAGNOSIS_LEVELS = {"control": 0.0, "patient": 1.0}
@@ -135,28 +140,6 @@ class TrainingReply:
 
 
 @dataclass(frozen=True)
-class RunState:
-    """What a site's ledger knows of one training run.
-
-    Attributes
-    ----------
-    started : bool
-        The run's first round was charged (mode ``dp``) or recorded (mode ``none``).
-    rounds_answered : int
-        Rounds claimed so far, ever, for this request hash.
-    weight : float or None
-        The site's released noisy count (``dp``) or exact count (``none``) of the run.
-    charge_id : int or None
-        The ledger charge that paid for the run (``dp``).
-    """
-
-    started: bool
-    rounds_answered: int
-    weight: float | None
-    charge_id: int | None
-
-
-@dataclass(frozen=True)
 class _Context:
     request: TrainingRequest
     node_config: Mapping[str, Any]
@@ -180,76 +163,6 @@ def _refuse(kind: type[FednipypeError], where: str, text: str) -> NoReturn:
     raise _refusal(kind, where, text)
 
 
-# -- the ledger's record of a run -------------------------------------------------------------
-
-
-def _run_events(conn: Any, request_hash: str) -> tuple[dict[str, Any] | None, int]:
-    rows = conn.execute(
-        "SELECT kind, detail FROM event WHERE kind IN (?, ?) ORDER BY id",
-        (STARTED_KIND, ROUND_KIND),
-    ).fetchall()
-    started, rounds = None, 0
-    for kind, text in rows:
-        detail = json.loads(text)
-        if detail.get("request_hash") != request_hash:
-            continue
-        if kind == STARTED_KIND and started is None:
-            started = detail
-        elif kind == ROUND_KIND:
-            rounds += 1
-    return started, rounds
-
-
-def run_state(ledger: PrivacyLedger, request_hash: str) -> RunState:
-    """What ``ledger`` records of the training run of ``request_hash`` at this site.
-
-    Parameters
-    ----------
-    ledger : PrivacyLedger
-        The site's ledger.
-    request_hash : str
-        The training request's content hash.
-
-    Returns
-    -------
-    RunState
-    """
-    with connect(ledger.path) as conn:
-        started, rounds = _run_events(conn, request_hash)
-    if started is None:
-        return RunState(False, rounds, None, None)
-    return RunState(True, rounds, float(started["weight"]), started.get("charge_id"))
-
-
-def _claim_round(context: _Context, server_round: int) -> int:
-    """Record one more round of the run, atomically, unless its ``rounds`` are used up."""
-    request = context.request
-    with write_transaction(context.ledger.path) as conn:
-        started, rounds = _run_events(conn, request.content_hash)
-        if started is None:  # the start is recorded before any round; never reached otherwise
-            raise FednipypeError(f"{context.where}: the run was not started in the ledger")
-        if rounds >= request.rounds:
-            _refuse(RequestError, context.where, _used_up(request))
-        detail = {
-            "request_hash": request.content_hash,
-            "site": context.site,
-            "server_round": server_round,
-            "round": rounds + 1,
-        }
-        conn.execute(
-            "INSERT INTO event (time, kind, detail, software_version) VALUES (?, ?, ?, ?)",
-            (now(), ROUND_KIND, json.dumps(detail, sort_keys=True), __version__),
-        )
-    return rounds + 1
-
-
-def _used_up(request: TrainingRequest) -> str:
-    return (
-        f"the site answered all {request.rounds} rounds of this request already; a new run "
-        "needs a new request"
-    )
-
-
 # -- checks before anything is computed or recorded -------------------------------------------
 
 
@@ -268,7 +181,7 @@ def _checked(
     state = run_state(ledger, request.content_hash)
     if state.started:
         if state.rounds_answered >= request.rounds and not evaluating:
-            _refuse(RequestError, where, _used_up(request))
+            _refuse(RequestError, where, used_up(request))
         if approvals.request_status(ledger, request.content_hash) == approvals.REFUSED:
             _refuse(RequestError, where, "the site's data owner refused this request")
     elif evaluating:
@@ -480,7 +393,7 @@ def _start(context: _Context, n_train: int, n_held: int) -> RunState:
             _refuse(RequestError, where, "its approval was used by another run")
         approvals.record_disclosure(ledger, request, context.site, parameters)  # type: ignore[arg-type]
         LOGGER.warning("%s: a training run without noise (mode none) started", where)
-        return _record_start(context, float(n_train), None)
+        return record_start(context.ledger, request, context.site, float(n_train), None)
     epsilon, delta = request.spent()  # type: ignore[misc]
     with contextlib.ExitStack() as stack:
         # The whole run's charge first: a refusal records nothing. The approval is claimed
@@ -500,21 +413,7 @@ def _start(context: _Context, n_train: int, n_held: int) -> RunState:
             content_hash({"request_hash": request.content_hash, "noisy_count": count}),
         )
         spend.released = True  # the noisy count is the charge's one release
-        return _record_start(context, count, spend.charge_id)
-
-
-def _record_start(context: _Context, weight: float, charge_id: int | None) -> RunState:
-    request = context.request
-    detail = {
-        "request_hash": request.content_hash,
-        "request_id": request.request_id,
-        "site": context.site,
-        "mode": request.mode,
-        "weight": weight,
-        "charge_id": charge_id,
-    }
-    context.ledger.record_event(STARTED_KIND, json.dumps(detail, sort_keys=True))
-    return RunState(True, 0, weight, charge_id)
+        return record_start(context.ledger, request, context.site, count, spend.charge_id)
 
 
 # -- rounds ---------------------------------------------------------------------------------
@@ -554,7 +453,7 @@ def train_round(
     state = context.state
     if not state.started:
         state = _start(context, len(y_train), len(held[1]))
-    number = _claim_round(context, int(server_round))
+    number = claim_round(context.ledger, request, context.site, context.where, int(server_round))
     if request.dp:
         LOGGER.info(
             "%s: held-out metrics of the global parameters at round %d (site log only): %s",
@@ -619,13 +518,15 @@ def evaluate_round(
     Raises
     ------
     RequestError, PolicyError, DataError
-        Mode ``dp`` (no metric leaves the site), a run not started at this site, or any
-        refusal of :func:`train_round`; public facts only.
+        Mode ``dp`` or ``distributed-dp`` (no metric leaves the site), a run not started at
+        this site, more evaluations than rounds trained at this site (each is recorded in the
+        ledger), or any refusal of :func:`train_round`; public facts only.
     """
     context = _checked(request, node_config, evaluating=True)
     if request.dp:
-        _refuse(RequestError, context.where, "in mode dp no metric leaves the site")
+        _refuse(RequestError, context.where, f"in mode {request.mode} no metric leaves the site")
     w = _parameters(context, w, server_round, first=0)
     _, held = _split(context, _site_rows(context))
+    claim_evaluation(context.ledger, request, context.where, int(server_round))
     found = _held_out_metrics(request, w, held)
     return {**found, "n": float(len(held[1]))} if found else {}
