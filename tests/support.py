@@ -1,5 +1,6 @@
-"""Helpers shared by the tests: repository paths, the community's bids-examples, and a
-simulated consortium whose releases have independent references (numpy and statsmodels).
+"""Helpers shared by the tests: repository paths, the community's bids-examples, a
+simulated consortium whose releases have independent references (numpy and statsmodels), and
+the bundled sites' raw rows with their statsmodels references.
 
 Fixtures built from these live in ``conftest.py``.
 """
@@ -16,10 +17,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import statsmodels.api as sm
 from dp_accounting import gaussian_mechanism
 
 from fednipype.contract.document import content_hash, new_release, write_release
 from fednipype.contract.request import AnalysisRequest
+from fednipype.contract.secure_sum import SumLayout
+from fednipype.contract.statistics import SufficientStatistics
 from fednipype.hub.releases import SiteRelease
 from fednipype.site.release import SESSIONS
 
@@ -278,3 +282,84 @@ def wait_none_left(
     while (left := live_processes(ports, workdir)) and time.monotonic() < deadline:
         time.sleep(0.2)
     return left
+
+
+# -- the bundled sites: their rows, and references computed without fednipype's pooling ------
+
+#: The pre-registered regions and slopes of the bundled sites' federated requests (the demo's
+#: and the deployment tests'), the example policy's public bounds, and the planted effects'
+#: keys in ``bids_examples/ground_truth.json``.
+BUNDLED_REGIONS = ["L_P01", "L_P12", "L_P27", "R_P12", "R_P33"]
+SLOPES = ["age", "group[patient]", "sex[M]"]
+AGE, VOLUME = (18.0, 90.0), (0.0, 12000.0)
+PLANTED = {"age": "age_slope_mm3_per_year", "group[patient]": "patient_mm3", "sex[M]": "male_mm3"}
+
+
+def bundled_rows(site: str, features: list[Path]) -> pd.DataFrame:
+    """A site's rows as the model sees them: first session of each participant with a
+    complete participants.tsv row; covariates in original units, 0/1 dummies, volumes."""
+    rows = []
+    for path in features:
+        parts = dict(p.split("-", 1) for p in path.name.split("_") if "-" in p)
+        table = pd.read_csv(path, sep="\t").set_index("name")["volume_mm3"]
+        rows.append({"participant_id": f"sub-{parts['sub']}", "ses": parts.get("ses", ""),
+                     **table[BUNDLED_REGIONS].to_dict()})  # fmt: skip
+    frame = pd.DataFrame(rows).sort_values(["participant_id", "ses"])
+    frame = frame.groupby("participant_id", sort=True).head(1)
+    people = pd.read_csv(BUNDLED / site / "participants.tsv", sep="\t", na_values=["n/a"])
+    frame = frame.merge(people, on="participant_id", how="inner").dropna(
+        subset=["age", "sex", "group"]
+    )
+    return pd.DataFrame(
+        {
+            "site": site,
+            "age": frame["age"].astype(float),
+            "group[patient]": (frame["group"] == "patient").astype(float),
+            "sex[M]": (frame["sex"] == "M").astype(float),
+            **{r: frame[r].astype(float) for r in BUNDLED_REGIONS},
+        }
+    ).reset_index(drop=True)
+
+
+def reference_fit(rows: pd.DataFrame, region: str):
+    """statsmodels OLS of the region on site intercepts and the covariates (original units)."""
+    x = pd.concat([pd.get_dummies(rows["site"], dtype=float)[list(SITES)], rows[SLOPES]], axis=1)
+    return sm.OLS(rows[region], x).fit()
+
+
+def intercept_contrasts(rows: pd.DataFrame) -> dict[str, np.ndarray]:
+    """Contrasts of the fednipype intercepts: each site's intercept at the covariate centers
+    (age at the middle of its public bounds, dummies at 1/2) and their n-weighted mean."""
+    centers = np.array([(AGE[0] + AGE[1]) / 2, 0.5, 0.5])
+    out = {}
+    counts = rows["site"].value_counts()
+    for k, site in enumerate(SITES):
+        c = np.zeros(len(SITES) + 3)
+        c[k], c[len(SITES) :] = 1.0, centers
+        out[site] = c
+    weights = np.array([counts[s] for s in SITES], dtype=float)
+    out["pooled"] = np.concatenate([weights / weights.sum(), centers])
+    return out
+
+
+def scaled_site_vector(request: AnalysisRequest, rows: pd.DataFrame) -> np.ndarray:
+    """One site's exact float vector (scaled units), with numpy."""
+    columns = {
+        "intercept": np.ones(len(rows)),
+        "age": (rows["age"].to_numpy() - 54.0) / 36.0,
+        "group[patient]": 2.0 * rows["group[patient]"].to_numpy() - 1.0,
+        "sex[M]": 2.0 * rows["sex[M]"].to_numpy() - 1.0,
+    }
+    z = np.column_stack([columns[t] for t in request.terms])
+    y = (rows[BUNDLED_REGIONS].to_numpy() - 6000.0) / 6000.0
+    stats = SufficientStatistics(
+        terms=request.terms, regions=tuple(BUNDLED_REGIONS), ztz=z.T @ z, zty=z.T @ y,
+        yty=(y**2).sum(axis=0), n=float(len(rows)), n_terms=request.n_terms,
+    )  # fmt: skip
+    site = rows["site"].iloc[0]
+    return SumLayout.from_request(request).site_vector(stats, request.slot(site))
+
+
+def relative(a, b) -> float:
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    return float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-12)))
