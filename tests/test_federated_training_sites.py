@@ -286,6 +286,7 @@ def test_distributed_dp_steps_are_fedsgd_with_the_stated_noise_and_each_ledger_c
     sites = ["siteA", "siteB", "siteC", "siteD"]
     doc = request_doc("ba-ddp", sites, "distributed-dp", "brain-age", rounds=3, local_steps=1,
                       sampling_rate=1.0, learning_rate=0.5)  # fmt: skip
+    before = {site: charges(world["policies"][site]) for site in sites}  # other tests' charges
     request, done, wall = run(world, "brain-age-ddp", doc)
     print(f"\nsimulation, distributed-DP brain-age, 4 sites (1 refuses) x 3 rounds: {wall:.1f} s")
     record = done.record
@@ -294,7 +295,7 @@ def test_distributed_dp_steps_are_fedsgd_with_the_stated_noise_and_each_ledger_c
                       "siteD": "refused"}  # fmt: skip
     reason = next(r["reason"] for r in record["sites"] if r["site"] == "siteD")
     assert "'training-distributed-dp' is not in [federation] modes" in reason
-    assert charges(world["policies"]["siteD"]) == []
+    assert charges(world["policies"]["siteD"]) == before["siteD"]
     assert all(not r["site_metrics"] and r["loss"] is None for r in record["rounds"])
     noise = request.distributed_noise()
     # The charge, recomputed: at tau = 0 the bound is the Renyi curve of a Gaussian of
@@ -308,7 +309,8 @@ def test_distributed_dp_steps_are_fedsgd_with_the_stated_noise_and_each_ledger_c
     epsilon = accountant.get_epsilon(1e-5)
     assert 0.99 * 8.0 <= epsilon <= 8.0
     for site in ("siteA", "siteB", "siteC"):
-        (charged,) = charges(world["policies"][site])
+        *earlier, charged = charges(world["policies"][site])
+        assert earlier == before[site]  # one charge more: the run's
         assert charged[0] == pytest.approx(epsilon, rel=1e-9) and charged[1] == 1e-5
     spent = record["privacy_spent"]
     assert spent["distributed"]["local_floor_epsilon"] > spent["epsilon"]
