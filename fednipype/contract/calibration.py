@@ -17,7 +17,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from scipy.optimize import brentq
 from scipy.special import log_ndtr
 
 from fednipype.exceptions import PolicyError
@@ -172,6 +171,8 @@ def analytic_gaussian_sigma(epsilon: float, delta: float, l2_sensitivity: float)
             f"analytic_gaussian_sigma: cannot calibrate for epsilon={epsilon!r}, "
             f"delta={delta!r}, sensitivity={sens!r}"
         )
+    from scipy.optimize import brentq  # here: scipy.optimize costs ~0.4 s to import
+
     sigma = math.exp(brentq(excess, math.log(lo), math.log(hi), xtol=1e-15, rtol=1e-15))
     # Round up so the guarantee holds for the sigma actually used.
     while excess(math.log(sigma)) > 0:

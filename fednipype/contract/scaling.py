@@ -24,13 +24,15 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 from scipy import special
 
 from fednipype.exceptions import ReleaseValidationError
+
+if TYPE_CHECKING:  # pandas only as the type of unscale's table (importing it costs ~0.3 s)
+    import pandas as pd
 
 __all__ = ["INTERCEPT", "Scaling"]
 

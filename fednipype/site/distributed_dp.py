@@ -8,10 +8,10 @@ the ledger charge that pays for it.
 from __future__ import annotations
 
 import numpy as np
-import opendp.prelude as dp
 
 from fednipype.contract.distributed_dp import DistributedNoise
 from fednipype.exceptions import PolicyError
+from fednipype.site import opendp_parts as dp
 from fednipype.site.spend import Spend
 
 __all__ = ["draw_discrete_gaussian"]

@@ -25,12 +25,12 @@ import secrets
 from typing import Any
 
 import numpy as np
-import opendp.prelude as dp
 
 from fednipype.exceptions import DataError
 from fednipype.learn import models
 from fednipype.learn.accountant import DPConfig
 from fednipype.learn.fedavg import gradient_descent
+from fednipype.site import opendp_parts as dp
 
 __all__ = [
     "DPConfig",

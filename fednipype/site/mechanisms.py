@@ -35,7 +35,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import opendp.prelude as dp
 
 from fednipype.contract.calibration import (
     analytic_gaussian_sigma,
@@ -45,6 +44,7 @@ from fednipype.contract.calibration import (
 )
 from fednipype.contract.statistics import SufficientStatistics
 from fednipype.exceptions import DataError, FednipypeError, PolicyError
+from fednipype.site import opendp_parts as dp
 from fednipype.site.ledger import Spend
 
 __all__ = ["Mechanism", "PreparedStatistic", "prepare_sufficient_statistics"]

