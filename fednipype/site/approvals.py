@@ -44,9 +44,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from fednipype._version import __version__
 from fednipype.exceptions import RequestError
-from fednipype.site.ledger_store import LedgerRecords, connect, now, write_transaction
+from fednipype.site.ledger_store import LedgerRecords, connect, insert_event, write_transaction
 
 if TYPE_CHECKING:  # the request types only; nothing here needs their modules at run time
     from fednipype.contract.request import AnalysisRequest
@@ -348,10 +347,7 @@ def record_pending(ledger: LedgerRecords, request: Request) -> bool:
         if record is not None and record.status != ANSWERED:
             return False
         detail = {**_summary(request), "document": request.to_document()}
-        conn.execute(
-            "INSERT INTO event (time, kind, detail, software_version) VALUES (?, ?, ?, ?)",
-            (now(), EVENT_KINDS[PENDING], _detail(detail), __version__),
-        )
+        insert_event(conn, EVENT_KINDS[PENDING], _detail(detail))
     LOGGER.info(
         "privacy ledger %s: request %s (%s) recorded as pending",
         ledger.path,
@@ -388,10 +384,7 @@ def claim_answer(ledger: LedgerRecords, request: Request, site: str) -> str | No
         if status != APPROVED:
             return status
         detail = {**_summary(request), "site": site}
-        conn.execute(
-            "INSERT INTO event (time, kind, detail, software_version) VALUES (?, ?, ?, ?)",
-            (now(), EVENT_KINDS[ANSWERED], _detail(detail), __version__),
-        )
+        insert_event(conn, EVENT_KINDS[ANSWERED], _detail(detail))
     return None
 
 

@@ -67,6 +67,7 @@ from fednipype.site.ledger_store import (
     Budget,
     LedgerRecords,
     connect,
+    insert_event,
     now,
     schema_statements,
     write_transaction,
@@ -268,10 +269,7 @@ class PrivacyLedger(LedgerRecords):
                     "software_version) VALUES (?, ?, ?, ?, ?)",
                     (now(), *self._total, "ledger created", __version__),
                 )
-                conn.execute(
-                    "INSERT INTO event (time, kind, detail, software_version) VALUES (?, ?, ?, ?)",
-                    (now(), "init", reason, __version__),
-                )
+                insert_event(conn, "init", reason)
         except sqlite3.DatabaseError as err:
             raise PolicyError(f"{where}: cannot create a privacy ledger ({err})") from err
         LOGGER.info(

@@ -20,6 +20,7 @@ __all__ = [
     "Budget",
     "LedgerRecords",
     "connect",
+    "insert_event",
     "now",
     "schema_statements",
     "write_transaction",
@@ -152,6 +153,14 @@ def now() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
+def insert_event(conn: sqlite3.Connection, kind: str, detail: str) -> None:
+    """Append one row to the ledger's event table inside the caller's transaction."""
+    conn.execute(
+        "INSERT INTO event (time, kind, detail, software_version) VALUES (?, ?, ?, ?)",
+        (now(), kind, detail, __version__),
+    )
+
+
 class Budget(NamedTuple):
     """An (epsilon, delta) pair: a total, an amount spent or an amount remaining."""
 
@@ -243,7 +252,4 @@ class LedgerRecords:
     def record_event(self, kind: str, detail: str) -> None:
         """Append an event to the ledger's life (e.g. that it was superseded, and why)."""
         with write_transaction(self.path) as conn:
-            conn.execute(
-                "INSERT INTO event (time, kind, detail, software_version) VALUES (?, ?, ?, ?)",
-                (now(), kind, detail, __version__),
-            )
+            insert_event(conn, kind, detail)
