@@ -77,7 +77,7 @@ from fednipype.contract.request import (
     _object,
     _region_bounds,
 )
-from fednipype.exceptions import RequestError
+from fednipype.exceptions import FederationError, RequestError
 from fednipype.learn import accountant
 from fednipype.learn.models import FeatureScaling
 
@@ -312,6 +312,20 @@ class TrainingRequest(HashedRequest):
     def distributed(self) -> bool:
         """Whether each round is one distributed discrete Gaussian gradient sum."""
         return self.mode == "distributed-dp"
+
+    def check_secure_aggregation(self, secure_aggregation: bool) -> None:
+        """Refuse a run without SecAgg+ in mode ``distributed-dp`` (coordinator and server app).
+
+        Raises
+        ------
+        FederationError
+            Mode ``distributed-dp`` and ``secure_aggregation`` false.
+        """
+        if self.distributed and not secure_aggregation:
+            raise FederationError(
+                "mode distributed-dp: each site's share is private only inside a SecAgg+ sum; "
+                "secure aggregation cannot be turned off"
+            )
 
     def distributed_noise(self) -> TrainingNoise | None:
         """The ``distributed-dp`` noise every site and the hub derive (None in other modes).

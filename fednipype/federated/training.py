@@ -247,11 +247,7 @@ def run_federated_training(
     if out.exists() and not out.is_dir():
         raise FederationError(f"{out}: exists and is not a folder")
     check_shares(num_shares, reconstruction_threshold, request.k)
-    if request.distributed and not secure_aggregation:
-        raise FederationError(
-            "mode distributed-dp: each site's share is private only inside a SecAgg+ sum; "
-            "secure aggregation cannot be turned off"
-        )
+    request.check_secure_aggregation(secure_aggregation)
     if not 0 < round_timeout < timeout or check_timeout <= 0 or connect_timeout < 0:
         raise FederationError(
             f"timeouts: expected 0 < round timeout ({round_timeout:g} s) < timeout "

@@ -217,8 +217,7 @@ def fedsgd_step(
     if not total > 0:
         raise DataError(f"weights: expected a positive total weight, got {total_weight!r}")
     w = np.asarray(w, dtype=float)
-    penalty = float(l2) * w
-    penalty[0] = 0.0
+    penalty = models.penalty_gradient(w, l2)
     return w - float(learning_rate) * (np.asarray(gradient_sum, dtype=float) / total + penalty)
 
 

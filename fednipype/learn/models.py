@@ -53,6 +53,7 @@ __all__ = [
     "initial_parameters",
     "loss",
     "metrics",
+    "penalty_gradient",
     "per_example_gradients",
     "predict_scaled",
     "to_sklearn",
@@ -209,7 +210,8 @@ def predict_scaled(task: str, w: Any, Xs: Any) -> np.ndarray:
     return z if task == "brain-age" else special.expit(z)
 
 
-def _penalty_gradient(w: np.ndarray, l2: float) -> np.ndarray:
+def penalty_gradient(w: np.ndarray, l2: float) -> np.ndarray:
+    """The ridge penalty's gradient ``l2 · w`` with the intercept unpenalised (data-free)."""
     grad = float(l2) * w
     grad[0] = 0.0
     return grad
@@ -263,7 +265,7 @@ def gradient(task: str, w: Any, Xs: Any, y: Any, l2: float) -> np.ndarray:
     per_row = per_example_gradients(task, w, Xs, y)
     if per_row.shape[0] == 0:
         raise DataError("features: expected at least one row to compute a gradient")
-    return per_row.mean(axis=0) + _penalty_gradient(np.asarray(w, dtype=float), l2)
+    return per_row.mean(axis=0) + penalty_gradient(np.asarray(w, dtype=float), l2)
 
 
 def gradient_steps(
@@ -301,7 +303,7 @@ def gradient_steps(
             rows_d, rows_y = design[rows], y[rows]
         z = rows_d @ w
         residual = (z if task == "brain-age" else special.expit(z)) - rows_y
-        grad = rows_d.T @ residual / rows_d.shape[0] + _penalty_gradient(w, l2)
+        grad = rows_d.T @ residual / rows_d.shape[0] + penalty_gradient(w, l2)
         w -= float(learning_rate) * grad
     if not np.all(np.isfinite(w)):
         raise DataError(

@@ -7,6 +7,9 @@ the ledger charge that pays for it.
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import numpy as np
 
 from fednipype.contract.distributed_dp import DistributedNoise
@@ -14,7 +17,7 @@ from fednipype.exceptions import PolicyError
 from fednipype.site import opendp_parts as dp
 from fednipype.site.spend import Spend
 
-__all__ = ["draw_discrete_gaussian"]
+__all__ = ["draw_discrete_gaussian", "integer_gaussian"]
 
 dp.enable_features("contrib")
 
@@ -51,6 +54,12 @@ def draw_discrete_gaussian(
     if not isinstance(spend, Spend):
         raise PolicyError("distributed-dp: the noise needs the ledger reservation that pays it")
     spend.consume(noise.epsilon, noise.delta, "distributed discrete Gaussian share")
-    domain = dp.vector_domain(dp.atom_domain(T="i64"))
-    measurement = dp.m.make_gaussian(domain, dp.l2_distance(T="i64"), scale=noise.sigma_site)
+    measurement = integer_gaussian(noise.sigma_site)
     return np.asarray(measurement([int(v) for v in np.asarray(rounded)]), dtype=np.int64)
+
+
+@functools.lru_cache(maxsize=64)
+def integer_gaussian(scale: float) -> Any:
+    """OpenDP's discrete Gaussian on 64-bit integer vectors (L2 distance) with σ ``scale``."""
+    domain = dp.vector_domain(dp.atom_domain(T="i64"))
+    return dp.m.make_gaussian(domain, dp.l2_distance(T="i64"), scale=float(scale))

@@ -31,6 +31,7 @@ from fednipype.learn import models
 from fednipype.learn.accountant import DPConfig
 from fednipype.learn.fedavg import gradient_descent
 from fednipype.site import opendp_parts as dp
+from fednipype.site.distributed_dp import integer_gaussian
 
 __all__ = [
     "DPConfig",
@@ -102,13 +103,6 @@ def noisy_clipped_sum(per_example: np.ndarray, clip: float, noise_multiplier: fl
     return np.asarray(measurement(total.tolist()), dtype=float)
 
 
-@functools.lru_cache(maxsize=64)
-def _integer_gaussian(scale: float) -> Any:
-    """OpenDP's discrete Gaussian on 64-bit integer vectors (L2 distance) with σ ``scale``."""
-    domain = dp.vector_domain(dp.atom_domain(T="i64"))
-    return dp.m.make_gaussian(domain, dp.l2_distance(T="i64"), scale=scale)
-
-
 def discrete_gaussian_share(
     per_example: np.ndarray, clip: float, grid_step: float, sigma: float
 ) -> np.ndarray:
@@ -140,7 +134,7 @@ def discrete_gaussian_share(
     """
     total = clip_rows(np.asarray(per_example, dtype=float), clip).sum(axis=0)
     rounded = np.rint(total / float(grid_step)).astype(np.int64)
-    measurement = _integer_gaussian(float(sigma))
+    measurement = integer_gaussian(float(sigma))
     return np.asarray(measurement([int(v) for v in rounded]), dtype=np.int64)
 
 
@@ -216,7 +210,5 @@ def local_update(
         batch = poisson_sample(Xs.shape[0], dp.sampling_rate)
         rows = models.per_example_gradients(task, w, Xs[batch], y[batch])
         noisy = noisy_clipped_sum(rows, dp.clip, dp.noise_multiplier)
-        penalty = float(l2) * w
-        penalty[0] = 0.0
-        w = w - float(learning_rate) * (noisy / divisor + penalty)
+        w = w - float(learning_rate) * (noisy / divisor + models.penalty_gradient(w, l2))
     return w

@@ -461,6 +461,18 @@ def train_round(
             server_round,
             _held_out_metrics(request, w, held),
         )
+    reply = _reply(context, w, X_train, y_train, float(state.weight))  # type: ignore[arg-type]
+    LOGGER.info("%s: round %d of %d answered (server round %d)", context.where, number,
+                request.rounds, server_round)  # fmt: skip
+    return reply
+
+
+def _reply(
+    context: _Context, w: np.ndarray, X_train: np.ndarray, y_train: np.ndarray, weight: float
+) -> TrainingReply:
+    """The round's reply from the site's training rows: the distributed-dp share, or the
+    local update (DP-SGD in mode ``dp``, plain gradient descent in mode ``none``)."""
+    request = context.request
     if (shared := request.distributed_noise()) is not None:
         rows_gradient = models.per_example_gradients(request.task, w, X_train, y_train)
         share = dpsgd.discrete_gaussian_share(
@@ -469,14 +481,10 @@ def train_round(
             shared.grid_step,
             shared.sigma_site,  # type: ignore[arg-type]
         )
-        LOGGER.info("%s: round %d of %d answered (server round %d)", context.where, number,
-                    request.rounds, server_round)  # fmt: skip
-        return TrainingReply(None, float(state.weight), None, share)  # type: ignore[arg-type]
+        return TrainingReply(None, weight, None, share)
     noise = request.noise()
     config = (
-        None
-        if noise is None
-        else DPConfig(request.clip, noise[0], request.sampling_rate, state.weight)  # type: ignore[arg-type]
+        None if noise is None else DPConfig(request.clip, noise[0], request.sampling_rate, weight)  # type: ignore[arg-type]
     )
     w_local = dpsgd.local_update(
         request.task,
@@ -488,13 +496,11 @@ def train_round(
         l2=request.l2,
         dp=config,
     )
-    LOGGER.info("%s: round %d of %d answered (server round %d)", context.where, number,
-                request.rounds, server_round)  # fmt: skip
     metrics = None
     if not request.dp and len(y_train):
         loss = models.loss(request.task, w_local, X_train, y_train, request.l2)
         metrics = {"loss": float(loss), "n": float(len(y_train))}
-    return TrainingReply(np.asarray(w_local, dtype=float), float(state.weight), metrics)  # type: ignore[arg-type]
+    return TrainingReply(np.asarray(w_local, dtype=float), weight, metrics)
 
 
 def evaluate_round(

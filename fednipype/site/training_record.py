@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
-from fednipype._version import __version__
 from fednipype.contract.training import TrainingRequest
 from fednipype.exceptions import FednipypeError, RequestError
 from fednipype.site.answer import _refusal
 from fednipype.site.ledger import PrivacyLedger
-from fednipype.site.ledger_store import connect, now, write_transaction
+from fednipype.site.ledger_store import connect, insert_event, write_transaction
 
 __all__ = [
     "EVALUATION_KIND",
@@ -61,21 +60,28 @@ class RunState:
     charge_id: int | None
 
 
-def _run_events(conn: Any, request_hash: str) -> tuple[dict[str, Any] | None, int]:
+class _Events(NamedTuple):
+    started: dict[str, Any] | None
+    rounds: int
+    evaluations: int
+
+
+def _run_events(conn: Any, request_hash: str) -> _Events:
+    """The run's start, its rounds and its evaluations, read in one pass."""
     rows = conn.execute(
-        "SELECT kind, detail FROM event WHERE kind IN (?, ?) ORDER BY id",
-        (STARTED_KIND, ROUND_KIND),
+        "SELECT kind, detail FROM event WHERE kind IN (?, ?, ?) ORDER BY id",
+        (STARTED_KIND, ROUND_KIND, EVALUATION_KIND),
     ).fetchall()
-    started, rounds = None, 0
+    started, counts = None, {ROUND_KIND: 0, EVALUATION_KIND: 0}
     for kind, text in rows:
         detail = json.loads(text)
         if detail.get("request_hash") != request_hash:
             continue
-        if kind == STARTED_KIND and started is None:
+        if kind != STARTED_KIND:
+            counts[kind] += 1
+        elif started is None:
             started = detail
-        elif kind == ROUND_KIND:
-            rounds += 1
-    return started, rounds
+    return _Events(started, counts[ROUND_KIND], counts[EVALUATION_KIND])
 
 
 def run_state(ledger: PrivacyLedger, request_hash: str) -> RunState:
@@ -93,7 +99,7 @@ def run_state(ledger: PrivacyLedger, request_hash: str) -> RunState:
     RunState
     """
     with connect(ledger.path) as conn:
-        started, rounds = _run_events(conn, request_hash)
+        started, rounds, _ = _run_events(conn, request_hash)
     if started is None:
         return RunState(False, rounds, None, None)
     return RunState(True, rounds, float(started["weight"]), started.get("charge_id"))
@@ -115,7 +121,7 @@ def claim_round(
         The rounds are used up (``where`` and public facts only).
     """
     with write_transaction(ledger.path) as conn:
-        started, rounds = _run_events(conn, request.content_hash)
+        started, rounds, _ = _run_events(conn, request.content_hash)
         if started is None:  # the start is recorded before any round; never reached otherwise
             raise FednipypeError(f"{where}: the run was not started in the ledger")
         if rounds >= request.rounds:
@@ -126,10 +132,7 @@ def claim_round(
             "server_round": server_round,
             "round": rounds + 1,
         }
-        conn.execute(
-            "INSERT INTO event (time, kind, detail, software_version) VALUES (?, ?, ?, ?)",
-            (now(), ROUND_KIND, json.dumps(detail, sort_keys=True), __version__),
-        )
+        insert_event(conn, ROUND_KIND, json.dumps(detail, sort_keys=True))
     return rounds + 1
 
 
@@ -146,12 +149,7 @@ def claim_evaluation(
         As many evaluations as rounds trained were answered already.
     """
     with write_transaction(ledger.path) as conn:
-        _, rounds = _run_events(conn, request.content_hash)
-        done = sum(
-            json.loads(text).get("request_hash") == request.content_hash
-            for (text,) in conn.execute("SELECT detail FROM event WHERE kind = ?",
-                                        (EVALUATION_KIND,))
-        )  # fmt: skip
+        _, rounds, done = _run_events(conn, request.content_hash)
         if done >= rounds:
             raise _refusal(
                 RequestError,
@@ -160,10 +158,7 @@ def claim_evaluation(
                 "one evaluation per round trained",
             )
         detail = {"request_hash": request.content_hash, "server_round": server_round}
-        conn.execute(
-            "INSERT INTO event (time, kind, detail, software_version) VALUES (?, ?, ?, ?)",
-            (now(), EVALUATION_KIND, json.dumps(detail, sort_keys=True), __version__),
-        )
+        insert_event(conn, EVALUATION_KIND, json.dumps(detail, sort_keys=True))
 
 
 def used_up(request: TrainingRequest) -> str:

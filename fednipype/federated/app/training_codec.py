@@ -301,7 +301,7 @@ class GradientCodec(_IntegerCodec):
             raise FederationError(
                 f"training codec: the gradient codec is for distributed-dp, not {request.mode}"
             )
-        per_participant = round(noise.l2_sensitivity - math.sqrt(noise.dim))  # clip / grid_step
+        per_participant = round(request.clip / noise.grid_step)  # 2**16: a power of two
         tail = math.ceil(_TAIL_SDS * noise.sigma_site)
         bound = request.max_participants * per_participant + 1 + tail
         codec = cls(

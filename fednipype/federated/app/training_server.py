@@ -146,11 +146,7 @@ def _run(
     base = settings.base
     request = TrainingRequest.from_file(base.request)
     min_sites = max(base.min_sites, request.min_sites)
-    if request.distributed and not base.secure_aggregation:
-        raise FederationError(
-            "mode distributed-dp: each site's share is private only inside a SecAgg+ sum; "
-            "secure aggregation cannot be turned off"
-        )
+    request.check_secure_aggregation(base.secure_aggregation)
     codec = codec_for_request(request, param_bound=settings.param_bound)
     evaluate = settings.evaluate and not request.dp
     record.update(
