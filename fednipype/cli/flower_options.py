@@ -86,14 +86,10 @@ def check_engine(args: argparse.Namespace) -> None:
         raise UsageError(
             "give one engine: --superlink with --root-certificates, --connection, or --simulate"
         )
-    if not simulate and args.connection is None:
-        if args.superlink is None or args.root_certificates is None:
-            alternatives = (
-                "--connection, or --simulate" if hasattr(args, "simulate") else ("--connection")
-            )
-            raise UsageError(
-                f"--superlink and --root-certificates are required (or {alternatives})"
-            )
+    missing = args.superlink is None or args.root_certificates is None
+    if not simulate and args.connection is None and missing:
+        others = "--connection, or --simulate" if hasattr(args, "simulate") else "--connection"
+        raise UsageError(f"--superlink and --root-certificates are required (or {others})")
     if args.flwr_home is not None and args.connection is None:
         raise UsageError("--flwr-home: only with --connection")
 
